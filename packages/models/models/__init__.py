@@ -1,0 +1,1 @@
+"""Meshtron models package."""
