@@ -1,0 +1,55 @@
+"""Data parallel over the dense-gradient mesh (dp x ep x cp): FSDP2 or plain replication.
+
+Gradients are SUMMED over the mesh, never averaged: the trainer already divides each
+rank's loss by the number of tokens in the *global* batch, so the sum of the ranks'
+gradients is exactly the gradient of the global mean loss, whatever the mesh. (FSDP's
+default would divide by the mesh size, which is right only when every rank holds the
+same number of tokens and every parameter is reduced over the same group; expert
+parameters are reduced over a smaller group, so the mean would be off by ep.)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+
+def apply_fsdp(model: nn.Module, mesh: DeviceMesh, blocks: list[nn.Module], param_dtype: torch.dtype | None = None,
+               reshard_after_forward: bool = True) -> None:
+    """ZeRO-3: shard every parameter of ``model`` over ``mesh``, one FSDP unit per block + the root.
+
+    Each unit all-gathers its parameters before its forward (and again before its backward
+    when ``reshard_after_forward``) and reduce-scatters gradients after its backward.
+    ``param_dtype`` (e.g. bf16) is the compute dtype; gradients are reduced in float32.
+    """
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for block in blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)  # sum, see module docstring
+            # gloo has no PREMUL_SUM; this setting is not recursive, hence every module.
+            module.set_force_sum_reduction_for_comms(True)
+
+
+@torch.no_grad()
+def all_reduce_gradients(params: list[nn.Parameter], group: dist.ProcessGroup) -> None:
+    """Plain data parallel: sum every gradient over ``group`` (one all-reduce on a flat buffer).
+
+    Works for plain and DTensor (e.g. tensor-parallel) parameters: each rank reduces its
+    local shard, which is replicated across ``group``.
+    """
+    grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in params if p.grad is not None]
+    if not grads or dist.get_world_size(group) == 1:
+        return
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    dist.all_reduce(flat, group=group)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()

@@ -1,0 +1,71 @@
+"""Gradient norm and clipping over the whole mesh.
+
+Every rank holds a different piece of the gradient: a tensor-parallel shard, an FSDP
+shard, an expert shard, a pipeline stage's layers. The global norm is
+sqrt(sum of squares of every element once), so each piece's sum of squares is added up
+over exactly the mesh dims it is *sharded* on (summing over dims it is replicated on
+would count it several times), then over pipeline stages.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor, Partial, Replicate
+
+
+def _layout_key(grad: torch.Tensor) -> str:
+    """Grads with the same mesh and placements share one reduction; the key orders them the same on every rank."""
+    if not isinstance(grad, DTensor):
+        return ""
+    return f"{grad.device_mesh.mesh_dim_names}|{grad.device_mesh.mesh.flatten().tolist()}|{grad.placements}"
+
+
+def _reduced_square_sum(grads: list[torch.Tensor]) -> torch.Tensor:
+    """Sum of squares of all elements of ``grads`` (same layout), summed over their sharded mesh dims.
+
+    Collective: one all-reduce over the sharded dims (via ``DTensor.full_tensor`` of a
+    Partial scalar); none for plain tensors.
+    """
+    local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+    square_sum = torch.stack([t.float().pow(2).sum() for t in local]).sum()
+    first = grads[0]
+    if not isinstance(first, DTensor):
+        return square_sum
+    if any(p.is_partial() for p in first.placements):
+        raise RuntimeError("gradient still Partial (unreduced) when computing its norm")
+    # Sum over every dim the gradient is split on: Shard and FSDP+TP's _StridedShard
+    # (which is not a Shard subclass), i.e. anything that is not Replicate.
+    placements = [Replicate() if p.is_replicate() else Partial() for p in first.placements]
+    return DTensor.from_local(square_sum, first.device_mesh, placements).full_tensor()
+
+
+def global_grad_norm(params: list[nn.Parameter], pp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """The L2 norm of the whole model's gradient (a float32 scalar, equal on every rank).
+
+    Collective: one all-reduce per distinct gradient layout, then one over ``pp_group``.
+    """
+    by_layout: dict[str, list[torch.Tensor]] = {}
+    for p in params:
+        if p.grad is not None:
+            by_layout.setdefault(_layout_key(p.grad), []).append(p.grad)
+    device = next((p.device for p in params), torch.device("cpu"))
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    for key in sorted(by_layout):
+        total = total + _reduced_square_sum(by_layout[key]).to(device)
+    if pp_group is not None and dist.get_world_size(pp_group) > 1:
+        dist.all_reduce(total, group=pp_group)
+    return total.sqrt()
+
+
+@torch.no_grad()
+def clip_grad_norm_(params: list[nn.Parameter], max_norm: float, pp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Scale all gradients so their global norm is at most ``max_norm``; return the norm before clipping."""
+    norm = global_grad_norm(params, pp_group)
+    if max_norm > 0:
+        scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        for p in params:
+            if p.grad is not None:
+                (p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad).mul_(scale)
+    return norm

@@ -1,0 +1,165 @@
+"""A Llama-style dense decoder in plain single-device PyTorch.
+
+RMSNorm -> grouped-query attention with rotary positions -> RMSNorm -> SwiGLU, repeated,
+then a final norm and an untied output projection. Nothing here knows about meshes: the
+parallelisms are applied from outside (see ``models.parallelize``), which may
+
+  - swap ``Attention.attention_fn`` (ring attention for context parallel) and
+    ``Attention.position_fn`` (zigzag RoPE positions),
+  - delete layers and set ``tok_embeddings`` / ``norm`` / ``output`` to ``None`` to cut a
+    pipeline stage; the forward then takes and returns hidden states,
+  - shard linear layers with tensor parallel; attention infers its local head count from
+    the projected width, so the same code runs on 1/tp of the heads.
+
+Layers live in a ``ModuleDict`` keyed "0".."L-1" so parameter names (``layers.3.attention.wq.weight``)
+are the same in every stage and on every mesh: checkpoints and initialization rely on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 8
+    n_kv_heads: int = 4
+    ffn_dim: int = 768
+    vocab_size: int = 512
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    max_seq_len: int = 2048
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    def validate(self) -> None:
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal SDPA. q: [b, h, s, d]; k, v: [b, h_kv, s, d] (GQA when h_kv < h). Returns [b, h, s, d]."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
+
+
+def sequential_positions(seq_len: int, device: torch.device) -> torch.Tensor:
+    """RoPE positions of a full, unsharded sequence: [seq_len] = 0..seq_len-1."""
+    return torch.arange(seq_len, device=device)
+
+
+def rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotate ``x`` [b, s, h, d] by its positions [s] (the "rotate half" convention of HF Llama).
+
+    Computed in float32 from the positions each call: cheap next to attention, and it leaves
+    no buffer that meta-device initialization or pipeline splitting would have to rebuild.
+    """
+    d = x.shape[-1]
+    inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)
+    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # [s, d/2]
+    cos = torch.cat([angles.cos(), angles.cos()], dim=-1)[None, :, None, :]
+    sin = torch.cat([angles.sin(), angles.sin()], dim=-1)[None, :, None, :]
+    x1, x2 = x.float().chunk(2, dim=-1)
+    rotated_half = torch.cat([-x2, x1], dim=-1)
+    return (x.float() * cos + rotated_half * sin).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+class Attention(nn.Module):
+    """Grouped-query attention. x: [b, s, dim] -> [b, s, dim]."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.head_dim = cfg.head_dim
+        self.rope_theta = cfg.rope_theta
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        # Replaced by context parallel with ring attention and zigzag positions.
+        self.attention_fn: Callable[..., torch.Tensor] = causal_attention
+        self.position_fn: Callable[[int, torch.device], torch.Tensor] = sequential_positions
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        # "-1" heads: under tensor parallel the projections hold n_heads/tp heads.
+        q = self.wq(x).view(b, s, -1, self.head_dim)
+        k = self.wk(x).view(b, s, -1, self.head_dim)
+        v = self.wv(x).view(b, s, -1, self.head_dim)
+        positions = self.position_fn(s, x.device)
+        q, k = rotary(q, positions, self.rope_theta), rotary(k, positions, self.rope_theta)
+        out = self.attention_fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return self.wo(out.transpose(1, 2).reshape(b, s, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x). x: [b, s, dim] -> [b, s, dim]."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then + ffn(norm(.)). ``feed_forward`` may be an MoE."""
+
+    def __init__(self, cfg: LlamaConfig, feed_forward: nn.Module | None = None):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = feed_forward if feed_forward is not None else FeedForward(cfg.dim, cfg.ffn_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x))
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """tokens [b, s] (int64) -> logits [b, s, vocab]; a pipeline stage maps hidden -> hidden."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        cfg.validate()
+        self.config = cfg
+        self.tok_embeddings: nn.Embedding | None = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleDict({str(i): self.build_block(i) for i in range(cfg.n_layers)})
+        self.norm: RMSNorm | None = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output: nn.Linear | None = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+
+    def build_block(self, layer_index: int) -> TransformerBlock:
+        return TransformerBlock(self.config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.tok_embeddings(x) if self.tok_embeddings is not None else x
+        for layer in self.layers.values():
+            h = layer(h)
+        h = self.norm(h) if self.norm is not None else h
+        return self.output(h) if self.output is not None else h

@@ -1,0 +1,77 @@
+"""Process-group start and clean exit, the same under torchrun, srun + torchrun, or plain python.
+
+Backend and device are chosen from the hardware: NCCL and one GPU per rank where CUDA
+is available, gloo on the CPU elsewhere. ``python -m train`` without torchrun runs as a
+world of one, so the code path is the same as on a cluster.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import sys
+
+import torch
+import torch.distributed as dist
+
+
+def resolve_device(choice: str) -> torch.device:
+    """``auto`` -> this rank's GPU if CUDA is available, else the CPU."""
+    if choice not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"--device {choice!r}: use auto, cpu or cuda")
+    use_cuda = choice == "cuda" or (choice == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda but no CUDA device is visible: use --device cpu (or auto)")
+    if use_cuda:
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def world_size_from_env() -> int:
+    """The world size torchrun announced, known before any process group exists (for early validation)."""
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _single_process_env() -> None:
+    """Let ``python -m train`` (no torchrun) form a world of one on a free local port."""
+    if "MASTER_ADDR" in os.environ:
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+
+
+def init_distributed(device: torch.device, timeout_s: int) -> None:
+    """Join the default process group (no-op if already joined, e.g. inside tests).
+
+    ``timeout_s`` bounds every collective: a rank whose peer died fails with an error
+    instead of waiting forever (torchrun then stops the remaining ranks).
+    """
+    if dist.is_initialized():
+        return
+    _single_process_env()
+    if device.type == "cpu":
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
+                            device_id=device if device.type == "cuda" else None)
+
+
+def shutdown_and_exit(code: int) -> None:
+    """Destroy the process group and leave with ``os._exit``.
+
+    Normal interpreter exit after gloo sometimes aborts ("terminate called without an
+    active exception"), turning a good run into a failed one; this exit is clean.
+    """
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - we are leaving anyway
+            pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -1,0 +1,224 @@
+"""The training loop: build the parallel model on the mesh, then step.
+
+One step on one rank (no pipeline):
+
+    inputs, labels = this batch-rank's rows of the global batch      [B/(dp*ep), S]
+    (context parallel: keep this cp rank's zigzag slice of S)
+    for each of grad_accum_steps micro-batches:
+        loss = sum of token losses / tokens in the GLOBAL batch      (so summed grads = grad of the mean)
+        loss.backward()                                              (FSDP reduce-scatters grads, summing)
+    clip by the norm over the whole mesh, AdamW step, LR schedule step
+    report: loss summed over dp x ep x cp                           (= global mean token loss)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from core.data_parallel import all_reduce_gradients
+from core.grad_norm import clip_grad_norm_
+from core.mesh import ParallelMesh, build_mesh
+from core.tensor_parallel import loss_context, reduce_partial_gradients, to_local_scalar, token_loss_sum
+from models.init import init_weights
+from models.parallelize import materialize, parallelize
+from models.registry import build_model
+
+from .config import TrainConfig
+from .distributed import init_distributed, resolve_device, world_size_from_env
+from .validation import validate
+
+DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class Trainer:
+    cfg: TrainConfig
+    pm: ParallelMesh
+    device: torch.device
+    model_config: object
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    batches: object
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+
+def lr_lambda(cfg: TrainConfig):
+    """Linear warmup to ``lr`` over ``warmup_steps``, then cosine decay to ``min_lr_ratio * lr``."""
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """AdamW; matrices decay, vectors (norm weights) do not."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps)
+
+
+class SyntheticBatches:
+    """Random tokens, the same global batch on every mesh: rank r takes rows [r*b, (r+1)*b).
+
+    For benchmarks and parity tests that must not depend on files. Batch k is drawn from
+    a generator seeded by (seed, k), so it is reproducible after a restart.
+    """
+
+    def __init__(self, vocab_size: int, seq_len: int, global_batch_size: int, batch_rank: int, batch_world: int, seed: int):
+        self.vocab_size, self.seq_len, self.seed = vocab_size, seq_len, seed
+        self.global_batch_size = global_batch_size
+        self.local = global_batch_size // batch_world
+        self.rows = slice(batch_rank * self.local, (batch_rank + 1) * self.local)
+        self.position = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.position)
+        tokens = torch.randint(0, self.vocab_size, (self.global_batch_size, self.seq_len + 1), generator=generator)
+        self.position += 1
+        window = tokens[self.rows]
+        return window[:, :-1], window[:, 1:]
+
+    def state_dict(self) -> dict:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = int(state["position"])
+
+
+def build_batches(cfg: TrainConfig, pm: ParallelMesh, vocab_size: int):
+    batch_rank, batch_world = pm.local_rank("batch"), pm.size("batch")
+    if cfg.dataset == "synthetic":
+        return SyntheticBatches(vocab_size, cfg.seq_len, cfg.global_batch_size, batch_rank, batch_world, cfg.seed)
+    raise ValueError(f"--dataset {cfg.dataset!r} is not available yet")
+
+
+def build_trainer(cfg: TrainConfig) -> Trainer:
+    """Validate, join the process group, build mesh, model, optimizer, data. Collective."""
+    checked = validate(cfg, world_size_from_env())
+    device = resolve_device(cfg.device)
+    init_distributed(device, cfg.dist_timeout_s)
+    pm = build_mesh(checked.shape, device.type)
+    torch.manual_seed(cfg.seed)
+    with torch.device("meta"):
+        model = build_model(checked.model_config)
+    param_dtype = DTYPE[cfg.dtype] if cfg.dtype != "float32" else None
+    parallelize(model, pm, dp_mode=cfg.dp_mode, param_dtype=param_dtype)
+    materialize(model, device)
+    init_weights(model, checked.model_config.n_layers, cfg.seed)
+    optimizer = build_optimizer(cfg, model)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    batches = build_batches(cfg, pm, checked.model_config.vocab_size)
+    return Trainer(cfg, pm, device, checked.model_config, model, optimizer, scheduler, batches)
+
+
+def forward_backward(t: Trainer, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Run the micro-batches of one step; return this rank's share of the global mean loss.
+
+    inputs, labels: [local_batch, local_seq] on ``t.device``.
+    """
+    tokens_in_global_batch = t.cfg.global_batch_size * t.cfg.seq_len
+    loss_share = torch.zeros((), device=t.device)
+    for micro_inputs, micro_labels in zip(inputs.chunk(t.cfg.grad_accum_steps), labels.chunk(t.cfg.grad_accum_steps)):
+        with loss_context(t.pm.size("tp") > 1):
+            logits = t.model(micro_inputs)
+            loss = token_loss_sum(logits, micro_labels) / tokens_in_global_batch
+            loss.backward()
+        loss_share += to_local_scalar(loss).detach()
+    return loss_share
+
+
+def compute_gradients(t: Trainer) -> tuple[torch.Tensor, float]:
+    """Fetch the next batch, run forward/backward, sync gradients over dp.
+
+    Returns (this rank's loss share, seconds spent waiting for data). Afterwards every
+    parameter's ``.grad`` holds its shard of the gradient of the global mean loss.
+    """
+    start = time.perf_counter()
+    inputs, labels = next(t.batches)
+    inputs, labels = inputs.to(t.device), labels.to(t.device)
+    data_time = time.perf_counter() - start
+    loss = forward_backward(t, inputs, labels)
+    reduce_partial_gradients(t.params)
+    if t.cfg.dp_mode == "replicate":
+        all_reduce_gradients(t.params, t.pm["dense_grad"].get_group())
+    return loss, data_time
+
+
+def apply_gradients(t: Trainer) -> tuple[float, float]:
+    """Clip over the whole mesh, step AdamW and the LR schedule. Returns (grad norm, lr used)."""
+    grad_norm = clip_grad_norm_(t.params, t.cfg.max_grad_norm, t.pm["pp"].get_group())
+    lr = t.scheduler.get_last_lr()[0]
+    t.optimizer.step()
+    t.scheduler.step()
+    t.optimizer.zero_grad(set_to_none=True)
+    return grad_norm.item(), lr
+
+
+def global_loss(t: Trainer, loss_share: torch.Tensor) -> float:
+    """Sum the ranks' shares over dp x ep x cp: the mean token loss of the global batch."""
+    dist.all_reduce(loss_share, group=t.pm["dense_grad"].get_group())
+    return loss_share.item()
+
+
+def train_step(t: Trainer) -> dict:
+    """One optimizer step; returns its metrics (identical on every rank)."""
+    start = time.perf_counter()
+    loss_share, data_time = compute_gradients(t)
+    grad_norm, lr = apply_gradients(t)
+    loss = global_loss(t, loss_share)
+    if t.device.type == "cuda":
+        torch.cuda.synchronize()
+    step_time = time.perf_counter() - start
+    t.step += 1
+    return {
+        "step": t.step, "loss": loss, "grad_norm": grad_norm, "lr": lr,
+        "tokens_per_sec": t.cfg.global_batch_size * t.cfg.seq_len / step_time,
+        "step_time_s": step_time, "data_time_s": data_time, "mem_peak_mib": peak_memory_mib(t.device),
+    }
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak GPU memory allocated by torch, or the process's peak resident set on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def train(cfg: TrainConfig) -> Trainer:
+    """Build and run ``cfg.steps`` steps; every rank returns its Trainer (history filled in)."""
+    t = build_trainer(cfg)
+    out = Path(cfg.output_dir)
+    is_logger = dist.get_rank() == 0
+    if is_logger:
+        out.mkdir(parents=True, exist_ok=True)
+    while t.step < cfg.steps:
+        metrics = train_step(t)
+        t.history.append(metrics)
+        if is_logger:
+            with open(out / "metrics.jsonl", "a") as fh:
+                fh.write(json.dumps(metrics) + "\n")
+            if t.step % cfg.log_every == 0:
+                print(f"step {t.step}/{cfg.steps} loss {metrics['loss']:.4f} grad_norm {metrics['grad_norm']:.3f} "
+                      f"lr {metrics['lr']:.2e} {metrics['tokens_per_sec']:.0f} tok/s", flush=True)
+    return t

@@ -1,0 +1,45 @@
+"""Mesh invariance of the dense model: every mesh trains exactly like one process.
+
+Same seed, model, global batch -> loss per step (1e-5 relative), the first step's
+gradients and the final weights match the single-process run.
+"""
+
+import functools
+
+import pytest
+
+from multiprocess import run_on_ranks
+from parity import assert_same_run, merge_ranks, run_steps
+
+
+@functools.lru_cache(maxsize=None)
+def single_process(**overrides) -> dict:
+    return merge_ranks(run_on_ranks(run_steps, 1, "", overrides))
+
+
+def on_mesh(mesh: str, world: int, **overrides) -> dict:
+    return merge_ranks(run_on_ranks(run_steps, world, mesh, overrides))
+
+
+@pytest.mark.parametrize("mesh, world", [("dp=2", 2), ("tp=2", 2), ("tp=4", 4), ("dp=2,tp=2", 4)])
+def test_mesh_matches_single_process(mesh, world):
+    assert_same_run(single_process(), on_mesh(mesh, world))
+
+
+def test_replicated_data_parallel_matches_single_process():
+    assert_same_run(single_process(), on_mesh("dp=2", 2, dp_mode="replicate"))
+
+
+def test_gradient_accumulation_matches_one_big_batch():
+    assert_same_run(single_process(), on_mesh("dp=2,tp=2", 4, grad_accum_steps=2))
+
+
+def test_a_different_seed_is_detected():
+    """The comparison can fail: another seed gives other initial weights and losses."""
+    with pytest.raises(AssertionError):
+        assert_same_run(single_process(), single_process(seed=1))
+
+
+@pytest.mark.slow
+def test_sixteen_ranks_dp4_tp4_matches_single_process():
+    assert_same_run(single_process(), on_mesh("dp=4,tp=4", 16))
