@@ -135,8 +135,8 @@ def test_ring_bf16_close_to_fp64(three_ranks):
 
 
 def test_zigzag_balances_work(four_ranks):
-    # Causal work over 2*cp chunks of length c is (2cp)(2cp+1)/2 chunk-halves... counted exactly:
-    # every rank computes the same number of query-key pairs (fwd + bwd recompute).
+    # Zigzag balance: every rank computes the same number of query-key pairs (forward plus
+    # the backward recompute), and the later steps really compute only half a block.
     counts = [r["score_elems"] for r in four_ranks]
     assert len(set(counts)) == 1, counts
     b, h, hkv, chunk, d = CASES[0]
