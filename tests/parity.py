@@ -35,11 +35,11 @@ def run_steps(mesh: str, overrides: dict) -> dict | None:
         for step in range(cfg.steps):
             loss_share, _ = compute_gradients(t)
             if step == 0:
-                first_grads = {n: full(p.grad) for n, p in t.model.named_parameters() if p.grad is not None}
+                first_grads = {n: full(p.grad) for n, p in t.named_parameters() if p.grad is not None}
             norm, _ = apply_gradients(t)
             losses.append(global_loss(t, loss_share))
             norms.append(norm)
-        weights = {n: full(p) for n, p in t.model.named_parameters()}
+        weights = {n: full(p) for n, p in t.named_parameters()}
     holds_distinct_piece = t.pm.local_rank("dense_grad") == 0 and t.pm.local_rank("tp") == 0
     if not holds_distinct_piece:
         return None

@@ -24,6 +24,8 @@ def parallelize(model: Transformer, pm: ParallelMesh, dp_mode: str = "fsdp", par
                 reshard_after_forward: bool = True) -> None:
     """Shard ``model`` in place over ``pm``: TP/SP on ``pm["tp"]``, then FSDP on ``pm["dense_grad"]``.
 
+    ``reshard_after_forward=False`` keeps FSDP parameters gathered from the forward to the
+    backward (a pipeline stage runs many microbatches per step; see ``train.pipelined``).
     With ``dp_mode="replicate"`` parameters stay whole on every data-parallel rank and the
     trainer sums gradients itself (``core.data_parallel.all_reduce_gradients``).
     """

@@ -9,6 +9,10 @@ One step on one rank (no pipeline):
         loss.backward()                                              (FSDP reduce-scatters grads, summing)
     clip by the norm over the whole mesh, AdamW step, LR schedule step
     report: loss summed over dp x ep x cp                           (= global mean token loss)
+
+With pipeline parallel (pp > 1) the forward/backward is a pipeline schedule instead
+(``train.pipelined``) and ``Trainer.model`` holds this rank's stage(s); the rest of the
+step (gradient sync, clipping over the whole mesh, optimizer) is the same.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from models.registry import build_model
 
 from .config import TrainConfig
 from .distributed import init_distributed, resolve_device, world_size_from_env
+from .pipelined import ModelParts, Pipeline, build_pipeline, pipeline_forward_backward
 from .validation import validate
 
 DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -45,16 +50,27 @@ class Trainer:
     pm: ParallelMesh
     device: torch.device
     model_config: object
-    model: nn.Module
+    model: nn.Module                     # the whole model, or under pp > 1 this rank's ModelParts
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     batches: object
     step: int = 0
     history: list[dict] = field(default_factory=list)
+    pipeline: Pipeline | None = None     # set when pp > 1
 
     @property
     def params(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
+
+    @property
+    def model_parts(self) -> list[nn.Module]:
+        """The model pieces this rank holds: [model], or its pipeline stages in stage order."""
+        return list(self.model) if isinstance(self.model, ModelParts) else [self.model]
+
+    def named_parameters(self):
+        """(name, parameter) with the whole model's names (``layers.3.attention.wq.weight``) on any mesh."""
+        for part in self.model_parts:
+            yield from part.named_parameters()
 
 
 def lr_lambda(cfg: TrainConfig):
@@ -120,16 +136,20 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     init_distributed(device, cfg.dist_timeout_s)
     pm = build_mesh(checked.shape, device.type)
     torch.manual_seed(cfg.seed)
-    with torch.device("meta"):
-        model = build_model(checked.model_config)
     param_dtype = DTYPE[cfg.dtype] if cfg.dtype != "float32" else None
-    parallelize(model, pm, dp_mode=cfg.dp_mode, param_dtype=param_dtype)
-    materialize(model, device)
-    init_weights(model, checked.model_config.n_layers, cfg.seed)
+    pipeline = None
+    if pm.size("pp") > 1:
+        model, pipeline = build_pipeline(cfg, pm, checked.model_config, device, param_dtype)
+    else:
+        with torch.device("meta"):
+            model = build_model(checked.model_config)
+        parallelize(model, pm, dp_mode=cfg.dp_mode, param_dtype=param_dtype)
+        materialize(model, device)
+        init_weights(model, checked.model_config.n_layers, cfg.seed)
     optimizer = build_optimizer(cfg, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     batches = build_batches(cfg, pm, checked.model_config.vocab_size)
-    return Trainer(cfg, pm, device, checked.model_config, model, optimizer, scheduler, batches)
+    return Trainer(cfg, pm, device, checked.model_config, model, optimizer, scheduler, batches, pipeline=pipeline)
 
 
 def forward_backward(t: Trainer, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -158,7 +178,7 @@ def compute_gradients(t: Trainer) -> tuple[torch.Tensor, float]:
     inputs, labels = next(t.batches)
     inputs, labels = inputs.to(t.device), labels.to(t.device)
     data_time = time.perf_counter() - start
-    loss = forward_backward(t, inputs, labels)
+    loss = pipeline_forward_backward(t, inputs, labels) if t.pipeline else forward_backward(t, inputs, labels)
     reduce_partial_gradients(t.params)
     if t.cfg.dp_mode == "replicate":
         all_reduce_gradients(t.params, t.pm["dense_grad"].get_group())
@@ -166,7 +186,11 @@ def compute_gradients(t: Trainer) -> tuple[torch.Tensor, float]:
 
 
 def apply_gradients(t: Trainer) -> tuple[float, float]:
-    """Clip over the whole mesh, step AdamW and the LR schedule. Returns (grad norm, lr used)."""
+    """Clip over the whole mesh, step AdamW and the LR schedule. Returns (grad norm, lr used).
+
+    The norm adds each pipeline stage's sum of squares over pp (one all-reduce), so every
+    stage clips by the same global factor.
+    """
     grad_norm = clip_grad_norm_(t.params, t.cfg.max_grad_norm, t.pm["pp"].get_group())
     lr = t.scheduler.get_last_lr()[0]
     t.optimizer.step()

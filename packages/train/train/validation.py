@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from core.mesh import MeshConfigError, MeshShape, check_divisible
+from core.pipeline import PipelineConfigError, check_pipeline, default_microbatches, schedule_spec
 from models.plans import check_tensor_parallel
 from models.registry import get_config
 
@@ -30,6 +31,7 @@ def validate(cfg: TrainConfig, world_size: int) -> ValidatedRun:
     model_config = get_config(cfg.model)
     _check_model_fits_mesh(model_config, shape)
     _check_batch(cfg, shape)
+    _check_pipeline(cfg, model_config, shape)
     if cfg.dtype not in DTYPES:
         raise ValueError(f"--dtype {cfg.dtype!r}: use one of {DTYPES}")
     if cfg.steps < 1 or cfg.seq_len < 1:
@@ -64,3 +66,15 @@ def _check_batch(cfg: TrainConfig, shape: MeshShape) -> None:
         local_seq = cfg.seq_len // shape.cp
         check_divisible("the per-rank sequence length (seq_len/cp)", local_seq, "tp", shape.tp,
                         "sequence parallel splits each rank's sequence over tp: make seq_len a multiple of cp*tp")
+
+
+def _check_pipeline(cfg: TrainConfig, model_config, shape: MeshShape) -> None:
+    """Schedule name always (a typo should not pass silently); the rest only when pp > 1."""
+    schedule_spec(cfg.pp_schedule)
+    if shape.pp == 1:
+        return
+    if cfg.grad_accum_steps != 1:
+        raise PipelineConfigError(f"--grad-accum-steps {cfg.grad_accum_steps} with pp={shape.pp}: a pipeline "
+                                  f"already accumulates over its microbatches; use --microbatches instead")
+    check_pipeline(model_config.n_layers, shape.pp, cfg.pp_schedule, default_microbatches(shape.pp, cfg.microbatches),
+                   cfg.global_batch_size // (shape.dp * shape.ep))

@@ -1,0 +1,165 @@
+"""Pipeline parallel with ``torch.distributed.pipelining``: which layers a stage holds, which
+stages a rank runs, the schedule by name, and the checks that must pass before any collective.
+
+Model-agnostic: a stage is any ``nn.Module`` the caller cut from its model. Vocabulary:
+
+  - ``pp`` ranks form one pipeline (the ``pp`` mesh axis); ``v`` virtual stages per rank make
+    ``S = pp * v`` stages in all. Stage ``s`` holds a contiguous run of layers; stage 0 also
+    holds the embedding, stage ``S-1`` the final norm and output.
+  - Looped schedules (1F1B, GPipe: v=1; interleaved 1F1B: v=2) put stage ``s`` on rank
+    ``s % pp``; the V schedule (ZBV) puts stages ``r`` and ``2*pp-1-r`` on rank ``r``, so the
+    first and last stage share rank 0.
+  - A step's per-rank batch is cut into ``m`` microbatches along dim 0. The schedule streams
+    them through the stages: activations go forward and their gradients backward by P2P
+    send/recv over the ``pp`` group, one [b/m, s(/tp), dim] tensor per microbatch per hop.
+
+Our loss is already divided by the tokens of the *global* batch and gradients are summed,
+so the schedules are built with ``scale_grads=False`` (their default would divide by ``m``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.pipelining import (
+    PipelineStage,
+    Schedule1F1B,
+    ScheduleGPipe,
+    ScheduleInterleaved1F1B,
+    ScheduleZBVZeroBubble,
+)
+
+
+@dataclass(frozen=True)
+class ScheduleSpec:
+    cls: type
+    stages_per_rank: int   # virtual stages v
+    style: str             # "loop" or "v": how stages map to ranks
+    needs_m_ge_pp: bool    # 1F1B-style warmup needs at least one microbatch in flight per stage
+
+
+SCHEDULES: dict[str, ScheduleSpec] = {
+    "1f1b": ScheduleSpec(Schedule1F1B, 1, "loop", True),
+    "gpipe": ScheduleSpec(ScheduleGPipe, 1, "loop", False),
+    "interleaved-1f1b": ScheduleSpec(ScheduleInterleaved1F1B, 2, "loop", True),
+    "zbv": ScheduleSpec(ScheduleZBVZeroBubble, 2, "v", False),
+}
+
+
+class PipelineConfigError(ValueError):
+    """The model, batch or schedule cannot be pipelined as asked. The message says how to fix it."""
+
+
+def schedule_spec(name: str) -> ScheduleSpec:
+    if name not in SCHEDULES:
+        raise PipelineConfigError(f"unknown --pp-schedule {name!r}: use one of {', '.join(SCHEDULES)}")
+    return SCHEDULES[name]
+
+
+def default_microbatches(pp: int, requested: int) -> int:
+    """``--microbatches 0`` means 2 * pp: enough to fill a 1F1B pipeline and halve its bubble."""
+    return requested if requested > 0 else 2 * pp
+
+
+def check_pipeline(n_layers: int, pp: int, schedule: str, microbatches: int, local_batch: int) -> None:
+    """Raise ``PipelineConfigError`` unless the run can be pipelined. No collective; pp > 1 only.
+
+    ``local_batch``: sequences per data-parallel rank per step, which the schedule cuts into
+    ``microbatches`` equal pieces.
+    """
+    spec = schedule_spec(schedule)
+    n_stages = pp * spec.stages_per_rank
+    if n_layers < n_stages:
+        raise PipelineConfigError(
+            f"model has {n_layers} layers but pp={pp} x {spec.stages_per_rank} virtual stage(s) per rank "
+            f"({schedule}) = {n_stages} stages need at least one layer each: lower pp, use a schedule with "
+            f"fewer stages per rank, or a deeper model")
+    if microbatches < 1:
+        raise PipelineConfigError(f"--microbatches {microbatches} must be >= 1 (0 means 2*pp)")
+    if spec.needs_m_ge_pp and microbatches < pp:
+        raise PipelineConfigError(
+            f"--pp-schedule {schedule} needs at least pp={pp} microbatches (got --microbatches {microbatches}) "
+            f"so that every stage has work in its warm-up: use --microbatches >= {pp}")
+    if local_batch % microbatches:
+        raise PipelineConfigError(
+            f"the per-rank batch of {local_batch} sequences is not divisible into --microbatches {microbatches}: "
+            f"make global_batch_size / (dp*ep) a multiple of the microbatch count")
+    if schedule == "interleaved-1f1b":
+        rounds = max(1, microbatches // pp)
+        if microbatches % rounds:
+            raise PipelineConfigError(
+                f"interleaved 1F1B runs microbatches in rounds of pp={pp}: --microbatches {microbatches} must be "
+                f"a multiple of {rounds} (e.g. a multiple of pp)")
+
+
+def layers_per_stage(n_layers: int, n_stages: int) -> list[list[int]]:
+    """Contiguous, balanced layer indices per stage: sizes differ by at most one, extras go first.
+
+    >>> layers_per_stage(5, 2)
+    [[0, 1, 2], [3, 4]]
+    """
+    base, extra = divmod(n_layers, n_stages)
+    bounds, start = [], 0
+    for s in range(n_stages):
+        size = base + (1 if s < extra else 0)
+        bounds.append(list(range(start, start + size)))
+        start += size
+    return bounds
+
+
+def stages_of_rank(pp_rank: int, pp: int, schedule: str) -> list[int]:
+    """The stage indices rank ``pp_rank`` runs, in pipeline order (what the schedules expect)."""
+    spec = schedule_spec(schedule)
+    if spec.style == "v":
+        return [pp_rank, 2 * pp - 1 - pp_rank]
+    return [pp_rank + k * pp for k in range(spec.stages_per_rank)]
+
+
+def build_stages(parts: list[nn.Module], stage_ids: list[int], n_stages: int, device: torch.device,
+                 pp_group: dist.ProcessGroup) -> list[PipelineStage]:
+    """Wrap each of this rank's model parts as a ``PipelineStage`` talking over ``pp_group``.
+
+    No shapes are given: torch infers them on the first ``step`` by running the first
+    microbatch through the pipeline once (forward, then backward) and sending each stage's
+    output/gradient metadata to its neighbour. That copes with tensor parallel, where a
+    stage's output is this rank's local [b/m, s/tp, dim] sequence slice, not [b/m, s, dim].
+    """
+    return [PipelineStage(part, stage_index=s, num_stages=n_stages, device=device, group=pp_group)
+            for part, s in zip(parts, stage_ids)]
+
+
+def build_schedule(schedule: str, stages: list[PipelineStage], microbatches: int,
+                   loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
+    """The named schedule over this rank's stages. ``loss_fn(output, target)`` runs on the last stage."""
+    spec = schedule_spec(schedule)
+    if spec.stages_per_rank == 1:
+        return spec.cls(stages[0], n_microbatches=microbatches, loss_fn=loss_fn, scale_grads=False)
+    return spec.cls(stages, n_microbatches=microbatches, loss_fn=loss_fn, scale_grads=False)
+
+
+def rank_of_stage(stage: int, pp: int, schedule: str) -> int:
+    """The pp-group rank that runs ``stage``."""
+    for r in range(pp):
+        if stage in stages_of_rank(r, pp, schedule):
+            return r
+    raise ValueError(f"stage {stage} is not run by any of the {pp} ranks")
+
+
+def last_stage_rank(pp: int, schedule: str) -> int:
+    """The pp-group rank that runs the last stage and so computes the loss (pp-1 looped, 0 for V)."""
+    return rank_of_stage(pp * schedule_spec(schedule).stages_per_rank - 1, pp, schedule)
+
+
+def broadcast_from_last_stage(value: torch.Tensor, pp_group: dist.ProcessGroup, pp: int, schedule: str) -> torch.Tensor:
+    """Overwrite ``value`` in place on every stage with the last stage's value (e.g. the loss).
+
+    Collective: one broadcast over ``pp_group`` (none when pp == 1).
+    """
+    if pp > 1:
+        src = dist.get_global_rank(pp_group, last_stage_rank(pp, schedule))
+        dist.broadcast(value, src=src, group=pp_group)
+    return value

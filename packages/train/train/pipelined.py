@@ -1,0 +1,122 @@
+"""The trainer's pipeline-parallel path: build this rank's stages, run one step's schedule.
+
+With ``pp > 1`` a rank builds only its own stage(s) (one, or two for the interleaved and V
+schedules), each cut from the whole model on the meta device, parallelized with TP/SP and
+FSDP on the rank's own (dp, ep, cp, tp) submesh, then materialized and initialized by
+parameter name, so its weights equal the single-process model's layers.
+
+One step on one rank:
+
+    inputs, labels = this batch-rank's rows of the global batch       [B/(dp*ep), S]
+    schedule.step: cut into m microbatches [B/(dp*ep)/m, S], stream them through the stages
+        first stage: embedding + its layers; middle: layers; last: layers + norm + output + loss
+        loss per microbatch = token loss sum / tokens in the GLOBAL batch   (scale_grads=False)
+    loss share = sum of the last stage's microbatch losses, broadcast over pp from that stage
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from core.mesh import ParallelMesh
+from core.pipeline import (
+    SCHEDULES,
+    broadcast_from_last_stage,
+    build_schedule,
+    build_stages,
+    default_microbatches,
+    layers_per_stage,
+    stages_of_rank,
+)
+from core.tensor_parallel import loss_context, to_local_scalar, token_loss_sum
+from models.init import init_weights
+from models.parallelize import materialize, parallelize
+from models.pipeline_split import split_stage
+from models.registry import build_model
+
+
+class ModelParts(nn.ModuleList):
+    """This rank's pipeline stages, in stage order (what ``Trainer.model`` holds under pp > 1)."""
+
+
+@dataclass
+class Pipeline:
+    schedule_name: str
+    schedule: object          # a torch.distributed.pipelining schedule
+    stages: list              # this rank's PipelineStage objects
+    stage_ids: list[int]
+    n_stages: int
+    microbatches: int
+
+    @property
+    def has_first(self) -> bool:
+        return 0 in self.stage_ids
+
+    @property
+    def has_last(self) -> bool:
+        return self.n_stages - 1 in self.stage_ids
+
+
+def build_stage_module(model_config, layer_ids: list[int], first: bool, last: bool, pm: ParallelMesh,
+                       device: torch.device, dp_mode: str, param_dtype, seed: int) -> nn.Module:
+    """One stage: cut on the meta device, parallelized on this rank's submesh, initialized by name.
+
+    FSDP keeps parameters gathered after the forward (``reshard_after_forward=False``):
+    with m microbatches a resharding stage would all-gather its weights again for every
+    microbatch's forward and backward; torch's pipeline stage reshards once after the
+    last backward instead.
+    """
+    with torch.device("meta"):
+        model = split_stage(build_model(model_config), layer_ids, first, last)
+    parallelize(model, pm, dp_mode=dp_mode, param_dtype=param_dtype, reshard_after_forward=False)
+    materialize(model, device)
+    init_weights(model, model_config.n_layers, seed)
+    return model
+
+
+def build_pipeline(cfg, pm: ParallelMesh, model_config, device: torch.device, param_dtype) -> tuple[ModelParts, Pipeline]:
+    """This rank's stage modules and the schedule that drives them. Collective (process groups, FSDP)."""
+    pp = pm.size("pp")
+    stage_ids = stages_of_rank(pm.local_rank("pp"), pp, cfg.pp_schedule)
+    n_stages = pp * SCHEDULES[cfg.pp_schedule].stages_per_rank
+    layer_split = layers_per_stage(model_config.n_layers, n_stages)
+    parts = ModelParts(
+        build_stage_module(model_config, layer_split[s], s == 0, s == n_stages - 1, pm, device, cfg.dp_mode,
+                           param_dtype, cfg.seed)
+        for s in stage_ids)
+    stages = build_stages(list(parts), stage_ids, n_stages, device, pm["pp"].get_group())
+    microbatches = default_microbatches(pp, cfg.microbatches)
+    tokens_in_global_batch = cfg.global_batch_size * cfg.seq_len
+
+    def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        # The same normalization as the non-pipeline path: summed over microbatches, stages
+        # and data-parallel ranks, the gradients are those of the global mean token loss.
+        return token_loss_sum(logits, labels) / tokens_in_global_batch
+
+    schedule = build_schedule(cfg.pp_schedule, stages, microbatches, loss_fn)
+    return parts, Pipeline(cfg.pp_schedule, schedule, stages, stage_ids, n_stages, microbatches)
+
+
+def pipeline_forward_backward(t, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Run one step's schedule; return this rank's share of the global mean loss (on every stage).
+
+    inputs, labels: [local_batch, local_seq]. Only the rank running the first stage feeds
+    ``inputs``, only the one running the last stage feeds ``labels``.
+    Collectives: the schedule's P2P over pp (plus TP/FSDP inside the stages); one broadcast
+    over pp for the loss.
+    """
+    pipe: Pipeline = t.pipeline
+    losses: list[torch.Tensor] = []
+    args = (inputs,) if pipe.has_first else ()
+    target = labels if pipe.has_last else None
+    # loss_parallel must cover the last stage's loss forward and backward, which the
+    # schedule interleaves with other microbatches: wrap the whole step.
+    with loss_context(t.pm.size("tp") > 1):
+        pipe.schedule.step(*args, target=target, losses=losses, return_outputs=False)
+    loss_share = torch.zeros((), device=t.device)
+    for loss in losses:
+        loss_share += to_local_scalar(loss).detach()
+    return broadcast_from_last_stage(loss_share, t.pm["pp"].get_group(), t.pm.size("pp"), pipe.schedule_name)
