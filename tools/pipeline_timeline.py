@@ -1,0 +1,212 @@
+"""See a pipeline schedule run: per-rank forward/backward timeline, Chrome trace, PNG, bubble.
+
+    python tools/pipeline_timeline.py                          # pp=4, 1F1B, 8 microbatches, CPU/gloo
+    python tools/pipeline_timeline.py --schedule gpipe --microbatches 4 --out outputs/timeline
+    python tools/pipeline_timeline.py --from-recording outputs/timeline/recording   # redraw only
+
+It spawns ``pp`` gloo ranks, trains a few steps of the debug model with the trainer's own
+pipeline path, and times every action each stage runs in the last step by wrapping the
+stage's ``forward_one_chunk`` (F), ``backward_one_chunk`` (B; I when it computes only the
+input gradient, as zero-bubble schedules do) and ``backward_weight_one_chunk`` (W). Then it
+writes ``<out>/recording/rank<r>.json``, ``<out>/timeline.json`` (open in chrome://tracing
+or ui.perfetto.dev) and ``<out>/timeline.png``, and prints
+
+    measured bubble = 1 - (mean busy time per rank) / (step makespan)
+    theory          = (p - 1) / (m + p - 1)        (1F1B/GPipe, equal-time F and B)
+
+Measured numbers on a shared CPU are indicative: ranks time-slice the cores, and P2P
+waits and the loss count as idle time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+for _pkg in ("core", "models", "train"):
+    if str(ROOT / "packages" / _pkg) not in sys.path:
+        sys.path.insert(0, str(ROOT / "packages" / _pkg))
+
+COLORS = {"F": "#4C72B0", "B": "#55A868", "I": "#8FD19E", "W": "#DD8452"}
+
+
+# ---------------------------------------------------------------- recording (runs on every rank)
+
+def instrument(stage, events: list[dict], clock) -> None:
+    """Wrap one PipelineStage's compute methods so each call appends {kind, stage, mb, start, end}."""
+    def wrap(method_name: str, kind: str):
+        original = getattr(stage, method_name)
+
+        def timed(chunk_id, *args, **kwargs):
+            label = "I" if kind == "B" and kwargs.get("full_backward", True) is False else kind
+            start = clock()
+            result = original(chunk_id, *args, **kwargs)
+            events.append({"kind": label, "stage": stage.stage_index, "mb": chunk_id, "start": start, "end": clock()})
+            return result
+        setattr(stage, method_name, timed)
+
+    wrap("forward_one_chunk", "F")
+    wrap("backward_one_chunk", "B")
+    wrap("backward_weight_one_chunk", "W")
+
+
+def record_rank(rank: int, world: int, port: int, args: dict, out_dir: str) -> None:
+    """One spawned rank: train ``warmup`` untimed steps, then time one step's actions."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    import torch
+    import torch.distributed as dist
+
+    from train.config import TrainConfig
+    from train.loop import build_trainer, train_step
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=300))
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = TrainConfig(mesh=f"pp={world}", pp_schedule=args["schedule"], microbatches=args["microbatches"],
+                              dataset="synthetic", steps=args["warmup"] + 1, seq_len=args["seq_len"],
+                              global_batch_size=args["batch"], output_dir=tmp)
+            t = build_trainer(cfg)
+            for _ in range(args["warmup"]):  # the first step also infers stage shapes: not representative
+                train_step(t)
+            events: list[dict] = []
+            for stage in t.pipeline.stages:
+                instrument(stage, events, time.perf_counter)
+            dist.barrier()  # a common time origin: every rank leaves the barrier at about the same moment
+            origin = time.perf_counter()
+            train_step(t)
+        recording = {"rank": rank, "pp": world, "microbatches": t.pipeline.microbatches, "schedule": args["schedule"],
+                     "stages": t.pipeline.stage_ids,
+                     "events": [{**e, "start": e["start"] - origin, "end": e["end"] - origin} for e in events]}
+        (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(recording, indent=1))
+    finally:
+        dist.destroy_process_group()
+        sys.stdout.flush()
+        os._exit(0)
+
+
+def record(pp: int, schedule: str, microbatches: int, seq_len: int, batch: int, warmup: int, out_dir: Path) -> None:
+    """Spawn ``pp`` ranks, each writing ``out_dir/rank<r>.json``."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    args = dict(schedule=schedule, microbatches=microbatches, seq_len=seq_len, batch=batch, warmup=warmup)
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=record_rank, args=(r, pp, port, args, str(out_dir))) for r in range(pp)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=600)
+    missing = [r for r in range(pp) if not (out_dir / f"rank{r}.json").exists()]
+    if missing:
+        raise SystemExit(f"ranks {missing} wrote no recording (see their errors above)")
+
+
+def load_recording(folder: Path) -> list[dict]:
+    recordings = sorted((json.loads(p.read_text()) for p in folder.glob("rank*.json")), key=lambda r: r["rank"])
+    if not recordings:
+        raise SystemExit(f"no rank*.json in {folder}")
+    return recordings
+
+
+# ---------------------------------------------------------------- analysis and drawing
+
+def bubble(recordings: list[dict]) -> dict:
+    """Measured idle fraction of the step vs the 1F1B/GPipe theory (p-1)/(m+p-1).
+
+    The step's makespan runs from the first action's start to the last action's end over
+    all ranks; a rank is busy while one of its actions runs.
+    """
+    events = [e for r in recordings for e in r["events"]]
+    begin, end = min(e["start"] for e in events), max(e["end"] for e in events)
+    makespan = end - begin
+    busy = [sum(e["end"] - e["start"] for e in r["events"]) for r in recordings]
+    p, m = recordings[0]["pp"], recordings[0]["microbatches"]
+    return {"pp": p, "microbatches": m, "schedule": recordings[0]["schedule"], "makespan_s": makespan,
+            "busy_s": busy, "measured": 1 - sum(busy) / len(busy) / makespan, "theory": (p - 1) / (m + p - 1)}
+
+
+def chrome_trace(recordings: list[dict]) -> dict:
+    """Trace Event Format: one process row per rank, one complete ("X") event per action, times in us."""
+    trace = []
+    for r in recordings:
+        trace.append({"name": "process_name", "ph": "M", "pid": r["rank"],
+                      "args": {"name": f"rank {r['rank']} (stages {r['stages']})"}})
+        for e in r["events"]:
+            trace.append({"name": f"{e['kind']}{e['mb']}", "cat": e["kind"], "ph": "X", "pid": r["rank"],
+                          "tid": e["stage"], "ts": e["start"] * 1e6, "dur": (e["end"] - e["start"]) * 1e6,
+                          "args": {"stage": e["stage"], "microbatch": e["mb"]}})
+    return {"traceEvents": trace, "displayTimeUnit": "ms"}
+
+
+def draw(recordings: list[dict], stats: dict, path: Path) -> None:
+    """A Gantt chart: one row per rank, boxes labelled with the microbatch, colored by kind."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    origin = min(e["start"] for r in recordings for e in r["events"])
+    fig, ax = plt.subplots(figsize=(12, 0.6 * len(recordings) + 1.6))
+    for r in recordings:
+        y = len(recordings) - 1 - r["rank"]
+        for e in r["events"]:
+            x, w = (e["start"] - origin) * 1e3, (e["end"] - e["start"]) * 1e3
+            ax.broken_barh([(x, w)], (y - 0.4, 0.8), facecolors=COLORS[e["kind"]], edgecolor="black", linewidth=0.4)
+            label = str(e["mb"]) if len(r["stages"]) == 1 else f"{e['mb']}s{e['stage']}"
+            ax.text(x + w / 2, y, label, ha="center", va="center", fontsize=7)
+    ax.set_yticks(range(len(recordings)), [f"rank {r['rank']}" for r in reversed(recordings)])
+    ax.set_xlabel("time in step (ms)")
+    ax.set_title(f"{stats['schedule']}  pp={stats['pp']}  m={stats['microbatches']}   bubble: measured "
+                 f"{stats['measured']:.1%}, theory (p-1)/(m+p-1) = {stats['theory']:.1%}")
+    kinds = sorted({e["kind"] for r in recordings for e in r["events"]}, key="FBIW".index)
+    names = {"F": "forward", "B": "backward", "I": "backward (input)", "W": "backward (weight)"}
+    ax.legend(handles=[Patch(color=COLORS[k], label=names[k]) for k in kinds], loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pp", type=int, default=4)
+    parser.add_argument("--schedule", default="1f1b", choices=["1f1b", "gpipe", "interleaved-1f1b", "zbv"])
+    parser.add_argument("--microbatches", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=16, help="global batch (sequences); cut into microbatches")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps before the recorded one")
+    parser.add_argument("--out", type=Path, default=Path("outputs/timeline"))
+    parser.add_argument("--from-recording", type=Path, help="draw an existing recording folder instead of running")
+    args = parser.parse_args(argv)
+
+    folder = args.from_recording or args.out / "recording"
+    if args.from_recording is None:
+        record(args.pp, args.schedule, args.microbatches, args.seq_len, args.batch, args.warmup, folder)
+    recordings = load_recording(folder)
+    stats = bubble(recordings)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "timeline.json").write_text(json.dumps(chrome_trace(recordings)))
+    draw(recordings, stats, args.out / "timeline.png")
+    print(f"{stats['schedule']} pp={stats['pp']} m={stats['microbatches']}: step {stats['makespan_s'] * 1e3:.1f} ms, "
+          f"busy per rank {[round(b * 1e3, 1) for b in stats['busy_s']]} ms")
+    print(f"bubble fraction: measured {stats['measured']:.3f}, theory (p-1)/(m+p-1) = {stats['theory']:.3f}")
+    print(f"wrote {args.out / 'timeline.json'} (chrome://tracing, ui.perfetto.dev) and {args.out / 'timeline.png'}")
+    return stats
+
+
+if __name__ == "__main__":
+    main()
