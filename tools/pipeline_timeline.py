@@ -175,7 +175,8 @@ def draw(recordings: list[dict], stats: dict, path: Path) -> None:
                  f"{stats['measured']:.1%}, theory (p-1)/(m+p-1) = {stats['theory']:.1%}")
     kinds = sorted({e["kind"] for r in recordings for e in r["events"]}, key="FBIW".index)
     names = {"F": "forward", "B": "backward", "I": "backward (input)", "W": "backward (weight)"}
-    ax.legend(handles=[Patch(color=COLORS[k], label=names[k]) for k in kinds], loc="upper right", fontsize=8)
+    ax.legend(handles=[Patch(color=COLORS[k], label=names[k]) for k in kinds], loc="upper left",
+              bbox_to_anchor=(1.0, 1.0), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
