@@ -3,7 +3,7 @@
 One step on one rank (no pipeline):
 
     inputs, labels = this batch-rank's rows of the global batch      [B/(dp*ep), S]
-    (context parallel: keep this cp rank's zigzag slice of S)
+    context parallel: keep this cp rank's zigzag slice of S          [B/(dp*ep), S/cp]
     for each of grad_accum_steps micro-batches:
         loss = sum of token losses / tokens in the GLOBAL batch      (so summed grads = grad of the mean)
         loss.backward()                                              (FSDP reduce-scatters grads, summing)
@@ -27,6 +27,7 @@ from torch import nn
 from core.data_parallel import all_reduce_gradients
 from core.grad_norm import clip_grad_norm_
 from core.mesh import ParallelMesh, build_mesh
+from core.ring_attention import zigzag_shard
 from core.tensor_parallel import loss_context, reduce_partial_gradients, to_local_scalar, token_loss_sum
 from models.init import init_weights
 from models.parallelize import materialize, parallelize
@@ -156,13 +157,20 @@ def compute_gradients(t: Trainer) -> tuple[torch.Tensor, float]:
     """
     start = time.perf_counter()
     inputs, labels = next(t.batches)
-    inputs, labels = inputs.to(t.device), labels.to(t.device)
+    inputs, labels = context_parallel_slice(t, inputs).to(t.device), context_parallel_slice(t, labels).to(t.device)
     data_time = time.perf_counter() - start
     loss = forward_backward(t, inputs, labels)
     reduce_partial_gradients(t.params)
     if t.cfg.dp_mode == "replicate":
         all_reduce_gradients(t.params, t.pm["dense_grad"].get_group())
     return loss, data_time
+
+
+def context_parallel_slice(t: Trainer, tokens: torch.Tensor) -> torch.Tensor:
+    """This cp rank's zigzag part of the sequence: [b, S] -> [b, S/cp] (chunks r and 2cp-1-r)."""
+    if t.pm.size("cp") == 1:
+        return tokens
+    return zigzag_shard(tokens, 1, t.pm.local_rank("cp"), t.pm.size("cp"))
 
 
 def apply_gradients(t: Trainer) -> tuple[float, float]:
