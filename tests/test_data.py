@@ -141,9 +141,9 @@ def test_epoch_wrap_around_is_deterministic_and_each_epoch_covers_every_window(t
 # ---------------------------------------------------------------- inputs and tokenizers
 
 
-def all_tokens(ranks_or_one, tmp_cache=None):
-    """Every token of the cached token file of a TokenBatches."""
-    return np.asarray(ranks_or_one.tokens).tolist()
+def all_tokens(data: TokenBatches) -> list[int]:
+    """Every token of the cached token file behind ``data``."""
+    return np.asarray(data.tokens).tolist()
 
 
 def test_txt_jsonl_and_mixed_folder_inputs(tmp_path):
@@ -305,3 +305,17 @@ def test_embedded_corpus_is_the_generator_output_and_its_entropy_is_known():
     entropy = unigram_entropy_nats(path)
     assert abs(entropy - 3.062) < 0.01  # the README's baseline: a trained model must beat it
     assert abs(unigram_entropy_nats(BYTE.encode("abab")) - np.log(2)) < 1e-12
+
+
+def test_state_follows_the_tokens_not_the_file(tmp_path):
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("the same words again " * 20)
+    b.write_bytes(a.read_bytes())  # a copy: new path and cache key, same tokens
+    first = batches(tmp_path / "c", 1, dataset=str(a), seq=8, batch=2)[0]
+    next(first)
+    copy = batches(tmp_path / "c", 1, dataset=str(b), seq=8, batch=2)[0]
+    copy.load_state_dict(first.state_dict())
+    assert torch.equal(next(copy)[0], next(first)[0])
+    b.write_text("different words now " * 20)
+    with pytest.raises(ValueError, match="fingerprint"):
+        batches(tmp_path / "c", 1, dataset=str(b), seq=8, batch=2)[0].load_state_dict(first.state_dict())

@@ -32,7 +32,7 @@ import torch
 
 from .data_sources import default_corpus_path, load_token_cache, open_source
 from .data_streaming import StreamingWindows
-from .tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
+from .tokenizer import ByteTokenizer, Tokenizer, load_tokenizer, tokenizer_fingerprint
 
 __all__ = ["TokenBatches", "Tokenizer", "ByteTokenizer", "load_tokenizer", "default_corpus_path",
            "unigram_entropy_nats"]
@@ -78,7 +78,7 @@ class TokenBatches:
         if streaming:
             source = open_source(dataset, text_column, streaming=True, shuffle_seed=seed, shuffle_buffer=shuffle_buffer)
             self._stream = StreamingWindows(source, tokenizer, seq_len)
-            self.fingerprint = source.fingerprint
+            self.fingerprint = f"{source.fingerprint}|{tokenizer_fingerprint(tokenizer)}"
             return
         source = open_source(dataset, text_column)
         self.tokens, self.fingerprint = load_token_cache(source, tokenizer, cache_dir)
@@ -114,7 +114,7 @@ class TokenBatches:
         return np.asarray(self.tokens[start:start + self.seq_len + 1])
 
     def _permutation(self, epoch: int) -> np.ndarray:
-        """The window order of one epoch; a batch touches at most two epochs, so keep two."""
+        """The window order of one epoch. A batch usually touches one or two epochs: keep the last two."""
         if epoch not in self._permutations:
             if len(self._permutations) >= 2:
                 self._permutations.pop(min(self._permutations))

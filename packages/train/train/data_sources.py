@@ -38,7 +38,7 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
 LOCAL_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-CACHE_FORMAT = 1  # bump when the cache layout or the document joining rule changes
+CACHE_FORMAT = 2  # bump when the cache layout or the document joining rule changes
 ENCODE_CHUNK = 256  # documents per tokenizer call (lets HF tokenizers use their threads)
 
 
@@ -188,15 +188,16 @@ def _encode_chunk(tokenizer: Tokenizer, encode_batch, chunk: list[str]) -> Itera
 
 
 def load_token_cache(source: Source, tokenizer: Tokenizer, cache_dir: Path | None = None) -> tuple[np.ndarray, str]:
-    """The source's tokens as a read-only memory map of shape ``[n_tokens]``, and the cache key.
+    """The source's tokens as a read-only memory map of shape ``[n_tokens]``, and a hash of them.
 
-    Tokenizes once; later calls (and other ranks) only map the file.
+    Tokenizes once; later calls (and other ranks) only map the file. The hash identifies the
+    token sequence itself, so a copied or touched dataset (new cache key) still matches it.
     """
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     cache_dir.mkdir(parents=True, exist_ok=True)
     key_fields = {"format": CACHE_FORMAT, "source": source.fingerprint, "column": source.text_column,
                   "tokenizer": tokenizer_fingerprint(tokenizer)}
-    key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:20]
+    key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:20]  # names the files
     meta_path, bin_path = cache_dir / f"{key}.json", cache_dir / f"{key}.bin"
     if not meta_path.exists():
         with _file_lock(cache_dir / f"{key}.lock"):
@@ -206,19 +207,22 @@ def load_token_cache(source: Source, tokenizer: Tokenizer, cache_dir: Path | Non
     dtype = np.dtype(meta["dtype"])
     if bin_path.stat().st_size != meta["n_tokens"] * dtype.itemsize:
         raise RuntimeError(f"token cache {bin_path} is truncated: delete {meta_path} and {bin_path} to rebuild it")
-    return np.memmap(bin_path, dtype=dtype, mode="r", shape=(meta["n_tokens"],)), key
+    return np.memmap(bin_path, dtype=dtype, mode="r", shape=(meta["n_tokens"],)), meta["sha256"][:16]
 
 
 def _write_cache(source: Source, tokenizer: Tokenizer, bin_path: Path, meta_path: Path, key_fields: dict) -> None:
     dtype = token_dtype(tokenizer.vocab_size)
     n_tokens = n_docs = 0
+    digest = hashlib.sha256()
     with _atomic_file(bin_path) as out:
         for ids in encode_documents(tokenizer, source.texts()):
-            out.write(np.asarray(ids, dtype=dtype).tobytes())
+            chunk = np.asarray(ids, dtype=dtype).tobytes()
+            out.write(chunk)
+            digest.update(chunk)
             n_tokens += len(ids)
             n_docs += 1
     meta = {**key_fields, "description": source.description, "dtype": dtype.name, "n_tokens": n_tokens,
-            "n_documents": n_docs, "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id}
+            "n_documents": n_docs, "sha256": digest.hexdigest(), "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id}
     # the metadata file is written last: its presence means the token file is complete
     with _atomic_file(meta_path) as out:
         out.write(json.dumps(meta, indent=1).encode())
