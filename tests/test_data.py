@@ -8,37 +8,9 @@ import os
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # before `datasets` is imported anywhere
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import importlib.util
 import json
-import sys
 import threading
 from pathlib import Path
-
-
-def _import_datasets_past_the_harness():
-    """Import HF `datasets` with the real `multiprocess` package, then give the name back to the harness.
-
-    tests/multiprocess.py (the gloo rank harness) shadows the PyPI package `multiprocess`
-    that `datasets` imports. Until the harness is renamed, load `datasets` with tests/ off
-    sys.path, then register the harness again as `multiprocess` for the tests importing it.
-    """
-    here = Path(__file__).resolve().parent
-    harness = sys.modules.pop("multiprocess", None)
-    saved = sys.path[:]
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
-    try:
-        import datasets  # noqa: F401  (binds the real multiprocess inside datasets)
-    finally:
-        sys.path[:] = saved
-        if harness is None or hasattr(harness, "__path__"):
-            spec = importlib.util.spec_from_file_location("multiprocess", here / "multiprocess.py")
-            harness = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(harness)
-        sys.modules["multiprocess"] = harness
-
-
-if (Path(__file__).resolve().parent / "multiprocess.py").exists():
-    _import_datasets_past_the_harness()
 
 import numpy as np
 import pytest

@@ -67,8 +67,8 @@ def run_files(output_dir: Path, run_id: str) -> list[Path]:
 def test_jsonl_and_console_line(tmp_path, capsys):
     logger = MetricsLogger(tmp_path / "out", {"model": "debug", "lr": 1e-3}, is_logging_rank=True, total_steps=10)
     for step in (1, 2, 3):
-        logger.log(step, {"loss": torch.tensor(3.0 / step), "grad_norm": 1.5, "lr": 1e-3, "tokens_per_s": 12345.0,
-                          "mfu": 0.25, "mem_gib": 1.5, "aux": 7})
+        logger.log(step, {"loss": torch.tensor(3.0 / step), "grad_norm": 1.5, "lr": 1e-3, "tokens_per_sec": 12345.0,
+                          "mfu": 0.25, "mem_peak_mib": 1536.0, "aux": 7})
     logger.close()
     rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3] and rows[2]["loss"] == pytest.approx(1.0) and rows[0]["aux"] == 7
@@ -173,7 +173,7 @@ def test_plot_metrics_overlays_runs(tmp_path, monkeypatch):
     for run, speed in (("run-a", 1000.0), ("run-b", 2000.0)):
         (tmp_path / run).mkdir()
         path = tmp_path / run / "metrics.jsonl"
-        rows = [{"step": s, "loss": 3.0 / s, "tokens_per_s": speed} for s in (1, 2, 3)] + [{"step": 2, "loss": 9.0}]
+        rows = [{"step": s, "loss": 3.0 / s, "tokens_per_sec": speed} for s in (1, 2, 3)] + [{"step": 2, "loss": 9.0}]
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         files.append(path)
     assert [r["loss"] for r in plot_metrics.read_metrics(files[0])] == [3.0, 9.0, 1.0]  # last record of a step wins

@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-PANELS = (("loss", "loss"), ("tokens_per_s", "tokens / s"))
+PANELS = (("loss", "loss"), ("tokens_per_sec", "tokens / s"))
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -5,7 +5,7 @@ stop training: if it cannot be imported, started or written to, the logger warns
 keeps writing ``metrics.jsonl``.
 
 Metric names the console line knows how to format (others are printed as ``name value``):
-``loss``, ``grad_norm``, ``lr``, ``tokens_per_s``, ``mfu`` (a fraction), ``mem_gib``.
+``loss``, ``grad_norm``, ``lr``, ``tokens_per_sec``, ``mfu`` (a fraction), ``mem_peak_mib``.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ CONSOLE_FORMATS = {
     "loss": lambda v: f"loss {v:.4f}",
     "grad_norm": lambda v: f"grad_norm {v:.3f}",
     "lr": lambda v: f"lr {v:.2e}",
-    "tokens_per_s": lambda v: f"tok/s {_si(v)}",
+    "tokens_per_sec": lambda v: f"tok/s {_si(v)}",
     "mfu": lambda v: f"mfu {100 * v:.1f}%",
-    "mem_gib": lambda v: f"mem {v:.2f}GiB",
+    "mem_peak_mib": lambda v: f"mem {v / 1024:.2f}GiB",
 }
 
 
