@@ -8,6 +8,7 @@ import os
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # before `datasets` is imported anywhere
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import importlib.util
 import json
 import threading
 from pathlib import Path
