@@ -18,7 +18,7 @@ import pytest
 
 from core.mesh import MeshConfigError
 from core.pipeline import PipelineConfigError, layers_per_stage, last_stage_rank, stages_of_rank
-from multiprocess import run_on_ranks
+from rank_harness import run_on_ranks
 from parity import BASE, assert_same_run, merge_ranks, run_steps
 from train.config import TrainConfig
 from train.validation import validate
