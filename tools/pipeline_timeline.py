@@ -12,7 +12,8 @@ writes ``<out>/recording/rank<r>.json``, ``<out>/timeline.json`` (open in chrome
 or ui.perfetto.dev) and ``<out>/timeline.png``, and prints
 
     measured bubble = 1 - (mean busy time per rank) / (step makespan)
-    theory          = (p - 1) / (m + p - 1)        (1F1B/GPipe, equal-time F and B)
+    theory          = (p - 1) / (m + p - 1)        (1F1B/GPipe, equal-time stages)
+                      (p - 1) / (v*m + p - 1)      (v virtual stages per rank: interleaved, ZBV)
 
 Measured numbers on a shared CPU are indicative: ranks time-slice the cores, and P2P
 waits and the loss count as idle time.
@@ -27,6 +28,7 @@ import os
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,17 +66,14 @@ def record_rank(rank: int, world: int, port: int, args: dict, out_dir: str) -> N
     import torch
     import torch.distributed as dist
 
-    from train.config import TrainConfig
     from train.loop import build_trainer, train_step
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=300))
+    code = 0
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            cfg = TrainConfig(mesh=f"pp={world}", pp_schedule=args["schedule"], microbatches=args["microbatches"],
-                              dataset="synthetic", steps=args["warmup"] + 1, seq_len=args["seq_len"],
-                              global_batch_size=args["batch"], output_dir=tmp)
-            t = build_trainer(cfg)
+            t = build_trainer(run_config(world, args, tmp))
             for _ in range(args["warmup"]):  # the first step also infers stage shapes: not representative
                 train_step(t)
             events: list[dict] = []
@@ -87,23 +86,41 @@ def record_rank(rank: int, world: int, port: int, args: dict, out_dir: str) -> N
                      "stages": t.pipeline.stage_ids,
                      "events": [{**e, "start": e["start"] - origin, "end": e["end"] - origin} for e in events]}
         (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(recording, indent=1))
+    except BaseException:  # noqa: BLE001 - report, then leave without gloo's exit-time abort
+        traceback.print_exc()
+        code = 1
     finally:
         dist.destroy_process_group()
         sys.stdout.flush()
-        os._exit(0)
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def run_config(pp: int, args: dict, output_dir: str):
+    from train.config import TrainConfig
+
+    return TrainConfig(mesh=f"pp={pp}", pp_schedule=args["schedule"], microbatches=args["microbatches"],
+                       dataset="synthetic", steps=args["warmup"] + 1, seq_len=args["seq_len"],
+                       global_batch_size=args["batch"], output_dir=output_dir)
 
 
 def record(pp: int, schedule: str, microbatches: int, seq_len: int, batch: int, warmup: int, out_dir: Path) -> None:
-    """Spawn ``pp`` ranks, each writing ``out_dir/rank<r>.json``."""
+    """Spawn ``pp`` ranks, each writing ``out_dir/rank<r>.json``. A bad configuration fails here, once."""
     import socket
 
     import torch.multiprocessing as mp
 
+    from train.validation import validate
+
+    args = dict(schedule=schedule, microbatches=microbatches, seq_len=seq_len, batch=batch, warmup=warmup)
+    try:
+        validate(run_config(pp, args, str(out_dir)), pp)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
     out_dir.mkdir(parents=True, exist_ok=True)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    args = dict(schedule=schedule, microbatches=microbatches, seq_len=seq_len, batch=batch, warmup=warmup)
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=record_rank, args=(r, pp, port, args, str(out_dir))) for r in range(pp)]
     for p in procs:
@@ -125,7 +142,11 @@ def load_recording(folder: Path) -> list[dict]:
 # ---------------------------------------------------------------- analysis and drawing
 
 def bubble(recordings: list[dict]) -> dict:
-    """Measured idle fraction of the step vs the 1F1B/GPipe theory (p-1)/(m+p-1).
+    """Measured idle fraction of the step vs the theory for equal-time stages.
+
+    1F1B/GPipe: (p-1)/(m+p-1). With v virtual stages per rank each chunk of work is 1/v as
+    long, so the warm-up/cool-down shrinks: (p-1)/(v*m+p-1) (interleaved 1F1B; for ZBV it is
+    an upper bound, as its split weight-gradient work W fills part of the bubble).
 
     The step's makespan runs from the first action's start to the last action's end over
     all ranks; a rank is busy while one of its actions runs.
@@ -134,9 +155,11 @@ def bubble(recordings: list[dict]) -> dict:
     begin, end = min(e["start"] for e in events), max(e["end"] for e in events)
     makespan = end - begin
     busy = [sum(e["end"] - e["start"] for e in r["events"]) for r in recordings]
-    p, m = recordings[0]["pp"], recordings[0]["microbatches"]
-    return {"pp": p, "microbatches": m, "schedule": recordings[0]["schedule"], "makespan_s": makespan,
-            "busy_s": busy, "measured": 1 - sum(busy) / len(busy) / makespan, "theory": (p - 1) / (m + p - 1)}
+    p, m, schedule = recordings[0]["pp"], recordings[0]["microbatches"], recordings[0]["schedule"]
+    v = len(recordings[0]["stages"])
+    return {"pp": p, "microbatches": m, "schedule": schedule, "makespan_s": makespan, "busy_s": busy,
+            "measured": 1 - sum(busy) / len(busy) / makespan, "theory": (p - 1) / (v * m + p - 1),
+            "formula": "(p-1)/(m+p-1)" if v == 1 else f"(p-1)/(v*m+p-1), v={v}"}
 
 
 def chrome_trace(recordings: list[dict]) -> dict:
@@ -161,6 +184,7 @@ def draw(recordings: list[dict], stats: dict, path: Path) -> None:
     from matplotlib.patches import Patch
 
     origin = min(e["start"] for r in recordings for e in r["events"])
+    min_label_width = stats["makespan_s"] * 1e3 / 80  # ms; narrower boxes stay unlabelled
     fig, ax = plt.subplots(figsize=(12, 0.6 * len(recordings) + 1.6))
     for r in recordings:
         y = len(recordings) - 1 - r["rank"]
@@ -168,11 +192,12 @@ def draw(recordings: list[dict], stats: dict, path: Path) -> None:
             x, w = (e["start"] - origin) * 1e3, (e["end"] - e["start"]) * 1e3
             ax.broken_barh([(x, w)], (y - 0.4, 0.8), facecolors=COLORS[e["kind"]], edgecolor="black", linewidth=0.4)
             label = str(e["mb"]) if len(r["stages"]) == 1 else f"{e['mb']}s{e['stage']}"
-            ax.text(x + w / 2, y, label, ha="center", va="center", fontsize=7)
+            if w >= min_label_width:
+                ax.text(x + w / 2, y, label, ha="center", va="center", fontsize=7)
     ax.set_yticks(range(len(recordings)), [f"rank {r['rank']}" for r in reversed(recordings)])
     ax.set_xlabel("time in step (ms)")
     ax.set_title(f"{stats['schedule']}  pp={stats['pp']}  m={stats['microbatches']}   bubble: measured "
-                 f"{stats['measured']:.1%}, theory (p-1)/(m+p-1) = {stats['theory']:.1%}")
+                 f"{stats['measured']:.1%}, theory {stats['formula']} = {stats['theory']:.1%}")
     kinds = sorted({e["kind"] for r in recordings for e in r["events"]}, key="FBIW".index)
     names = {"F": "forward", "B": "backward", "I": "backward (input)", "W": "backward (weight)"}
     ax.legend(handles=[Patch(color=COLORS[k], label=names[k]) for k in kinds], loc="upper left",
@@ -204,7 +229,7 @@ def main(argv: list[str] | None = None) -> dict:
     draw(recordings, stats, args.out / "timeline.png")
     print(f"{stats['schedule']} pp={stats['pp']} m={stats['microbatches']}: step {stats['makespan_s'] * 1e3:.1f} ms, "
           f"busy per rank {[round(b * 1e3, 1) for b in stats['busy_s']]} ms")
-    print(f"bubble fraction: measured {stats['measured']:.3f}, theory (p-1)/(m+p-1) = {stats['theory']:.3f}")
+    print(f"bubble fraction: measured {stats['measured']:.3f}, theory {stats['formula']} = {stats['theory']:.3f}")
     print(f"wrote {args.out / 'timeline.json'} (chrome://tracing, ui.perfetto.dev) and {args.out / 'timeline.png'}")
     return stats
 
