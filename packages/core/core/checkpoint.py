@@ -18,7 +18,7 @@ is data our own processes create in memory, never bytes from the checkpoint.
 
 Collectives: every public function except ``find_latest_checkpoint`` and the two
 ``*_tensors`` helpers is collective: all ranks must call it, in the same order. They run on
-a dedicated gloo group (created on first use) so an async save can talk in a background
+dedicated gloo groups (created on first use), so an async save can talk in a background
 thread without interleaving with the training's collectives, and so NCCL jobs work too.
 """
 
@@ -42,7 +42,7 @@ from core.checkpoint_state import model_tensors, optimizer_tensors
 __all__ = ["CheckpointError", "AsyncCheckpoint", "save_checkpoint", "find_latest_checkpoint",
            "load_checkpoint", "model_tensors", "optimizer_tensors"]
 
-_group: dist.ProcessGroup | None = None
+_groups: dict[str, dist.ProcessGroup] = {}
 _pending: "AsyncCheckpoint | None" = None
 
 
@@ -52,13 +52,21 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def _checkpoint_group() -> dist.ProcessGroup | None:
-    """All ranks, over gloo. Creating it is collective, so it happens lazily inside a
-    function every rank calls (save or load)."""
-    global _group
-    if _group is None and _distributed():
-        _group = dist.new_group(backend="gloo")
-    return _group
+def _group(role: str) -> dist.ProcessGroup | None:
+    """A gloo group of all ranks for ``role``: "io" (DCP's own collectives, possibly in the
+    async-save thread) or "control" (our checks, always on the main thread).
+
+    Two groups because a process group needs its collectives in the same order on every
+    rank: with one, an async save's background collectives and our main-thread checks
+    would interleave differently per rank and deadlock. Creating groups is collective, so
+    it happens lazily inside functions every rank calls (save or load).
+    """
+    if not _distributed():
+        return None
+    if not _groups:
+        _groups["io"] = dist.new_group(backend="gloo")
+        _groups["control"] = dist.new_group(backend="gloo")
+    return _groups[role]
 
 
 def _rank() -> int:
@@ -77,7 +85,7 @@ def _raise_together(error: str | None) -> None:
         if error is not None:
             raise CheckpointError(error)
         return
-    group, world = _checkpoint_group(), dist.get_world_size()
+    group, world = _group("control"), dist.get_world_size()
     first = torch.tensor([_rank() if error is not None else world], dtype=torch.int64)
     dist.all_reduce(first, op=dist.ReduceOp.MIN, group=group)
     src = int(first.item())
@@ -174,7 +182,7 @@ def save_checkpoint(root: Path, step: int, tensors: dict[str, torch.Tensor], met
     _wait_pending()
     root = Path(root)
     _raise_together(_check_save_args(step, tensors, meta, keep_last))
-    group = _checkpoint_group()
+    group = _group("io")
     tmp = layout.tmp_dir(root, step)
 
     _, error = _attempt("preparing " + str(tmp), _prepare_tmp, root, tmp, meta) if _rank() == 0 else (None, None)
@@ -272,7 +280,7 @@ def load_checkpoint(path: Path, tensors: dict[str, torch.Tensor]) -> dict:
 
     reader = HuggingFaceStorageReader(str(path))
     _, error = _attempt("dcp.load", lambda: dcp.load(
-        tensors, storage_reader=reader, planner=DefaultLoadPlanner(), process_group=_checkpoint_group()))
+        tensors, storage_reader=reader, planner=DefaultLoadPlanner(), process_group=_group("io")))
     _raise_together(error)
     return layout.read_json(path / layout.META)
 
