@@ -199,6 +199,20 @@ def test_reshard_to_one_plain_process(saved):
 
 # ---- errors on every rank ---------------------------------------------------------------
 
+def _pipeline_like(root: str):
+    """Each rank saves different keys (as pipeline stages do) plus a shared one, then loads them."""
+    rank = torch.distributed.get_rank()
+    tensors = {f"layers.{rank}.w": torch.full((2, 3), float(rank)), "step": torch.tensor(5.0)}
+    path = save_checkpoint(Path(root), 3, tensors, {"step": 3})
+    into = {key: torch.zeros_like(value) for key, value in tensors.items()}
+    load_checkpoint(path, into)
+    return into
+
+
+def _two_rank_job(cases: dict, pp_root: str):
+    return {"errors": _load_damaged(cases), "pp": _pipeline_like(pp_root)}
+
+
 def _load_damaged(cases: dict):
     """Try every case on every rank; a rank that does not raise would leave the others hanging."""
     messages = {}
@@ -222,7 +236,7 @@ def _damaged_copy(root: Path, dest: Path, damage) -> Path:
     return copy
 
 
-def test_damaged_checkpoints_raise_clear_errors_on_all_ranks(saved, tmp_path):
+def test_damaged_checkpoints_raise_on_all_ranks_and_disjoint_keys_round_trip(saved, tmp_path):
     root, _ = saved
 
     def truncate(shards):
@@ -244,7 +258,9 @@ def test_damaged_checkpoints_raise_clear_errors_on_all_ranks(saved, tmp_path):
         "empty": (tmp_path / "empty", HIDDEN, False),
         "root": (root, HIDDEN, False),
     }
-    results = run_on_ranks(_load_damaged, 2, {k: (str(p), h, e) for k, (p, h, e) in cases.items()}, timeout=300)
+    cases = {k: (str(p), h, e) for k, (p, h, e) in cases.items()}
+    jobs = run_on_ranks(_two_rank_job, 2, cases, str(tmp_path / "pp"), timeout=300)
+    results = [job["errors"] for job in jobs]
     expected = {
         "truncated": "truncated or corrupt", "corrupt": "not a valid safetensors file",
         "missing": "is missing", "shape": "shape mismatch for 'up.weight'",
@@ -258,6 +274,14 @@ def test_damaged_checkpoints_raise_clear_errors_on_all_ranks(saved, tmp_path):
     assert "(16, 8)" in results[0]["shape"] and "(12, 8)" in results[0]["shape"], "name both shapes"
     assert "model config" in results[0]["shape"]
     assert results[0]["key_on_rank1"].startswith("(reported by rank 1)")
+
+    # Disjoint keys per rank (pipeline stages) save and load.
+    for rank, job in enumerate(jobs):
+        assert set(job["pp"]) == {f"layers.{rank}.w", "step"}
+        assert torch.equal(job["pp"][f"layers.{rank}.w"], torch.full((2, 3), float(rank)))
+        assert job["pp"]["step"].item() == 5.0
+    manifest = checkpoint_layout.read_manifest(tmp_path / "pp" / "step_00000003")
+    assert {"layers.0.w", "layers.1.w", "step"} == set(manifest["tensors"])
 
 
 # ---- atomicity and pruning (one process, no process group) ---------------------------------

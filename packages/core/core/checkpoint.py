@@ -91,7 +91,7 @@ def _raise_together(error: str | None) -> None:
     src = int(first.item())
     if src == world:
         return
-    payload = (error or "").encode()
+    payload = (error or "unknown error").encode()  # never empty: frombuffer rejects b""
     length = torch.tensor([len(payload)], dtype=torch.int64)
     dist.broadcast(length, src=src, group=group)
     data = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if _rank() == src else \
