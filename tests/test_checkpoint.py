@@ -21,7 +21,7 @@ from torch import nn
 from core import checkpoint, checkpoint_layout
 from core.checkpoint import (CheckpointError, find_latest_checkpoint, load_checkpoint, model_tensors,
                              optimizer_tensors, save_checkpoint)
-from multiprocess import run_on_ranks
+from rank_harness import run_on_ranks
 
 VOCAB, DIM, HIDDEN = 16, 8, 16
 
