@@ -32,6 +32,7 @@ from models.init import init_weights
 from models.parallelize import materialize, parallelize
 from models.registry import build_model
 
+from . import checkpointing
 from .config import TrainConfig
 from .data import TokenBatches, load_tokenizer
 from .flops import peak_flops, transformer_flops_per_token
@@ -236,17 +237,27 @@ def peak_memory_mib(device: torch.device) -> float:
 
 
 def train(cfg: TrainConfig) -> Trainer:
-    """Build and run ``cfg.steps`` steps; every rank returns its Trainer (history filled in).
+    """Build, resume if asked, and run to ``cfg.steps``; every rank returns its Trainer.
 
     Global rank 0 writes ``metrics.jsonl``, the console line and W&B; the metrics are the
     same on every rank (the loss is reduced over the mesh), so which rank logs is arbitrary.
     """
     t = build_trainer(cfg)
+    resume_from = checkpointing.resolve_resume_path(cfg)
+    meta = checkpointing.restore(t, resume_from) if resume_from else {}
+    if resume_from and dist.get_rank() == 0:
+        print(f"resumed from {resume_from} at step {t.step}", flush=True)
     logger = MetricsLogger(Path(cfg.output_dir), cfg.to_dict(), is_logging_rank=dist.get_rank() == 0,
-                           wandb=cfg.wandb, wandb_project=cfg.wandb_project, total_steps=cfg.steps)
+                           wandb=cfg.wandb, wandb_project=cfg.wandb_project,
+                           wandb_run_id=meta.get("wandb_run_id"), total_steps=cfg.steps)
+    pending = None
     with logger:
         while t.step < cfg.steps:
             metrics = train_step(t)
             t.history.append(metrics)
             logger.log(t.step, {k: v for k, v in metrics.items() if k != "step"})
+            if checkpointing.should_save(t):
+                pending = checkpointing.save(t, logger.run_id)
+        if pending is not None and hasattr(pending, "wait"):
+            pending.wait()  # an async save commits only once every rank has waited
     return t
