@@ -86,3 +86,18 @@ def test_resume_errors_name_the_problem(tmp_path):
     shard.write_bytes(shard.read_bytes()[:1000])  # truncated shard
     corrupt = run([sys.executable, "-m", "train", *SMALL, "--steps", "4", "--output-dir", str(tmp_path / "a")])
     assert corrupt.returncode != 0 and "step_00000002" in corrupt.stderr
+
+
+def test_wandb_run_id_is_saved_and_the_same_run_resumes(tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    first = subprocess.run([sys.executable, "-m", "train", *SMALL, "--steps", "2", "--wandb", "--output-dir", str(out)],
+                           capture_output=True, text=True, timeout=300, env=env)
+    assert first.returncode == 0, first.stderr
+    run_id = json.loads((out / "checkpoints" / "step_00000002" / "meta.json").read_text())["wandb_run_id"]
+    assert run_id
+    second = subprocess.run([sys.executable, "-m", "train", *SMALL, "--steps", "4", "--wandb", "--output-dir", str(out)],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert second.returncode == 0, second.stderr
+    assert json.loads((out / "checkpoints" / "step_00000004" / "meta.json").read_text())["wandb_run_id"] == run_id
+    assert len(list(out.glob(f"wandb/offline-run-*-{run_id}*"))) == 2  # both sessions wrote into the same run id

@@ -13,6 +13,7 @@ One step on one rank (no pipeline):
 
 from __future__ import annotations
 
+import contextlib
 import math
 import resource
 import time
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from core.data_parallel import all_reduce_gradients
 from core.grad_norm import clip_grad_norm_
@@ -160,12 +162,20 @@ def forward_backward(t: Trainer, inputs: torch.Tensor, labels: torch.Tensor) -> 
     tokens_in_global_batch = t.cfg.global_batch_size * t.cfg.seq_len
     loss_share = torch.zeros((), device=t.device)
     for micro_inputs, micro_labels in zip(inputs.chunk(t.cfg.grad_accum_steps), labels.chunk(t.cfg.grad_accum_steps)):
-        with loss_context(t.pm.size("tp") > 1):
+        with loss_context(t.pm.size("tp") > 1), autocast_context(t):
             logits = t.model(micro_inputs)
             loss = token_loss_sum(logits, micro_labels) / tokens_in_global_batch
             loss.backward()
         loss_share += to_local_scalar(loss).detach()
     return loss_share
+
+
+def autocast_context(t: Trainer) -> contextlib.AbstractContextManager:
+    """bf16 compute for models FSDP does not manage (FSDP casts parameters itself via its
+    MixedPrecisionPolicy, which also all-gathers them in bf16: half the bytes)."""
+    if t.cfg.dtype == "float32" or isinstance(t.model, FSDPModule):
+        return contextlib.nullcontext()
+    return torch.autocast(t.device.type, dtype=DTYPE[t.cfg.dtype])
 
 
 def compute_gradients(t: Trainer) -> tuple[torch.Tensor, float]:
