@@ -227,3 +227,21 @@ def test_clear_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(hf_config))
     with pytest.raises(ValueError, match="RoPE scaling 'llama3'"):
         load_hf_folder(tmp_path)
+
+
+@torch.no_grad()
+def test_tied_embeddings_import(tmp_path):
+    """A folder without lm_head.weight (tie_word_embeddings, as in Llama 3.2 1B) loads with the
+    output projection a copy of the embedding, and computes what transformers computes."""
+    save_hf_folder(full_state(debug_model()), CONFIG, tmp_path)
+    rewrite_weights(tmp_path, lambda t: t.pop("lm_head.weight"))
+    model = build_model(CONFIG)
+    with pytest.raises(ValueError, match=r"missing keys \['output.weight'\]"):
+        load_hf_weights_(model, tmp_path)
+
+    hf_config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**hf_config, "tie_word_embeddings": True}))
+    load_hf_weights_(model, tmp_path)
+    assert torch.equal(model.output.weight, model.tok_embeddings.weight)
+    assert model.output.weight.data_ptr() != model.tok_embeddings.weight.data_ptr(), "copied, not tied"
+    torch.testing.assert_close(model(tokens()), hf_model(tmp_path)(tokens()).logits, atol=1e-5, rtol=1e-5)

@@ -270,23 +270,37 @@ def weight_files(folder: Path) -> dict[str, Path]:
     return {name: path for name, path in files.items() if not _is_ignored(name)}
 
 
-def _hf_shapes(files: dict[str, Path]) -> dict[str, torch.Size]:
-    """Meshtron name -> shape, read from the safetensors headers only (no data)."""
+def _sources(folder: Path) -> dict[str, tuple[Path, str]]:
+    """Meshtron name -> (file, HF name stored in it), for every weight of ``folder``.
+
+    A config with ``tie_word_embeddings`` may store no ``lm_head.weight``: our untied output
+    projection then starts as a copy of the embedding.
+    """
+    sources = {from_hf_name(hf_name): (path, hf_name) for hf_name, path in weight_files(folder).items()}
+    tied = json.loads((Path(folder) / CONFIG_FILE).read_text()).get("tie_word_embeddings", False)
+    if tied and "output.weight" not in sources and "tok_embeddings.weight" in sources:
+        sources["output.weight"] = sources["tok_embeddings.weight"]
+    return sources
+
+
+def _checked_sources(folder: Path, config: LlamaConfig) -> dict[str, tuple[Path, str]]:
+    """``_sources(folder)`` after checking its names and shapes (safetensors headers only) against ``config``."""
+    sources = _sources(folder)
     shapes = {}
-    for path in sorted(set(files.values())):
+    for name, (path, hf_name) in sources.items():
         with safe_open(str(path), framework="pt") as f:
-            for hf_name in f.keys():
-                if hf_name in files:
-                    shapes[from_hf_name(hf_name)] = torch.Size(f.get_slice(hf_name).get_shape())
-    return shapes
-
-
-def _checked_files(folder: Path, config: LlamaConfig) -> dict[str, Path]:
-    """Meshtron name -> file, after checking names and shapes in ``folder`` against ``config``."""
-    files = weight_files(folder)
-    shapes = _hf_shapes(files)
+            shapes[name] = torch.Size(f.get_slice(hf_name).get_shape())
     _check_names_and_shapes(shapes, expected_shapes(config), f"Hugging Face folder {folder}")
-    return {from_hf_name(hf_name): path for hf_name, path in files.items()}
+    return sources
+
+
+def _read(sources: dict[str, tuple[Path, str]], names: list[str]):
+    """Yield (name, full CPU tensor) for ``names``, one tensor in memory at a time, each file opened once."""
+    for path in sorted({sources[name][0] for name in names}):
+        with safe_open(str(path), framework="pt") as f:
+            for name in names:
+                if sources[name][0] == path:
+                    yield name, f.get_tensor(sources[name][1])
 
 
 def load_hf_folder(folder: Path) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
@@ -296,11 +310,8 @@ def load_hf_folder(folder: Path) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
     unexpected or misshapen weights.
     """
     config = read_hf_config(folder)
-    state = {}
-    for name, path in _checked_files(folder, config).items():
-        with safe_open(str(path), framework="pt") as f:
-            state[name] = f.get_tensor(to_hf_name(name))
-    return config, state
+    sources = _checked_sources(folder, config)
+    return config, dict(_read(sources, list(sources)))
 
 
 @torch.no_grad()
@@ -314,12 +325,10 @@ def load_hf_weights_(model: nn.Module, folder: Path) -> None:
     the full model for ``model.config``; ValueError (naming key and shapes) otherwise.
     """
     check_hf_config_matches(folder, model.config)
-    files = _checked_files(folder, model.config)
+    sources = _checked_sources(folder, model.config)
     params = {clean_fqn(name): p for name, p in model.named_parameters()}
-    for path in sorted({files[name] for name in params}):
-        with safe_open(str(path), framework="pt") as f:
-            for name in (n for n in params if files[n] == path):
-                _copy_full_(params[name], f.get_tensor(to_hf_name(name)))
+    for name, full in _read(sources, list(params)):
+        _copy_full_(params[name], full)
 
 
 def _copy_full_(param: torch.Tensor, full: torch.Tensor) -> None:
