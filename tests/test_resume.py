@@ -101,3 +101,22 @@ def test_wandb_run_id_is_saved_and_the_same_run_resumes(tmp_path):
     assert second.returncode == 0, second.stderr
     assert json.loads((out / "checkpoints" / "step_00000004" / "meta.json").read_text())["wandb_run_id"] == run_id
     assert len(list(out.glob(f"wandb/offline-run-*-{run_id}*"))) == 2  # both sessions wrote into the same run id
+
+
+def test_export_to_hf_then_init_from_it_on_another_mesh(tmp_path):
+    """tools/hf_convert.py export -> --init-from: the same starting weights on any mesh."""
+    trained = run([sys.executable, "-m", "train", *SMALL, "--steps", "2", "--output-dir", str(tmp_path / "a")])
+    assert trained.returncode == 0, trained.stderr
+    export = run([sys.executable, "tools/hf_convert.py", "export", str(tmp_path / "a" / "checkpoints"), str(tmp_path / "hf")])
+    assert export.returncode == 0, export.stderr
+    assert {p.name for p in (tmp_path / "hf").iterdir()} >= {"config.json", "model.safetensors"}
+    first_losses = {}
+    for world, mesh in ((1, ""), (2, "tp=2")):
+        out = tmp_path / f"init-{world}"
+        result = run(torchrun(world, *SMALL, "--steps", "1", "--mesh", mesh, "--init-from", str(tmp_path / "hf"),
+                              "--output-dir", str(out)))
+        assert result.returncode == 0, result.stderr
+        first_losses[mesh] = read_metrics(out)[0]["loss"]
+    assert first_losses["tp=2"] == pytest.approx(first_losses[""], rel=1e-5)
+    fresh = read_metrics(tmp_path / "a")[0]["loss"]
+    assert abs(first_losses[""] - fresh) > 1e-3, "--init-from did not change the starting weights"

@@ -30,6 +30,7 @@ from core.grad_norm import clip_grad_norm_
 from core.mesh import ParallelMesh, build_mesh
 from core.ring_attention import zigzag_shard
 from core.tensor_parallel import loss_context, reduce_partial_gradients, to_local_scalar, token_loss_sum
+from models.hf_format import load_hf_weights_
 from models.init import init_weights
 from models.parallelize import materialize, parallelize
 from models.registry import build_model
@@ -136,6 +137,8 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     parallelize(model, pm, dp_mode=cfg.dp_mode, param_dtype=param_dtype)
     materialize(model, device)
     init_weights(model, checked.model_config.n_layers, cfg.seed)
+    if cfg.init_from:
+        load_hf_weights_(model, cfg.init_from)  # each rank copies its own shards; no collective
     optimizer = build_optimizer(cfg, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     batches = build_batches(cfg, pm, checked.model_config.vocab_size)
