@@ -41,6 +41,14 @@ from models.registry import build_model
 class ModelParts(nn.ModuleList):
     """This rank's pipeline stages, in stage order (what ``Trainer.model`` holds under pp > 1)."""
 
+    @staticmethod
+    def whole_model_name(name: str) -> str:
+        """Drop the list index ModuleList puts in front: ``1.layers.5.w`` -> ``layers.5.w``,
+        ``optim.1.layers.5.w.exp_avg`` -> ``optim.layers.5.w.exp_avg`` (its first numeric part)."""
+        parts = name.split(".")
+        index = next(i for i, part in enumerate(parts) if part.isdigit())
+        return ".".join(parts[:index] + parts[index + 1:])
+
 
 @dataclass
 class Pipeline:
