@@ -110,6 +110,15 @@ def run_steps_with_torch_default_scaling(mesh: str, overrides: dict) -> dict | N
     return run_steps(mesh, overrides)
 
 
+@pytest.mark.parametrize("mesh, world", [("pp=2", 2), ("dp=2,pp=2", 4)])
+def test_bfloat16_pipeline_tracks_float32(mesh, world):
+    """bf16 stages (autocast without FSDP, FSDP mixed precision with it) stay within bf16 noise of fp32."""
+    bf16 = on_mesh(mesh, world, dtype="bfloat16")
+    reference = single_process()
+    assert bf16["losses"] == pytest.approx(reference["losses"], rel=2e-2)
+    assert bf16["losses"] != reference["losses"], "bf16 had no effect"
+
+
 def test_a_wrong_microbatch_scaling_is_detected():
     """The comparison can fail: torch's default (grads divided by m) breaks parity, as it must."""
     with pytest.raises(AssertionError):

@@ -198,7 +198,7 @@ def forward_backward(t: Trainer, inputs: torch.Tensor, labels: torch.Tensor) -> 
 def autocast_context(t: Trainer) -> contextlib.AbstractContextManager:
     """bf16 compute for models FSDP does not manage (FSDP casts parameters itself via its
     MixedPrecisionPolicy, which also all-gathers them in bf16: half the bytes)."""
-    if t.cfg.dtype == "float32" or isinstance(t.model, FSDPModule):
+    if t.cfg.dtype == "float32" or all(isinstance(part, FSDPModule) for part in t.model_parts):
         return contextlib.nullcontext()
     return torch.autocast(t.device.type, dtype=DTYPE[t.cfg.dtype])
 
@@ -213,7 +213,10 @@ def compute_gradients(t: Trainer) -> tuple[torch.Tensor, float]:
     inputs, labels = next(t.batches)
     inputs, labels = context_parallel_slice(t, inputs).to(t.device), context_parallel_slice(t, labels).to(t.device)
     data_time = time.perf_counter() - start
-    loss = pipeline_forward_backward(t, inputs, labels) if t.pipeline else forward_backward(t, inputs, labels)
+    if t.pipeline:
+        loss = pipeline_forward_backward(t, inputs, labels, autocast_context(t))
+    else:
+        loss = forward_backward(t, inputs, labels)
     reduce_partial_gradients(t.params)
     if t.cfg.dp_mode == "replicate":
         all_reduce_gradients(t.params, t.pm["dense_grad"].get_group())

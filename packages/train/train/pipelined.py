@@ -16,6 +16,7 @@ One step on one rank:
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -108,11 +109,13 @@ def build_pipeline(cfg, pm: ParallelMesh, model_config, device: torch.device, pa
     return parts, Pipeline(cfg.pp_schedule, schedule, stages, stage_ids, n_stages, microbatches)
 
 
-def pipeline_forward_backward(t, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def pipeline_forward_backward(t, inputs: torch.Tensor, labels: torch.Tensor,
+                              compute_context: contextlib.AbstractContextManager) -> torch.Tensor:
     """Run one step's schedule; return this rank's share of the global mean loss (on every stage).
 
     inputs, labels: [local_batch, local_seq]. Only the rank running the first stage feeds
-    ``inputs``, only the one running the last stage feeds ``labels``.
+    ``inputs``, only the one running the last stage feeds ``labels``. ``compute_context``
+    wraps the schedule too (bf16 autocast for stages FSDP does not cast, else a no-op).
     Collectives: the schedule's P2P over pp (plus TP/FSDP inside the stages); one broadcast
     over pp for the loss.
     """
@@ -122,7 +125,7 @@ def pipeline_forward_backward(t, inputs: torch.Tensor, labels: torch.Tensor) -> 
     target = labels if pipe.has_last else None
     # loss_parallel must cover the last stage's loss forward and backward, which the
     # schedule interleaves with other microbatches: wrap the whole step.
-    with loss_context(t.pm.size("tp") > 1):
+    with loss_context(t.pm.size("tp") > 1), compute_context:
         pipe.schedule.step(*args, target=target, losses=losses, return_outputs=False)
     loss_share = torch.zeros((), device=t.device)
     for loss in losses:
