@@ -120,3 +120,15 @@ def test_export_to_hf_then_init_from_it_on_another_mesh(tmp_path):
     assert first_losses["tp=2"] == pytest.approx(first_losses[""], rel=1e-5)
     fresh = read_metrics(tmp_path / "a")[0]["loss"]
     assert abs(first_losses[""] - fresh) > 1e-3, "--init-from did not change the starting weights"
+
+
+def test_pipeline_checkpoint_resumes_without_pipeline(tmp_path):
+    """Stages save whole-model names, so a pp=2 checkpoint loads on one process (and back)."""
+    reference = run([sys.executable, "-m", "train", *SMALL, "--steps", "4", "--output-dir", str(tmp_path / "ref")])
+    saved = run(torchrun(2, *SMALL, "--steps", "2", "--mesh", "pp=2", "--output-dir", str(tmp_path / "pp")))
+    assert reference.returncode == 0 and saved.returncode == 0, saved.stderr
+    resumed = run([sys.executable, "-m", "train", *SMALL, "--steps", "4", "--resume", str(tmp_path / "pp" / "checkpoints"),
+                   "--output-dir", str(tmp_path / "one")])
+    assert resumed.returncode == 0, resumed.stderr
+    expected, got = last_loss_per_step(tmp_path / "ref"), last_loss_per_step(tmp_path / "one")
+    assert sorted(got) == [3, 4] and [got[s] for s in (3, 4)] == pytest.approx([expected[s] for s in (3, 4)], rel=1e-5)
