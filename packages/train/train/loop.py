@@ -29,7 +29,8 @@ from core.grad_norm import clip_grad_norm_
 from core.mesh import ParallelMesh, build_mesh
 from core.tensor_parallel import loss_context, reduce_partial_gradients, to_local_scalar, token_loss_sum
 from models.init import init_weights
-from models.parallelize import materialize, parallelize
+from models.moe import MoEConfig, expert_load_metrics, set_aux_loss_scale, update_expert_bias
+from models.parallelize import dense_and_expert_parameters, materialize, parallelize
 from models.registry import build_model
 
 from .config import TrainConfig
@@ -126,6 +127,7 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     parallelize(model, pm, dp_mode=cfg.dp_mode, param_dtype=param_dtype)
     materialize(model, device)
     init_weights(model, checked.model_config.n_layers, cfg.seed)
+    set_aux_loss_scale(model, cfg.grad_accum_steps)
     optimizer = build_optimizer(cfg, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     batches = build_batches(cfg, pm, checked.model_config.vocab_size)
@@ -161,15 +163,18 @@ def compute_gradients(t: Trainer) -> tuple[torch.Tensor, float]:
     loss = forward_backward(t, inputs, labels)
     reduce_partial_gradients(t.params)
     if t.cfg.dp_mode == "replicate":
-        all_reduce_gradients(t.params, t.pm["dense_grad"].get_group())
+        dense, experts = dense_and_expert_parameters(t.model)
+        all_reduce_gradients(dense, t.pm["dense_grad"].get_group())
+        all_reduce_gradients(experts, t.pm["expert_grad"].get_group())
     return loss, data_time
 
 
 def apply_gradients(t: Trainer) -> tuple[float, float]:
-    """Clip over the whole mesh, step AdamW and the LR schedule. Returns (grad norm, lr used)."""
+    """Clip over the whole mesh, step AdamW and the LR schedule (and MoE expert biases). Returns (grad norm, lr used)."""
     grad_norm = clip_grad_norm_(t.params, t.cfg.max_grad_norm, t.pm["pp"].get_group())
     lr = t.scheduler.get_last_lr()[0]
     t.optimizer.step()
+    update_expert_bias(t.model)
     t.scheduler.step()
     t.optimizer.zero_grad(set_to_none=True)
     return grad_norm.item(), lr
@@ -185,6 +190,7 @@ def train_step(t: Trainer) -> dict:
     """One optimizer step; returns its metrics (identical on every rank)."""
     start = time.perf_counter()
     loss_share, data_time = compute_gradients(t)
+    moe = moe_metrics(t)  # before apply_gradients clears the step's expert load
     grad_norm, lr = apply_gradients(t)
     loss = global_loss(t, loss_share)
     if t.device.type == "cuda":
@@ -194,8 +200,15 @@ def train_step(t: Trainer) -> dict:
     return {
         "step": t.step, "loss": loss, "grad_norm": grad_norm, "lr": lr,
         "tokens_per_sec": t.cfg.global_batch_size * t.cfg.seq_len / step_time,
-        "step_time_s": step_time, "data_time_s": data_time, "mem_peak_mib": peak_memory_mib(t.device),
+        "step_time_s": step_time, "data_time_s": data_time, "mem_peak_mib": peak_memory_mib(t.device), **moe,
     }
+
+
+def moe_metrics(t: Trainer) -> dict:
+    """Tokens per expert over the global batch, summed over MoE layers, and the aux loss ({} for dense models)."""
+    if not isinstance(t.model_config, MoEConfig):
+        return {}
+    return expert_load_metrics(t.model, t.model_config.n_experts, t.pm["pp"].get_group())
 
 
 def peak_memory_mib(device: torch.device) -> float:
