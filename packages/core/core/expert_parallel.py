@@ -137,7 +137,7 @@ def combine(expert_out: Tensor, plan: Dispatch, weights: Tensor, group: dist.Pro
         rows = expert_out
     pairs = rows[torch.argsort(plan.order)]                           # back to (token, choice) order
     t, k = weights.shape
-    mixed = pairs.view(t, k, -1) * weights.unsqueeze(-1).to(pairs.dtype)
+    mixed = pairs.view(t, k, pairs.shape[-1]) * weights.unsqueeze(-1).to(pairs.dtype)
     return mixed.sum(dim=1)
 
 

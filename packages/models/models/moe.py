@@ -8,10 +8,11 @@ MoE layer, for tokens x [T, dim] (T = batch * seq on this rank):
                (expert parallel: the experts live on different ranks, see core.expert_parallel)
     shared     optionally, a dense SwiGLU every token goes through (DeepSeek's shared experts)
 
-Load balancing is *mesh-invariant*: the statistics (tokens per expert, mean router
-probability) are summed over every rank that holds different tokens (the dense-gradient
-mesh dp x ep x cp) before they are used, so the aux loss, the bias update and the
-reported load are those of the global batch whatever the mesh.
+Load balancing is *mesh-invariant*: the aux loss is computed per sequence (its
+statistics summed over the cp ranks that share the sequence), so it does not depend on
+how the batch is split over ranks, micro-batches or pipeline stages; the load that
+drives the expert bias and the metrics is summed over every rank holding different
+tokens (dp x ep x cp) and over the step, so every mesh sees the global batch's load.
 
 Nothing here issues a collective unless ``parallelize`` has set the layer's groups;
 with the defaults (None) the model is a plain single-device module.
@@ -144,8 +145,11 @@ class MoE(nn.Module):
 
     Set by ``models.parallelize`` (None = no communication):
       ``ep_group``: the expert-parallel group the tokens are exchanged over;
+      ``seq_group``: the context-parallel group holding the other parts of our sequences;
       ``stats_group``: every rank holding different tokens (dp x ep x cp), over which the
-      load statistics are summed.
+      load (for the expert bias and the metrics) is summed.
+    Set by the trainer: ``sequences_per_step``, the global batch size, so that the aux loss
+    is the mean over all sequences of the optimizer step.
     """
 
     def __init__(self, cfg: MoEConfig):
@@ -156,8 +160,9 @@ class MoE(nn.Module):
         shared = cfg.n_shared_experts * cfg.moe_ffn_dim
         self.shared_expert = FeedForward(cfg.dim, shared) if shared else None
         self.ep_group: dist.ProcessGroup | None = None
+        self.seq_group: dist.ProcessGroup | None = None
         self.stats_group: dist.ProcessGroup | None = None
-        self.aux_loss_scale = 1.0  # 1 / forwards per optimizer step (grad accumulation, pipeline micro-batches)
+        self.sequences_per_step = 1
         # Global load of the current optimizer step (all forwards), for the bias update and metrics.
         self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_experts, dtype=torch.float64), persistent=False)
         self.register_buffer("aux_loss_sum", torch.zeros((), dtype=torch.float64), persistent=False)
@@ -172,7 +177,7 @@ class MoE(nn.Module):
         scores, expert_ids, weights = self.router(tokens)
         out, _ = expert_parallel_ffn(tokens, expert_ids, weights, self.cfg.n_experts, self.experts, self.ep_group)
         out = out.to(x.dtype)
-        aux = self._balance_loss_share(scores, expert_ids)
+        aux = self._balance_loss_share(scores.view(b, s, -1), expert_ids.view(b, s, -1))
         if aux is not None and torch.is_grad_enabled():
             out = _AttachAuxLoss.apply(out, aux)
         if self.shared_expert is not None:
@@ -180,32 +185,42 @@ class MoE(nn.Module):
         return out.view(b, s, dim)
 
     def _balance_loss_share(self, scores: Tensor, expert_ids: Tensor) -> Tensor | None:
-        """This rank's share of the Switch load-balancing loss of the *global* batch; records the load.
+        """This rank's share of the load-balancing loss; records the step's global load.
 
-        aux = coef * E * sum_e f_e * P_e, with f_e the fraction of routed (token, choice)
-        pairs that chose expert e and P_e the mean router probability of e, both over the
-        global batch. f carries no gradient, so it is summed over ``stats_group`` as data;
-        P_e = sum over ranks of (local probability sum / global tokens), and each rank
-        returns its own term: the shares add up to aux, and the gradients the trainer sums
-        over the mesh are exactly aux's. Collective: one all-reduce of 2E float64 over
-        ``stats_group`` (counts and probability sums; the latter only for reporting).
+        scores: [b, s, E]; expert_ids: [b, s, k]. Per sequence (DeepSeek-V3's sequence-wise
+        loss), aux = coef * E * sum_e f_e * P_e, with f_e the fraction of the sequence's
+        (token, choice) pairs that chose e and P_e its mean router probability; the step's
+        loss is the mean over all its sequences. Per *sequence*, not per batch, so it does not
+        depend on how the batch is cut into ranks, micro-batches or pipeline stages: only cp
+        splits a sequence, so f (data, no gradient) is summed over ``seq_group``, and each
+        rank returns its own tokens' term of P; the trainer's summed gradients are exact.
+
+        Collectives: an all-reduce of [b, E] counts over ``seq_group`` (cp > 1), and one of
+        E + 1 float64 (load, aux value for the metrics) over ``stats_group``.
         """
-        probs = scores if self.cfg.score_func == "softmax" else scores / scores.sum(-1, keepdim=True)
-        local_counts = torch.bincount(expert_ids.reshape(-1), minlength=self.cfg.n_experts)
-        stats = torch.cat([local_counts.double(), probs.detach().sum(0).double()])
+        cfg = self.cfg
+        probs = scores if cfg.score_func == "softmax" else scores / scores.sum(-1, keepdim=True)
+        b, s, k = expert_ids.shape
+        counts = torch.zeros(b, cfg.n_experts, device=scores.device).scatter_add_(
+            1, expert_ids.reshape(b, -1), torch.ones(b, s * k, device=scores.device))
+        local_load = counts.sum(0)                                           # before cp adds the other parts
+        if self.seq_group is not None:
+            dist.all_reduce(counts, group=self.seq_group)
+        seq_len = counts[0].sum() / k                                        # whole sequence, over cp
+        fraction = counts / (seq_len * k)                                    # [b, E], rows sum to 1
+        coef = cfg.aux_loss_coef * cfg.n_experts / self.sequences_per_step
+        share = coef * (fraction * probs.sum(1) / seq_len).sum()             # sum over our sequences
+        self._record_load(local_load, share.detach())
+        return share if cfg.aux_loss_coef > 0 else None
+
+    @torch.no_grad()
+    def _record_load(self, load: Tensor, aux_share: Tensor) -> None:
+        """Add this forward's tokens per expert and aux loss, summed over ``stats_group``, to the step's totals."""
+        stats = torch.cat([load.double(), aux_share.double().view(1)])
         if self.stats_group is not None:
             dist.all_reduce(stats, group=self.stats_group)
-        counts, prob_sums = stats.chunk(2)
-        global_tokens = counts.sum() / self.cfg.top_k
-        fraction = counts / counts.sum()
-        coef = self.cfg.aux_loss_coef * self.cfg.n_experts * self.aux_loss_scale
-        with torch.no_grad():
-            self.tokens_per_expert += counts
-            self.aux_loss_sum += coef * (fraction * prob_sums / global_tokens).sum()
-        if self.cfg.aux_loss_coef <= 0:
-            return None
-        share = (fraction.float() * probs.sum(0) / global_tokens.float()).sum()
-        return coef * share
+        self.tokens_per_expert += stats[:-1]
+        self.aux_loss_sum += stats[-1]
 
 
 def moe_layers(model: nn.Module) -> list[MoE]:
@@ -213,10 +228,10 @@ def moe_layers(model: nn.Module) -> list[MoE]:
     return [m for m in model.modules() if isinstance(m, MoE)]
 
 
-def set_aux_loss_scale(model: nn.Module, forwards_per_step: int) -> None:
-    """Average the aux loss over the forwards of one optimizer step (micro-batches are equal-sized)."""
+def set_sequences_per_step(model: nn.Module, global_batch_size: int) -> None:
+    """The aux loss is the mean over the step's sequences: tell every MoE layer how many there are."""
     for moe in moe_layers(model):
-        moe.aux_loss_scale = 1.0 / forwards_per_step
+        moe.sequences_per_step = global_batch_size
 
 
 @torch.no_grad()

@@ -46,6 +46,7 @@ def apply_expert_parallel(model: nn.Module, pm: ParallelMesh) -> None:
     """Give every MoE layer its groups and (ep > 1) only its ep rank's experts. No communication."""
     for moe in moe_layers(model):
         moe.ep_group = pm["ep"].get_group() if pm.size("ep") > 1 else None
+        moe.seq_group = pm["cp"].get_group() if pm.size("cp") > 1 else None
         moe.stats_group = pm["dense_grad"].get_group() if pm.size("dense_grad") > 1 else None
         if pm.size("ep") > 1:
             moe.experts.shard(pm["ep"])

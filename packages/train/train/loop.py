@@ -29,7 +29,7 @@ from core.grad_norm import clip_grad_norm_
 from core.mesh import ParallelMesh, build_mesh
 from core.tensor_parallel import loss_context, reduce_partial_gradients, to_local_scalar, token_loss_sum
 from models.init import init_weights
-from models.moe import MoEConfig, expert_load_metrics, set_aux_loss_scale, update_expert_bias
+from models.moe import MoEConfig, expert_load_metrics, set_sequences_per_step, update_expert_bias
 from models.parallelize import dense_and_expert_parameters, materialize, parallelize
 from models.registry import build_model
 
@@ -127,7 +127,7 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     parallelize(model, pm, dp_mode=cfg.dp_mode, param_dtype=param_dtype)
     materialize(model, device)
     init_weights(model, checked.model_config.n_layers, cfg.seed)
-    set_aux_loss_scale(model, cfg.grad_accum_steps)
+    set_sequences_per_step(model, cfg.global_batch_size)
     optimizer = build_optimizer(cfg, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     batches = build_batches(cfg, pm, checked.model_config.vocab_size)
