@@ -7,7 +7,7 @@ with no exchange: y = sum over the k choices of weight * expert(x).
 import pytest
 import torch
 
-from multiprocess import run_on_ranks
+from rank_harness import run_on_ranks
 
 from core.expert_parallel import combine, dispatch, permute_by_expert
 

@@ -3,7 +3,7 @@
 import pytest
 
 from core.mesh import MeshConfigError, MeshShape, build_mesh
-from multiprocess import run_on_ranks
+from rank_harness import run_on_ranks
 
 
 def test_parse_fills_missing_dims_with_one():

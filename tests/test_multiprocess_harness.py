@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from multiprocess import run_on_ranks
+from rank_harness import run_on_ranks
 
 
 def _all_reduce_rank() -> torch.Tensor:

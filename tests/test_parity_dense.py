@@ -8,7 +8,7 @@ import functools
 
 import pytest
 
-from multiprocess import run_on_ranks
+from rank_harness import run_on_ranks
 from parity import assert_same_run, merge_ranks, run_steps
 
 

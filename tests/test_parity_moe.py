@@ -10,7 +10,7 @@ import importlib.util
 
 import pytest
 
-from multiprocess import run_on_ranks
+from rank_harness import run_on_ranks
 from parity import BASE, assert_same_run, merge_ranks, run_steps
 
 from core.mesh import MeshConfigError
@@ -65,9 +65,8 @@ def test_expert_parallel_with_pipeline_parallel():
     assert_same_run(single_process(), on_mesh("ep=2,pp=2", 4))
 
 
-@pytest.mark.skip(reason="context parallel is not wired into the trainer on this branch yet; "
-                         "enable when the trainer shards the sequence over cp")
 def test_expert_parallel_with_context_parallel():
+    """cp splits sequences: experts' grads are summed over cp, the aux loss's counts too (per sequence)."""
     assert_same_run(single_process(), on_mesh("ep=2,cp=2", 4))
 
 

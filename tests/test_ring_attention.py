@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from core.ring_attention import (
     STATS, ring_attention, zigzag_chunk_ids, zigzag_positions, zigzag_shard, zigzag_unshard,
 )
-from multiprocess import run_on_ranks
+from rank_harness import run_on_ranks
 
 # (batch, n_heads, n_kv_heads, chunk length, head_dim): odd head counts, GQA 3/1 and 6/2, MHA
 CASES = [(2, 3, 1, 3, 8), (1, 6, 2, 2, 4), (1, 5, 5, 1, 4), (2, 1, 1, 3, 6)]

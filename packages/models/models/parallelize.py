@@ -7,6 +7,8 @@ Order matters and follows what each API expects:
   2. FSDP2 (``fully_shard``) then shards those again over the dense-gradient mesh, making
      2-D DTensors (FSDP dim outer, tp inner); experts are their own FSDP units over the
      expert-gradient mesh (dp x cp), because ep ranks hold different experts.
+  3. context parallel needs no parameter change: attention modules get ring attention
+     and zigzag RoPE positions, and the trainer feeds each cp rank its zigzag slice.
 The model may still be on the meta device: nothing is allocated until ``to_empty``.
 """
 
@@ -15,11 +17,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+import functools
+
 from core.data_parallel import apply_fsdp
 from core.mesh import ParallelMesh
+from core.ring_attention import ring_attention, zigzag_positions
 from core.tensor_parallel import apply_tensor_parallel
 
-from .llama import Transformer
+from .llama import Attention, Transformer
 from .moe import moe_layers
 from .plans import tensor_parallel_plan
 
@@ -36,6 +41,8 @@ def parallelize(model: Transformer, pm: ParallelMesh, dp_mode: str = "fsdp", par
         raise ValueError(f"unknown dp_mode {dp_mode!r}: use 'fsdp' or 'replicate'")
     apply_expert_parallel(model, pm)
     apply_tensor_parallel(model, pm["tp"], tensor_parallel_plan(model))
+    if pm.size("cp") > 1:
+        apply_context_parallel(model, pm["cp"].get_group(), pm.local_rank("cp"), pm.size("cp"))
     if dp_mode == "fsdp" and pm.size("dense_grad") > 1:
         inner_units, ignored = expert_fsdp_units(model, pm)
         apply_fsdp(model, pm["dense_grad"], list(model.layers.values()), param_dtype=param_dtype,
@@ -78,3 +85,19 @@ def dense_and_expert_parameters(model: nn.Module) -> tuple[list[nn.Parameter], l
 def materialize(model: nn.Module, device: torch.device) -> None:
     """Allocate a meta-device (sharded) model's storage on ``device``; values come from models.init."""
     model.to_empty(device=device)
+
+
+def apply_context_parallel(model: nn.Module, cp_group, cp_rank: int, cp_size: int) -> None:
+    """Make every attention layer attend over the whole sequence held by the cp group.
+
+    Each rank holds its zigzag slice of the sequence (chunks r and 2cp-1-r), so its RoPE
+    positions are those chunks' global positions, and attention runs as a ring over the
+    cp group (P2P sends of K/V blocks; see ``core.ring_attention``).
+    """
+    def zigzag_local_positions(local_seq_len: int, device: torch.device) -> torch.Tensor:
+        return zigzag_positions(local_seq_len * cp_size, cp_rank, cp_size, device)
+
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.attention_fn = functools.partial(ring_attention, group=cp_group)
+            module.position_fn = zigzag_local_positions

@@ -45,7 +45,6 @@ class TrainConfig:
     # runtime
     device: str = "auto"                 # auto | cpu | cuda
     output_dir: str = "outputs/run"
-    log_every: int = 1
     dist_timeout_s: int = 600            # a rank waiting longer than this in a collective fails instead of hanging
     # tracking
     wandb: bool = False

@@ -3,7 +3,7 @@
 One step on one rank (no pipeline):
 
     inputs, labels = this batch-rank's rows of the global batch      [B/(dp*ep), S]
-    (context parallel: keep this cp rank's zigzag slice of S)
+    context parallel: keep this cp rank's zigzag slice of S          [B/(dp*ep), S/cp]
     for each of grad_accum_steps micro-batches:
         loss = sum of token losses / tokens in the GLOBAL batch      (so summed grads = grad of the mean)
         loss.backward()                                              (FSDP reduce-scatters grads, summing)
@@ -13,7 +13,6 @@ One step on one rank (no pipeline):
 
 from __future__ import annotations
 
-import json
 import math
 import resource
 import time
@@ -27,13 +26,17 @@ from torch import nn
 from core.data_parallel import all_reduce_gradients
 from core.grad_norm import clip_grad_norm_
 from core.mesh import ParallelMesh, build_mesh
+from core.ring_attention import zigzag_shard
 from core.tensor_parallel import loss_context, reduce_partial_gradients, to_local_scalar, token_loss_sum
 from models.init import init_weights
-from models.moe import MoEConfig, expert_load_metrics, set_sequences_per_step, update_expert_bias
+from models.moe import MoEConfig, expert_load_metrics, moe_layers, set_sequences_per_step, update_expert_bias
 from models.parallelize import dense_and_expert_parameters, materialize, parallelize
 from models.registry import build_model
 
 from .config import TrainConfig
+from .data import TokenBatches, load_tokenizer
+from .flops import peak_flops, transformer_flops_per_token
+from .tracking import MetricsLogger
 from .distributed import init_distributed, resolve_device, world_size_from_env
 from .validation import validate
 
@@ -50,6 +53,7 @@ class Trainer:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     batches: object
+    flops_per_token: float = 0.0
     step: int = 0
     history: list[dict] = field(default_factory=list)
 
@@ -108,10 +112,12 @@ class SyntheticBatches:
 
 
 def build_batches(cfg: TrainConfig, pm: ParallelMesh, vocab_size: int):
+    """This batch rank's (dp x ep coordinate's) rows of every global batch."""
     batch_rank, batch_world = pm.local_rank("batch"), pm.size("batch")
     if cfg.dataset == "synthetic":
         return SyntheticBatches(vocab_size, cfg.seq_len, cfg.global_batch_size, batch_rank, batch_world, cfg.seed)
-    raise ValueError(f"--dataset {cfg.dataset!r} is not available yet")
+    return TokenBatches(cfg.dataset, load_tokenizer(cfg.tokenizer), cfg.seq_len, cfg.global_batch_size,
+                        batch_rank, batch_world, cfg.seed, streaming=cfg.streaming)
 
 
 def build_trainer(cfg: TrainConfig) -> Trainer:
@@ -123,6 +129,7 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     torch.manual_seed(cfg.seed)
     with torch.device("meta"):
         model = build_model(checked.model_config)
+    flops_per_token = model_flops_per_token(model, checked.model_config, cfg.seq_len)
     param_dtype = DTYPE[cfg.dtype] if cfg.dtype != "float32" else None
     parallelize(model, pm, dp_mode=cfg.dp_mode, param_dtype=param_dtype)
     materialize(model, device)
@@ -131,7 +138,22 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     optimizer = build_optimizer(cfg, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     batches = build_batches(cfg, pm, checked.model_config.vocab_size)
-    return Trainer(cfg, pm, device, checked.model_config, model, optimizer, scheduler, batches)
+    return Trainer(cfg, pm, device, checked.model_config, model, optimizer, scheduler, batches, flops_per_token)
+
+
+def model_flops_per_token(model: nn.Module, model_config, seq_len: int) -> float:
+    """Training FLOPs per token of the whole (unsharded) model: see ``train.flops``."""
+    non_embedding = sum(p.numel() for name, p in model.named_parameters() if "tok_embeddings" not in name)
+    if isinstance(model_config, MoEConfig):  # a token passes through top_k of the n_experts routed experts
+        routed = sum(p.numel() for moe in moe_layers(model) for p in moe.experts.parameters())
+        non_embedding -= routed * (1 - model_config.top_k / model_config.n_experts)
+    return transformer_flops_per_token(non_embedding, model_config.n_layers, model_config.dim, seq_len)
+
+
+def model_flops_utilization(t: Trainer, tokens_per_sec: float) -> float | None:
+    """Achieved FLOP/s over the peak of all devices in the mesh; None where the peak is unknown (CPU)."""
+    peak = peak_flops(t.device, DTYPE[t.cfg.dtype])
+    return None if peak is None else t.flops_per_token * tokens_per_sec / (peak * dist.get_world_size())
 
 
 def forward_backward(t: Trainer, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -158,7 +180,7 @@ def compute_gradients(t: Trainer) -> tuple[torch.Tensor, float]:
     """
     start = time.perf_counter()
     inputs, labels = next(t.batches)
-    inputs, labels = inputs.to(t.device), labels.to(t.device)
+    inputs, labels = context_parallel_slice(t, inputs).to(t.device), context_parallel_slice(t, labels).to(t.device)
     data_time = time.perf_counter() - start
     loss = forward_backward(t, inputs, labels)
     reduce_partial_gradients(t.params)
@@ -167,6 +189,13 @@ def compute_gradients(t: Trainer) -> tuple[torch.Tensor, float]:
         all_reduce_gradients(dense, t.pm["dense_grad"].get_group())
         all_reduce_gradients(experts, t.pm["expert_grad"].get_group())
     return loss, data_time
+
+
+def context_parallel_slice(t: Trainer, tokens: torch.Tensor) -> torch.Tensor:
+    """This cp rank's zigzag part of the sequence: [b, S] -> [b, S/cp] (chunks r and 2cp-1-r)."""
+    if t.pm.size("cp") == 1:
+        return tokens
+    return zigzag_shard(tokens, 1, t.pm.local_rank("cp"), t.pm.size("cp"))
 
 
 def apply_gradients(t: Trainer) -> tuple[float, float]:
@@ -197,11 +226,15 @@ def train_step(t: Trainer) -> dict:
         torch.cuda.synchronize()
     step_time = time.perf_counter() - start
     t.step += 1
-    return {
-        "step": t.step, "loss": loss, "grad_norm": grad_norm, "lr": lr,
-        "tokens_per_sec": t.cfg.global_batch_size * t.cfg.seq_len / step_time,
+    tokens_per_sec = t.cfg.global_batch_size * t.cfg.seq_len / step_time
+    metrics = {
+        "step": t.step, "loss": loss, "grad_norm": grad_norm, "lr": lr, "tokens_per_sec": tokens_per_sec,
         "step_time_s": step_time, "data_time_s": data_time, "mem_peak_mib": peak_memory_mib(t.device), **moe,
     }
+    mfu = model_flops_utilization(t, tokens_per_sec)
+    if mfu is not None:
+        metrics["mfu"] = mfu
+    return metrics
 
 
 def moe_metrics(t: Trainer) -> dict:
@@ -219,19 +252,17 @@ def peak_memory_mib(device: torch.device) -> float:
 
 
 def train(cfg: TrainConfig) -> Trainer:
-    """Build and run ``cfg.steps`` steps; every rank returns its Trainer (history filled in)."""
+    """Build and run ``cfg.steps`` steps; every rank returns its Trainer (history filled in).
+
+    Global rank 0 writes ``metrics.jsonl``, the console line and W&B; the metrics are the
+    same on every rank (the loss is reduced over the mesh), so which rank logs is arbitrary.
+    """
     t = build_trainer(cfg)
-    out = Path(cfg.output_dir)
-    is_logger = dist.get_rank() == 0
-    if is_logger:
-        out.mkdir(parents=True, exist_ok=True)
-    while t.step < cfg.steps:
-        metrics = train_step(t)
-        t.history.append(metrics)
-        if is_logger:
-            with open(out / "metrics.jsonl", "a") as fh:
-                fh.write(json.dumps(metrics) + "\n")
-            if t.step % cfg.log_every == 0:
-                print(f"step {t.step}/{cfg.steps} loss {metrics['loss']:.4f} grad_norm {metrics['grad_norm']:.3f} "
-                      f"lr {metrics['lr']:.2e} {metrics['tokens_per_sec']:.0f} tok/s", flush=True)
+    logger = MetricsLogger(Path(cfg.output_dir), cfg.to_dict(), is_logging_rank=dist.get_rank() == 0,
+                           wandb=cfg.wandb, wandb_project=cfg.wandb_project, total_steps=cfg.steps)
+    with logger:
+        while t.step < cfg.steps:
+            metrics = train_step(t)
+            t.history.append(metrics)
+            logger.log(t.step, {k: v for k, v in metrics.items() if k != "step"})
     return t

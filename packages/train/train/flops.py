@@ -1,0 +1,65 @@
+"""FLOPs per token and accelerator peaks, for model FLOPs utilization (MFU).
+
+``MFU = tokens_per_second * transformer_flops_per_token(...) / (n_devices * peak_flops(...))``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def transformer_flops_per_token(n_params_non_embedding_active: int, n_layers: int, dim: int, seq_len: int) -> float:
+    """Training FLOPs (forward + backward) per token of a decoder-only transformer.
+
+    ``6 * N + 12 * L * d * s`` where
+
+    * ``N`` counts the parameters that multiply each token: all matmul weights except the
+      input embedding (a lookup, not a matmul); for MoE only the *active* experts (top-k
+      routed + shared). Include the output projection (lm head): it is a matmul.
+      Each weight costs 2 FLOPs (multiply + add) per token forward and 4 backward: 6N.
+    * ``12 * L * d * s`` is attention's two matmuls (``Q K^T`` and ``softmax(.) V``): per layer
+      and token, ``2 * s * d`` FLOPs each forward, so ``4 * s * d``, times 3 for the backward.
+      ``d`` is the attention width (n_heads * head_dim, usually the model dim).
+
+    Convention: the attention term counts the full ``s x s`` score matrix, NOT halved for the
+    causal mask (as PaLM, Megatron and torchtitan report MFU), so MFU values are comparable
+    with published ones; the causal work actually done is about half of this term.
+    Activation recomputation is not counted (it would be "hardware FLOPs", not model FLOPs).
+    """
+    return 6.0 * n_params_non_embedding_active + 12.0 * n_layers * dim * seq_len
+
+
+# Dense (no sparsity) tensor-core peaks in FLOP/s, from NVIDIA's datasheets.
+# For float32 matmuls: "tf32" when torch allows TF32, else plain "fp32".
+_PEAKS = {  # name fragment (most specific first) -> {dtype: FLOP/s}
+    "H200": {"bf16": 989.5e12, "tf32": 494.7e12, "fp32": 66.9e12},
+    "H100 PCIe": {"bf16": 756.0e12, "tf32": 378.0e12, "fp32": 51.2e12},
+    "H100": {"bf16": 989.5e12, "tf32": 494.7e12, "fp32": 66.9e12},  # SXM (also "H100 80GB HBM3")
+    "A100": {"bf16": 312.0e12, "tf32": 156.0e12, "fp32": 19.5e12},
+}
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
+    """Peak dense FLOP/s of one ``device`` computing in ``dtype``; None when unknown (CPU, other GPUs).
+
+    bf16 and fp16 share a peak. For float32 the TF32 peak is used when
+    ``torch.get_float32_matmul_precision()`` is not ``"highest"`` (matmuls then run in TF32).
+    """
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(device)
+    if "NVL" in name:  # H100/H200 NVL run at lower clocks: better no number than a wrong one
+        return None
+    for fragment, peaks in _PEAKS.items():
+        if fragment in name:
+            return _peak_for_dtype(peaks, dtype)
+    return None
+
+
+def _peak_for_dtype(peaks: dict[str, float], dtype: torch.dtype) -> float | None:
+    if dtype in (torch.bfloat16, torch.float16):
+        return peaks["bf16"]
+    if dtype == torch.float32:
+        return peaks["fp32"] if torch.get_float32_matmul_precision() == "highest" else peaks["tf32"]
+    return None

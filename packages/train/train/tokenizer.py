@@ -1,0 +1,119 @@
+"""Tokenizers: the byte-level default and any Hugging Face ``tokenizers`` tokenizer.json.
+
+A tokenizer here is anything with ``vocab_size``, ``eos_id``, ``encode`` and ``decode``
+(the :class:`Tokenizer` protocol). Both classes below also carry a ``fingerprint`` string:
+the token cache in :mod:`train.data` is keyed by it, so changing the tokenizer file
+re-tokenizes the data instead of silently reusing stale token ids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Protocol, Sequence, runtime_checkable
+
+# Names that tokenizer families use for their end-of-text token, most specific first.
+EOS_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eot_id|>", "[SEP]", "<|im_end|>")
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    vocab_size: int
+    eos_id: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+class ByteTokenizer:
+    """UTF-8 bytes are the tokens 0..255; 256 is EOS. ``vocab_size`` is 257.
+
+    No training, no files, every string round-trips: the right default for a reference
+    implementation and for tests.
+    """
+
+    vocab_size = 257
+    eos_id = 256
+    fingerprint = "byte-v1"
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        # EOS (and anything out of byte range) is dropped; broken UTF-8 becomes U+FFFD, never an error.
+        return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    """A ``tokenizer.json`` loaded with the Hugging Face ``tokenizers`` library.
+
+    EOS is taken from a ``tokenizer_config.json`` next to the file (its ``eos_token``) when
+    there is one, else from the first of :data:`EOS_CANDIDATES` the vocabulary holds.
+    """
+
+    def __init__(self, path: str | Path):
+        from tokenizers import Tokenizer as _RustTokenizer
+
+        self.path = Path(path)
+        raw = self.path.read_bytes()
+        self._tok = _RustTokenizer.from_str(raw.decode("utf-8"))
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        self.eos_id = self._find_eos()
+        self.fingerprint = "hf-" + hashlib.sha256(raw).hexdigest()[:16]
+
+    def _find_eos(self) -> int:
+        config = self.path.with_name("tokenizer_config.json")
+        candidates = list(EOS_CANDIDATES)
+        if config.exists():
+            eos = json.loads(config.read_text()).get("eos_token")
+            if isinstance(eos, dict):  # {"content": "</s>", ...} in some configs
+                eos = eos.get("content")
+            if eos:
+                candidates.insert(0, eos)
+        for token in candidates:
+            token_id = self._tok.token_to_id(token)
+            if token_id is not None:
+                return token_id
+        raise ValueError(
+            f"tokenizer {self.path} has no end-of-text token: looked for {candidates}. Add one of them "
+            f"as a special token, or put a tokenizer_config.json with 'eos_token' next to the file")
+
+    def encode(self, text: str) -> list[int]:
+        # No BOS/EOS added here: the data pipeline puts exactly one EOS between documents.
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Many documents at once; the Rust side uses several threads."""
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+def load_tokenizer(spec: str) -> Tokenizer:
+    """``"byte"`` (or empty) -> :class:`ByteTokenizer`; a path to a tokenizer.json (or a folder holding one) -> :class:`HFTokenizer`."""
+    if spec in ("", "byte", "bytes"):
+        return ByteTokenizer()
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"tokenizer {spec!r}: expected 'byte' or the path of a Hugging Face tokenizer.json "
+            f"(or of a folder holding one); {path} does not exist")
+    return HFTokenizer(path)
+
+
+def tokenizer_fingerprint(tokenizer: Tokenizer) -> str:
+    """A string that changes whenever the tokenizer maps text differently (cache key).
+
+    Our classes carry ``fingerprint``; for another object we hash what we can observe.
+    """
+    known = getattr(tokenizer, "fingerprint", None)
+    if known:
+        return str(known)
+    probe = "Meshtron fingerprint probe: The quick brown fox, 123 + 456 = 579. Ünïcödé ✓"
+    seen = f"{type(tokenizer).__qualname__}|{tokenizer.vocab_size}|{tokenizer.eos_id}|{tokenizer.encode(probe)}"
+    return "obj-" + hashlib.sha256(seen.encode()).hexdigest()[:16]

@@ -1,0 +1,153 @@
+"""Experiment tracking: one JSON line per step, one readable console line, and Weights & Biases.
+
+Only the logging rank (usually global rank 0) writes anything. W&B is optional and can never
+stop training: if it cannot be imported, started or written to, the logger warns once and
+keeps writing ``metrics.jsonl``.
+
+Metric names the console line knows how to format (others are printed as ``name value``):
+``loss``, ``grad_norm``, ``lr``, ``tokens_per_sec``, ``mfu`` (a fraction), ``mem_peak_mib``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+# console formats of the known metrics, in the order they are printed
+CONSOLE_FORMATS = {
+    "loss": lambda v: f"loss {v:.4f}",
+    "grad_norm": lambda v: f"grad_norm {v:.3f}",
+    "lr": lambda v: f"lr {v:.2e}",
+    "tokens_per_sec": lambda v: f"tok/s {_si(v)}",
+    "mfu": lambda v: f"mfu {100 * v:.1f}%",
+    "mem_peak_mib": lambda v: f"mem {v / 1024:.2f}GiB",
+}
+
+
+class MetricsLogger:
+    """Writes ``output_dir/metrics.jsonl`` (appending, so a resumed run continues the file),
+    ``output_dir/config.json``, a console line per step, and, if ``wandb``, a W&B run whose
+    files live in ``output_dir/wandb``.
+
+    W&B runs online when ``WANDB_API_KEY`` is set, offline otherwise (``WANDB_MODE``, when set,
+    wins). Store :attr:`run_id` in checkpoints and pass it back as ``wandb_run_id`` on restart:
+    the run is resumed (``resume="allow"``) instead of a new one being started.
+    """
+
+    def __init__(self, output_dir: Path, config: dict, is_logging_rank: bool, wandb: bool = False,
+                 wandb_project: str = "meshtron", wandb_run_id: str | None = None, total_steps: int | None = None):
+        self.output_dir, self.is_logging_rank, self.total_steps = Path(output_dir), is_logging_rank, total_steps
+        self._run_id = wandb_run_id
+        self._run = None  # the wandb Run, while it works
+        self._file = None
+        self._first: tuple[int, float] | None = None  # (step, time) of the first log: the ETA's origin
+        if not is_logging_rank:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        (self.output_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
+        self._file = open(self.output_dir / "metrics.jsonl", "a", encoding="utf-8")
+        if wandb:
+            self._guard("start", self._start_wandb, config, wandb_project)
+
+    @property
+    def run_id(self) -> str | None:
+        """The W&B run id (None without W&B); save it with the checkpoint to resume the same run."""
+        return self._run.id if self._run is not None else self._run_id
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        """Record the metrics of one optimizer step (values may be floats, ints or 0-d tensors)."""
+        if not self.is_logging_rank:
+            return
+        now = time.time()
+        values = {name: _plain(value) for name, value in metrics.items()}
+        self._file.write(json.dumps({"step": step, "time": now, **values}) + "\n")
+        self._file.flush()  # a crash loses no logged step
+        print(self.console_line(step, values, now), flush=True)
+        if self._run is not None:
+            self._guard("log", self._run.log, values, step=step)
+
+    def console_line(self, step: int, values: dict[str, Any], now: float) -> str:
+        """``step 120/1000 | loss 2.3140 | ... | eta 5m12s``; the ETA extrapolates the rate since the first log."""
+        if self._first is None:
+            self._first = (step, now)
+        parts = [f"step {step}/{self.total_steps}" if self.total_steps else f"step {step}"]
+        parts += [fmt(values[name]) for name, fmt in CONSOLE_FORMATS.items() if _is_number(values.get(name))]
+        parts += [f"{name} {value:.4g}" if _is_number(value) else f"{name} {value}"
+                  for name, value in values.items() if name not in CONSOLE_FORMATS]
+        first_step, first_time = self._first
+        if self.total_steps and step > first_step and now > first_time:
+            rate = (step - first_step) / (now - first_time)
+            parts.append(f"eta {_duration((self.total_steps - step) / rate)}")
+        return " | ".join(parts)
+
+    def close(self) -> None:
+        """Flush and close the JSONL file and finish the W&B run. Safe to call twice."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._run is not None:
+            run, self._run_id = self._run, self._run.id
+            self._run = None
+            self._guard("finish", run.finish)
+
+    def __enter__(self) -> "MetricsLogger":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------- W&B
+
+    def _start_wandb(self, config: dict, project: str) -> None:
+        import wandb
+
+        mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+        self._run = wandb.init(
+            project=project, id=self._run_id, resume="allow",  # id None: W&B draws one
+            dir=str(self.output_dir), config=config, mode=mode, reinit="create_new",
+            # console="off": our own console line is enough, and W&B's stdout capture is one more
+            # thing that could interfere with training output
+            settings=wandb.Settings(console="off", init_timeout=120, quiet=True))
+
+    def _guard(self, what: str, fn, *args, **kwargs) -> None:
+        """Run a W&B call; on any error, warn once and drop W&B for the rest of the run."""
+        try:
+            fn(*args, **kwargs)
+        except Exception as error:  # tracking must never stop training
+            warnings.warn(f"W&B {what} failed ({type(error).__name__}: {error}); continuing with "
+                          f"{self.output_dir / 'metrics.jsonl'} only", RuntimeWarning, stacklevel=3)
+            self._run = None
+
+
+def _plain(value: Any) -> Any:
+    """A JSON value: 0-d tensors and numpy scalars become Python numbers."""
+    if hasattr(value, "item"):
+        return value.item()
+    return value
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _si(value: float) -> str:
+    """12345 -> '12.3k'."""
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.1f}{unit}"
+    return f"{value:.0f}"
+
+
+def _duration(seconds: float) -> str:
+    """3725 -> '1h02m'; 312 -> '5m12s'."""
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+

@@ -1,0 +1,104 @@
+"""The command line: python -m train, torchrun -m train, TOML configs, and errors before any collective."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from core.mesh import MeshConfigError
+from train.config import TrainConfig, parse_config
+from train.validation import validate
+
+REQUIRED_METRICS = {"step", "loss", "grad_norm", "lr", "tokens_per_sec", "step_time_s", "mem_peak_mib"}
+FAST = ["--dataset", "synthetic", "--steps", "2", "--global-batch-size", "4", "--seq-len", "32"]
+
+
+def run(cmd, timeout=240):
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def torchrun(n, *args):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "-m", "train", *args]
+
+
+def read_metrics(out_dir):
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_single_process_writes_metrics(tmp_path):
+    result = run([sys.executable, "-m", "train", *FAST, "--output-dir", str(tmp_path)])
+    assert result.returncode == 0, result.stderr
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert REQUIRED_METRICS <= rows[0].keys()
+    assert "step 2/2" in result.stdout
+
+
+def test_torchrun_on_a_mesh_matches_single_process(tmp_path):
+    single = run([sys.executable, "-m", "train", *FAST, "--output-dir", str(tmp_path / "one")])
+    assert single.returncode == 0, single.stderr
+    mesh = run(torchrun(4, *FAST, "--mesh", "dp=2,tp=2", "--output-dir", str(tmp_path / "mesh")))
+    assert mesh.returncode == 0, mesh.stderr
+    one, four = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "mesh")
+    assert [r["loss"] for r in four] == pytest.approx([r["loss"] for r in one], rel=1e-5)
+    assert mesh.stdout.count("step 1/2") == 1, "only one rank prints"
+
+
+def test_mesh_not_matching_world_size_fails_on_every_rank_without_hanging(tmp_path):
+    result = run(torchrun(2, *FAST, "--mesh", "tp=4", "--output-dir", str(tmp_path)), timeout=120)
+    assert result.returncode != 0
+    # every rank raises before any collective; torchrun stops the rest once the first exits
+    assert "error: mesh dp=1,pp=1,cp=1,tp=4,ep=1 has 4 ranks but the world size is 2" in result.stderr
+
+
+def test_toml_config_with_cli_override(tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text('model = "debug"\nsteps = 7\nglobal-batch-size = 32\nlr = 0.001\n')
+    cfg = parse_config(["--config", str(config), "--steps", "9", "--no-wandb"])
+    assert (cfg.steps, cfg.global_batch_size, cfg.lr, cfg.wandb) == (9, 32, 0.001, False)
+    config.write_text("stepz = 3\n")
+    with pytest.raises(ValueError, match="unknown option.*stepz"):
+        parse_config(["--config", str(config)])
+
+
+@pytest.mark.parametrize("overrides, world, message", [
+    (dict(mesh="tp=3"), 3, "n_heads=8 is not divisible by tp=3"),
+    (dict(mesh="cp=2", seq_len=30), 2, "seq-len = 30 is not divisible by 2\\*cp=4"),
+    (dict(mesh="pp=8"), 8, "4 layers but pp=8 stages"),
+    (dict(mesh="dp=4", global_batch_size=6), 4, "global-batch-size = 6 is not divisible by dp\\*ep=4"),
+    (dict(mesh="dp=3"), 4, "has 3 ranks but the world size is 4"),
+    (dict(grad_accum_steps=3), 1, "not divisible by --grad-accum-steps 3"),
+    (dict(model="gpt-17"), 1, "unknown model 'gpt-17'"),
+])
+def test_bad_configurations_name_the_problem(overrides, world, message):
+    with pytest.raises((MeshConfigError, ValueError), match=message):
+        validate(TrainConfig(**overrides), world)
+
+
+def test_default_run_learns_the_bundled_corpus(tmp_path):
+    """The README's default (debug model, bundled corpus): loss falls well below the unigram entropy."""
+    from train.data import default_corpus_path, unigram_entropy_nats
+
+    result = run([sys.executable, "-m", "train", "--steps", "60", "--output-dir", str(tmp_path)], timeout=600)
+    assert result.returncode == 0, result.stderr
+    losses = [r["loss"] for r in read_metrics(tmp_path)]
+    baseline = unigram_entropy_nats(default_corpus_path())  # 3.06 nats: the best context-free model
+    assert losses[0] > baseline and losses[-1] < 0.75 * baseline, (losses[0], losses[-1], baseline)
+
+
+def test_two_nodes_on_loopback_with_c10d_rendezvous(tmp_path):
+    """Multi-node launch as on a cluster: two torchrun agents meet at a c10d rendezvous endpoint."""
+    from rank_harness import free_port
+
+    endpoint = f"127.0.0.1:{free_port()}"
+    def node(out):
+        return subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
+             f"--rdzv_endpoint={endpoint}", "--rdzv_id=meshtron-test", "-m", "train", *FAST, "--mesh", "dp=2",
+             "--output-dir", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    nodes = [node(tmp_path / "a"), node(tmp_path / "b")]
+    outputs = [n.communicate(timeout=240) for n in nodes]
+    assert all(n.returncode == 0 for n in nodes), [o[1][-2000:] for o in outputs]
+    logged = [p for p in (tmp_path / "a", tmp_path / "b") if (p / "metrics.jsonl").exists()]
+    assert len(logged) == 1 and len(read_metrics(logged[0])) == 2  # global rank 0 lives on one node
