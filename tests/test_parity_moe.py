@@ -59,10 +59,27 @@ def test_gradient_accumulation_with_expert_parallel():
     assert_same_run(single_process(grad_accum_steps=2), on_mesh("ep=2", 2, grad_accum_steps=2))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("core.pipeline") is None,
-                    reason="pipeline parallel (core.pipeline) is not on this branch yet; enable once PP is merged")
+needs_pipeline = pytest.mark.skipif(importlib.util.find_spec("core.pipeline") is None,
+                                    reason="pipeline parallel (core.pipeline) is not on this branch yet; "
+                                           "enable once PP is merged")
+
+
+@needs_pipeline
 def test_expert_parallel_with_pipeline_parallel():
     assert_same_run(single_process(), on_mesh("ep=2,pp=2", 4))
+
+
+@pytest.mark.slow
+def test_sixteen_ranks_dp_cp_tp_ep():
+    """dp=2,cp=2,tp=2,ep=2: ~40 s on 2 CPU cores."""
+    assert_same_run(single_process(), on_mesh("dp=2,cp=2,tp=2,ep=2", 16))
+
+
+@pytest.mark.slow
+@needs_pipeline
+def test_full_five_d_mesh():
+    """dp=2,pp=2,cp=2,tp=2,ep=2 on 32 ranks (also: benchmarks/bench_moe_mesh.py)."""
+    assert_same_run(single_process(), on_mesh("dp=2,pp=2,cp=2,tp=2,ep=2", 32))
 
 
 def test_expert_parallel_with_context_parallel():
