@@ -6,8 +6,10 @@ One step on one rank (no pipeline):
     context parallel: keep this cp rank's zigzag slice of S          [B/(dp*ep), S/cp]
     for each of grad_accum_steps micro-batches:
         loss = sum of token losses / tokens in the GLOBAL batch      (so summed grads = grad of the mean)
-        loss.backward()                                              (FSDP reduce-scatters grads, summing)
+        loss.backward()                                              (FSDP reduce-scatters grads, summing;
+                                                                      MoE: + the aux loss, via its backward)
     clip by the norm over the whole mesh, AdamW step, LR schedule step
+    MoE: move expert biases by the step's global load
     report: loss summed over dp x ep x cp                           (= global mean token loss)
 """
 
