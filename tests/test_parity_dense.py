@@ -6,6 +6,8 @@ gradients and the final weights match the single-process run.
 
 import functools
 
+import torch
+
 import pytest
 
 from rank_harness import run_on_ranks
@@ -43,3 +45,12 @@ def test_a_different_seed_is_detected():
 @pytest.mark.slow
 def test_sixteen_ranks_dp4_tp4_matches_single_process():
     assert_same_run(single_process(), on_mesh("dp=4,tp=4", 16))
+
+
+@pytest.mark.parametrize("mesh, world", [("", 1), ("dp=2", 2)])
+def test_bfloat16_compute_tracks_float32(mesh, world):
+    """bf16 (autocast on one process, FSDP mixed precision on dp=2) stays within bf16 noise of fp32."""
+    bf16 = on_mesh(mesh, world, dtype="bfloat16")
+    reference = single_process()
+    torch.testing.assert_close(torch.tensor(bf16["losses"]), torch.tensor(reference["losses"]), rtol=2e-2, atol=0)
+    assert bf16["losses"] != reference["losses"], "bf16 had no effect"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import traceback
 
+from core.checkpoint import CheckpointError
 from core.mesh import MeshConfigError
 
 from .config import parse_config
@@ -18,8 +19,8 @@ def main(argv: list[str] | None = None) -> None:
         from .loop import train
 
         train(cfg)
-    except (MeshConfigError, ValueError) as err:
-        # configuration errors: one clear line, the same on every rank
+    except (MeshConfigError, CheckpointError, ValueError) as err:
+        # configuration and checkpoint errors: one clear line, the same on every rank
         print(f"error: {err}", file=sys.stderr, flush=True)
         code = 2
     except BaseException:  # noqa: BLE001 - report, then exit without hanging at interpreter shutdown

@@ -15,6 +15,7 @@ One step on one rank (no pipeline):
 
 from __future__ import annotations
 
+import contextlib
 import math
 import resource
 import time
@@ -24,17 +25,20 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from core.data_parallel import all_reduce_gradients
 from core.grad_norm import clip_grad_norm_
 from core.mesh import ParallelMesh, build_mesh
 from core.ring_attention import zigzag_shard
 from core.tensor_parallel import loss_context, reduce_partial_gradients, to_local_scalar, token_loss_sum
+from models.hf_format import load_hf_weights_
 from models.init import init_weights
 from models.moe import MoEConfig, expert_load_metrics, moe_layers, set_sequences_per_step, update_expert_bias
 from models.parallelize import dense_and_expert_parameters, materialize, parallelize
 from models.registry import build_model
 
+from . import checkpointing
 from .config import TrainConfig
 from .data import TokenBatches, load_tokenizer
 from .flops import peak_flops, transformer_flops_per_token
@@ -136,6 +140,8 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     parallelize(model, pm, dp_mode=cfg.dp_mode, param_dtype=param_dtype)
     materialize(model, device)
     init_weights(model, checked.model_config.n_layers, cfg.seed)
+    if cfg.init_from:
+        load_hf_weights_(model, cfg.init_from)  # each rank copies its own shards; no collective
     set_sequences_per_step(model, cfg.global_batch_size)
     optimizer = build_optimizer(cfg, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
@@ -166,12 +172,20 @@ def forward_backward(t: Trainer, inputs: torch.Tensor, labels: torch.Tensor) -> 
     tokens_in_global_batch = t.cfg.global_batch_size * t.cfg.seq_len
     loss_share = torch.zeros((), device=t.device)
     for micro_inputs, micro_labels in zip(inputs.chunk(t.cfg.grad_accum_steps), labels.chunk(t.cfg.grad_accum_steps)):
-        with loss_context(t.pm.size("tp") > 1):
+        with loss_context(t.pm.size("tp") > 1), autocast_context(t):
             logits = t.model(micro_inputs)
             loss = token_loss_sum(logits, micro_labels) / tokens_in_global_batch
             loss.backward()
         loss_share += to_local_scalar(loss).detach()
     return loss_share
+
+
+def autocast_context(t: Trainer) -> contextlib.AbstractContextManager:
+    """bf16 compute for models FSDP does not manage (FSDP casts parameters itself via its
+    MixedPrecisionPolicy, which also all-gathers them in bf16: half the bytes)."""
+    if t.cfg.dtype == "float32" or isinstance(t.model, FSDPModule):
+        return contextlib.nullcontext()
+    return torch.autocast(t.device.type, dtype=DTYPE[t.cfg.dtype])
 
 
 def compute_gradients(t: Trainer) -> tuple[torch.Tensor, float]:
@@ -254,17 +268,27 @@ def peak_memory_mib(device: torch.device) -> float:
 
 
 def train(cfg: TrainConfig) -> Trainer:
-    """Build and run ``cfg.steps`` steps; every rank returns its Trainer (history filled in).
+    """Build, resume if asked, and run to ``cfg.steps``; every rank returns its Trainer.
 
     Global rank 0 writes ``metrics.jsonl``, the console line and W&B; the metrics are the
     same on every rank (the loss is reduced over the mesh), so which rank logs is arbitrary.
     """
     t = build_trainer(cfg)
+    resume_from = checkpointing.resolve_resume_path(cfg)
+    meta = checkpointing.restore(t, resume_from) if resume_from else {}
+    if resume_from and dist.get_rank() == 0:
+        print(f"resumed from {resume_from} at step {t.step}", flush=True)
     logger = MetricsLogger(Path(cfg.output_dir), cfg.to_dict(), is_logging_rank=dist.get_rank() == 0,
-                           wandb=cfg.wandb, wandb_project=cfg.wandb_project, total_steps=cfg.steps)
+                           wandb=cfg.wandb, wandb_project=cfg.wandb_project,
+                           wandb_run_id=meta.get("wandb_run_id"), total_steps=cfg.steps)
+    pending = None
     with logger:
         while t.step < cfg.steps:
             metrics = train_step(t)
             t.history.append(metrics)
             logger.log(t.step, {k: v for k, v in metrics.items() if k != "step"})
+            if checkpointing.should_save(t):
+                pending = checkpointing.save(t, logger.run_id)
+        if pending is not None and hasattr(pending, "wait"):
+            pending.wait()  # an async save commits only once every rank has waited
     return t

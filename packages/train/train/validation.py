@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from core.mesh import MeshConfigError, MeshShape, check_divisible
+from models.hf_format import check_hf_config_matches
 from models.moe import MoEConfig, check_expert_parallel
 from models.plans import check_tensor_parallel
 from models.registry import get_config
@@ -35,6 +36,8 @@ def validate(cfg: TrainConfig, world_size: int) -> ValidatedRun:
         raise ValueError(f"--dtype {cfg.dtype!r}: use one of {DTYPES}")
     if cfg.steps < 1 or cfg.seq_len < 1:
         raise ValueError(f"--steps ({cfg.steps}) and --seq-len ({cfg.seq_len}) must be >= 1")
+    if cfg.init_from:
+        check_hf_config_matches(cfg.init_from, model_config)
     if cfg.seq_len > model_config.max_seq_len:
         raise ValueError(f"--seq-len {cfg.seq_len} exceeds the model's max_seq_len {model_config.max_seq_len}")
     return ValidatedRun(shape, model_config)

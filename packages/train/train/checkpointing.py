@@ -1,0 +1,109 @@
+"""What the trainer saves and restores, on top of ``core.checkpoint``.
+
+Tensors (safetensors shards, resharded on load): the model's parameters by FQN and the
+AdamW state as ``optim.<fqn>.exp_avg`` / ``exp_avg_sq`` / ``step``.
+JSON (``meta.json``): step, tokens seen, the data position, the LR schedule, the RNG
+state, the model and training config, the mesh it was saved on, the W&B run id.
+
+Resuming restores all of it, so the run continues exactly as if it had never stopped:
+the same batches, the same learning rates, the same weights and optimizer moments. On a
+different mesh the tensors are resharded by DCP and the data position (a count of global
+samples) means the same thing, so the run continues with the same global batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from core.checkpoint import (CheckpointError, find_latest_checkpoint, load_checkpoint, model_tensors,
+                             optimizer_tensors, save_checkpoint)
+from core.checkpoint_layout import is_complete
+
+
+def checkpoint_root(cfg) -> Path:
+    return Path(cfg.output_dir) / "checkpoints"
+
+
+def state_tensors(t) -> dict[str, torch.Tensor]:
+    """Flat name -> (D)Tensor view of the model and optimizer; aliases the live storage."""
+    return {**model_tensors(t.model), **optimizer_tensors(t.optimizer, t.model)}
+
+
+def training_meta(t, wandb_run_id: str | None) -> dict:
+    """The JSON half of a checkpoint (rank 0's copy is written; it is the same on every rank)."""
+    return {
+        "step": t.step,
+        "tokens_seen": t.step * t.cfg.global_batch_size * t.cfg.seq_len,
+        "data": t.batches.state_dict(),
+        "lr_schedule": t.scheduler.state_dict(),
+        "rng": {"torch": torch.get_rng_state().tolist()},
+        "model_name": t.cfg.model,
+        "model_config": dataclasses.asdict(t.model_config),
+        "train_config": t.cfg.to_dict(),
+        "mesh": str(t.pm.shape),
+        "wandb_run_id": wandb_run_id,
+    }
+
+
+def save(t, wandb_run_id: str | None):
+    """Save the current state as ``<output_dir>/checkpoints/step_XXXXXXXX`` (collective)."""
+    return save_checkpoint(checkpoint_root(t.cfg), t.step, state_tensors(t), training_meta(t, wandb_run_id),
+                           keep_last=t.cfg.keep_checkpoints, async_save=t.cfg.async_checkpoint)
+
+
+def should_save(t) -> bool:
+    every = t.cfg.checkpoint_every
+    return every > 0 and (t.step % every == 0 or t.step == t.cfg.steps)
+
+
+def resolve_resume_path(cfg) -> Path | None:
+    """Which checkpoint to resume from, decided on rank 0 and broadcast (the file system may lag on others).
+
+    ``none``: start fresh. ``auto``: the newest complete checkpoint in ``<output_dir>/checkpoints``,
+    or a fresh start if there is none. A path: that checkpoint, or the newest complete one
+    under it; an error if there is none. Collective: one broadcast_object_list.
+    """
+    if cfg.resume == "none":
+        return None
+    decision: list = [None, None]  # [path or None, error message or None]
+    if dist.get_rank() == 0:
+        decision = _find_resume_target(cfg)
+    dist.broadcast_object_list(decision, src=0)
+    path, error = decision
+    if error:
+        raise CheckpointError(error)
+    return Path(path) if path else None
+
+
+def _find_resume_target(cfg) -> list:
+    if cfg.resume == "auto":
+        latest = find_latest_checkpoint(checkpoint_root(cfg))
+        return [str(latest) if latest else None, None]
+    path = Path(cfg.resume)
+    if path.is_dir() and is_complete(path):
+        return [str(path), None]
+    latest = find_latest_checkpoint(path) if path.is_dir() else None
+    if latest is None:
+        return [None, f"--resume {cfg.resume}: no complete checkpoint there (a step_XXXXXXXX folder with "
+                      f"COMPLETE.json, or a folder holding some); use --resume auto or none to start fresh"]
+    return [str(latest), None]
+
+
+def restore(t, path: Path) -> dict:
+    """Load ``path`` into the trainer in place (collective) and return its meta."""
+    meta = load_checkpoint(path, state_tensors(t))
+    saved_model = meta.get("model_config")
+    if saved_model != dataclasses.asdict(t.model_config):
+        raise CheckpointError(f"{path} holds a different model ({meta.get('model_name')}: {saved_model}) than "
+                              f"--model {t.cfg.model} ({dataclasses.asdict(t.model_config)}); resume with the same model")
+    t.step = int(meta["step"])
+    t.batches.load_state_dict(meta["data"])
+    t.scheduler.load_state_dict(meta["lr_schedule"])
+    for group, lr in zip(t.optimizer.param_groups, t.scheduler.get_last_lr()):
+        group["lr"] = lr  # the lr the next optimizer step uses
+    torch.set_rng_state(torch.tensor(meta["rng"]["torch"], dtype=torch.uint8))
+    return meta

@@ -1,0 +1,111 @@
+"""Export a Meshtron checkpoint as a Hugging Face Llama folder that ``transformers`` loads.
+
+    python tools/hf_convert.py export runs/x/checkpoints out/hf            # newest complete checkpoint
+    python tools/hf_convert.py export runs/x/checkpoints/step_00000100 out/hf --dtype bfloat16
+    python tools/hf_convert.py export CKPT OUT --model debug --max-shard-size 2GB
+
+The model config comes from the checkpoint's meta.json (``model_config``, else ``model_name``),
+or from ``--model`` for checkpoints that do not record it. Only the model's tensors are read
+(never the optimizer state), into the export dtype, on one process: the whole model must
+fit in this machine's memory once. The other direction needs no tool: train with
+``--init-from FOLDER`` (``models.hf_format.load_hf_weights_``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# Run from a checkout without installing: this checkout's packages come first.
+sys.path[:0] = [str(ROOT / "packages" / name) for name in ("core", "models", "train")]
+
+import torch  # noqa: E402
+
+from core.checkpoint import CheckpointError, find_latest_checkpoint, load_checkpoint  # noqa: E402
+from core.checkpoint_layout import META, is_complete  # noqa: E402
+from models.hf_format import (DEFAULT_MAX_SHARD_BYTES, config_from_dict, expected_shapes,  # noqa: E402
+                              save_hf_folder)
+from models.llama import LlamaConfig  # noqa: E402
+from models.registry import get_config  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+UNITS = {"KB": 2**10, "MB": 2**20, "GB": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """``"5GB"`` / ``"200MB"`` / ``"123456"`` -> bytes."""
+    for unit, scale in UNITS.items():
+        if text.upper().endswith(unit):
+            return int(float(text[: -len(unit)]) * scale)
+    return int(text)
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """``path`` itself if it is a complete ``step_N`` checkpoint, else the newest one under it."""
+    if is_complete(path):
+        return path
+    latest = find_latest_checkpoint(path)
+    if latest is None:
+        raise SystemExit(f"error: {path} is neither a complete checkpoint nor a root holding one")
+    return latest
+
+
+def read_meta(checkpoint: Path) -> dict:
+    """meta.json as a dict; {} when it is missing or unreadable (the caller then needs --model)."""
+    try:
+        meta = json.loads((checkpoint / META).read_text())
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def model_config(meta: dict, model_name: str | None) -> LlamaConfig:
+    """The checkpoint's config: meta's ``model_config``, else its ``model_name``, else ``--model``.
+
+    With both meta and ``--model``, they must agree, so a wrong flag cannot mislabel a model.
+    """
+    if isinstance(meta.get("model_config"), dict):
+        config = config_from_dict(meta["model_config"])
+    elif meta.get("model_name"):
+        config = get_config(meta["model_name"])
+    elif model_name:
+        return get_config(model_name)
+    else:
+        raise SystemExit("error: the checkpoint's meta.json records no model; pass --model NAME")
+    if model_name and get_config(model_name) != config:
+        raise SystemExit(f"error: --model {model_name} differs from the checkpoint's config {config}")
+    return config
+
+
+def export(checkpoint: Path, out: Path, model_name: str | None, dtype: torch.dtype, max_shard_bytes: int) -> None:
+    checkpoint = resolve_checkpoint(checkpoint)
+    config = model_config(read_meta(checkpoint), model_name)
+    # Load into tensors of the export dtype: load_checkpoint casts while copying.
+    state = {name: torch.empty(shape, dtype=dtype) for name, shape in expected_shapes(config).items()}
+    load_checkpoint(checkpoint, state)
+    files = save_hf_folder(state, config, out, max_shard_bytes=max_shard_bytes)
+    print(f"exported {checkpoint} -> {out} ({len(files)} files, {dtype})")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    ex = commands.add_parser("export", help="Meshtron checkpoint -> Hugging Face folder")
+    ex.add_argument("checkpoint", type=Path, help="a step_N checkpoint, or a root: its newest complete one")
+    ex.add_argument("out", type=Path, help="output folder (its old model*.safetensors are replaced)")
+    ex.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    ex.add_argument("--model", help="model name, for checkpoints whose meta.json records none")
+    ex.add_argument("--max-shard-size", default=str(DEFAULT_MAX_SHARD_BYTES), type=parse_size,
+                    help="split the weights into files of at most this size (e.g. 2GB)")
+    args = parser.parse_args(argv)
+    try:
+        export(args.checkpoint, args.out, args.model, DTYPES[args.dtype], args.max_shard_size)
+    except (ValueError, CheckpointError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()
