@@ -2,7 +2,7 @@
 
 Every rank runs ``run_steps``; the ranks that hold distinct model pieces (first rank of
 each pipeline stage) return the full (unsharded) gradients of the first step, the full
-weights after the last step, and the per-step losses and gradient norms.
+weights (and buffers) after the last step, and the per-step losses and gradient norms.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ def run_steps(mesh: str, overrides: dict) -> dict | None:
             losses.append(global_loss(t, loss_share))
             norms.append(norm)
         weights = {n: full(p) for n, p in t.named_parameters()}
+        weights.update({n: full(b) for n, b in t.named_buffers()})  # e.g. the MoE expert bias
     holds_distinct_piece = t.pm.local_rank("dense_grad") == 0 and t.pm.local_rank("tp") == 0
     if not holds_distinct_piece:
         return None

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor, Partial, Replicate
+from torch.distributed.tensor import DTensor
 
 
 def _layout_key(grad: torch.Tensor) -> str:
@@ -25,8 +25,7 @@ def _layout_key(grad: torch.Tensor) -> str:
 def _reduced_square_sum(grads: list[torch.Tensor]) -> torch.Tensor:
     """Sum of squares of all elements of ``grads`` (same layout), summed over their sharded mesh dims.
 
-    Collective: one all-reduce over the sharded dims (via ``DTensor.full_tensor`` of a
-    Partial scalar); none for plain tensors.
+    Collective: one all-reduce per sharded mesh dim; none for plain tensors.
     """
     local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
     square_sum = torch.stack([t.float().pow(2).sum() for t in local]).sum()
@@ -37,8 +36,14 @@ def _reduced_square_sum(grads: list[torch.Tensor]) -> torch.Tensor:
         raise RuntimeError("gradient still Partial (unreduced) when computing its norm")
     # Sum over every dim the gradient is split on: Shard and FSDP+TP's _StridedShard
     # (which is not a Shard subclass), i.e. anything that is not Replicate.
-    placements = [Replicate() if p.is_replicate() else Partial() for p in first.placements]
-    return DTensor.from_local(square_sum, first.device_mesh, placements).full_tensor()
+    # One all-reduce per dim rather than DTensor's Partial -> Replicate: FSDP over dp x cp of
+    # expert-parallel weights gives a ("dp_cp", "ep") mesh whose dims are not in the root
+    # mesh's order, and DTensor refuses to merge such dims into one reduction.
+    mesh = first.device_mesh
+    for dim, placement in enumerate(first.placements):
+        if not placement.is_replicate() and mesh.size(dim) > 1:
+            dist.all_reduce(square_sum, group=mesh.get_group(dim))
+    return square_sum
 
 
 def global_grad_norm(params: list[nn.Parameter], pp_group: dist.ProcessGroup | None = None) -> torch.Tensor:

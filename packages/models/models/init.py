@@ -30,7 +30,9 @@ def parameter_seed(seed: int, name: str) -> int:
 def initial_value(name: str, shape: torch.Size, n_layers: int, seed: int) -> torch.Tensor:
     """The float32 CPU initial value of parameter ``name``.
 
-    Norm weights start at 1; an expert bias at 0; projections that write into the residual
+    Norm weights start at 1; an expert bias at 0; expert weights (``experts.w1`` etc.,
+    [n_experts, ...]) are drawn whole under their one name, so an expert-parallel rank
+    slicing its experts out of the full tensor gets the same experts on every mesh; projections that write into the residual
     stream (``wo``, ``w2``) get std 0.02/sqrt(2*n_layers) so the residual's variance does not
     grow with depth (GPT-2's rule); every other weight N(0, 0.02).
     """
@@ -43,13 +45,27 @@ def initial_value(name: str, shape: torch.Size, n_layers: int, seed: int) -> tor
     return torch.randn(shape, generator=generator) * std
 
 
+# Buffers that start at zero: the MoE router's expert bias and its load counters.
+ZERO_BUFFERS = ("expert_bias", "tokens_per_expert", "aux_loss_sum")
+
+
+@torch.no_grad()
+def init_buffers(model: nn.Module) -> None:
+    """Give every buffer its initial value (after ``to_empty`` they hold garbage). No communication."""
+    for name, buffer in model.named_buffers():
+        if not name.endswith(ZERO_BUFFERS):
+            raise ValueError(f"no initial value for buffer {name!r}: add a rule in models.init")
+        buffer.zero_()
+
+
 @torch.no_grad()
 def init_weights(model: nn.Module, n_layers: int, seed: int) -> None:
-    """Fill every parameter of ``model`` (sharded or not, any device) with its initial value.
+    """Fill every parameter of ``model`` (sharded or not, any device) with its initial value, and every buffer.
 
     For a DTensor parameter the full value is cut locally (``src_data_rank=None``: no
     scatter, every rank computes the same full tensor), so this issues no collective.
     """
+    init_buffers(model)
     for name, param in model.named_parameters():
         full = initial_value(name, param.shape, n_layers, seed)
         if isinstance(param, DTensor):

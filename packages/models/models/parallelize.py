@@ -1,9 +1,12 @@
 """Apply the parallelisms to a model (or one pipeline stage of it) on a ParallelMesh.
 
 Order matters and follows what each API expects:
+  0. expert parallel: each MoE layer keeps its ep rank's experts (DTensors ``Shard(0)`` over
+     ep) and learns its process groups,
   1. tensor parallel (``parallelize_module``) turns Linear weights into tp-sharded DTensors,
   2. FSDP2 (``fully_shard``) then shards those again over the dense-gradient mesh, making
-     2-D DTensors (FSDP dim outer, tp inner).
+     2-D DTensors (FSDP dim outer, tp inner); experts are their own FSDP units over the
+     expert-gradient mesh (dp x cp), because ep ranks hold different experts.
   3. context parallel needs no parameter change: attention modules get ring attention
      and zigzag RoPE positions, and the trainer feeds each cp rank its zigzag slice.
 The model may still be on the meta device: nothing is allocated until ``to_empty``.
@@ -22,26 +25,63 @@ from core.ring_attention import ring_attention, zigzag_positions
 from core.tensor_parallel import apply_tensor_parallel
 
 from .llama import Attention, Transformer
+from .moe import moe_layers
 from .plans import tensor_parallel_plan
 
 
 def parallelize(model: Transformer, pm: ParallelMesh, dp_mode: str = "fsdp", param_dtype: torch.dtype | None = None,
                 reshard_after_forward: bool = True) -> None:
-    """Shard ``model`` in place over ``pm``: TP/SP on ``pm["tp"]``, then FSDP on ``pm["dense_grad"]``.
+    """Shard ``model`` in place over ``pm``: EP on ``pm["ep"]``, TP/SP on ``pm["tp"]``, then FSDP on
+    ``pm["dense_grad"]`` (experts on ``pm["expert_grad"]``).
 
     ``reshard_after_forward=False`` keeps FSDP parameters gathered from the forward to the
     backward (a pipeline stage runs many microbatches per step; see ``train.pipelined``).
     With ``dp_mode="replicate"`` parameters stay whole on every data-parallel rank and the
     trainer sums gradients itself (``core.data_parallel.all_reduce_gradients``).
     """
+    if dp_mode not in ("fsdp", "replicate"):
+        raise ValueError(f"unknown dp_mode {dp_mode!r}: use 'fsdp' or 'replicate'")
+    apply_expert_parallel(model, pm)
     apply_tensor_parallel(model, pm["tp"], tensor_parallel_plan(model))
     if pm.size("cp") > 1:
         apply_context_parallel(model, pm["cp"].get_group(), pm.local_rank("cp"), pm.size("cp"))
     if dp_mode == "fsdp" and pm.size("dense_grad") > 1:
+        inner_units, ignored = expert_fsdp_units(model, pm)
         apply_fsdp(model, pm["dense_grad"], list(model.layers.values()), param_dtype=param_dtype,
-                   reshard_after_forward=reshard_after_forward)
-    elif dp_mode not in ("fsdp", "replicate"):
-        raise ValueError(f"unknown dp_mode {dp_mode!r}: use 'fsdp' or 'replicate'")
+                   reshard_after_forward=reshard_after_forward, inner_units=inner_units, ignored_params=ignored)
+
+
+def apply_expert_parallel(model: nn.Module, pm: ParallelMesh) -> None:
+    """Give every MoE layer its groups and (ep > 1) only its ep rank's experts. No communication."""
+    for moe in moe_layers(model):
+        moe.ep_group = pm["ep"].get_group() if pm.size("ep") > 1 else None
+        moe.seq_group = pm["cp"].get_group() if pm.size("cp") > 1 else None
+        moe.stats_group = pm["dense_grad"].get_group() if pm.size("dense_grad") > 1 else None
+        if pm.size("ep") > 1:
+            moe.experts.shard(pm["ep"])
+
+
+def expert_fsdp_units(model: nn.Module, pm: ParallelMesh) -> tuple[list, set]:
+    """How FSDP treats experts: (units sharded over the expert-gradient mesh, params left out).
+
+    With ep == 1 the experts are ordinary parameters of their block (dp x cp is then the
+    whole dense-gradient mesh). With ep > 1 their gradients must be summed over dp x cp
+    only: their own FSDP units on ``pm["expert_grad"]``, or, when that has one rank,
+    no FSDP at all (nothing to sum).
+    """
+    if pm.size("ep") == 1:
+        return [], set()
+    experts = [moe.experts for moe in moe_layers(model)]
+    if pm.size("expert_grad") > 1:
+        return [(e, pm["expert_grad"]) for e in experts], set()
+    return [], {p for e in experts for p in e.parameters()}
+
+
+def dense_and_expert_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """Split trainable parameters: dense ones (grads summed over dp x ep x cp) and experts (over dp x cp)."""
+    expert_ids = {id(p) for moe in moe_layers(model) for p in moe.experts.parameters()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [p for p in params if id(p) not in expert_ids], [p for p in params if id(p) in expert_ids]
 
 
 def materialize(model: nn.Module, device: torch.device) -> None:

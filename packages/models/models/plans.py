@@ -23,6 +23,7 @@ from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
     PrepareModuleInput,
+    PrepareModuleInputOutput,
     RowwiseParallel,
     SequenceParallel,
 )
@@ -64,6 +65,20 @@ def block_plan(prefix: str, block: nn.Module) -> dict[str, ParallelStyle]:
     else:  # an MoE layer brings its own plan (experts are split by ep, not tp)
         plan.update(block.feed_forward.tensor_parallel_plan(f"{prefix}.feed_forward"))
     return plan
+
+
+def replicated_feed_forward_plan(prefix: str) -> dict[str, ParallelStyle]:
+    """Run the module at ``prefix`` whole on every tp rank, on plain local tensors (used by MoE).
+
+    Input: all-gather the sequence slices (Shard(1) -> Replicate), hand the module a plain
+    [b, s, dim] tensor; its parameters stay plain and identical on every tp rank. Output:
+    keep this rank's sequence slice (Replicate -> Shard(1), no communication). In backward
+    the slice's gradient is all-gathered, so every tp rank computes the full, identical
+    parameter gradients (no reduction over tp needed), at the price of tp-fold redundant work.
+    """
+    return {prefix: PrepareModuleInputOutput(
+        input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_input=True,
+        output_layouts=(Replicate(),), desired_output_layouts=(Shard(1),), use_local_output=True)}
 
 
 def tensor_parallel_plan(model: Transformer) -> dict[str, ParallelStyle]:

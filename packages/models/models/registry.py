@@ -1,10 +1,11 @@
-"""Model names -> configs. ``debug`` runs in seconds on a laptop CPU; the others are real sizes."""
+"""Model names -> configs. ``debug`` / ``debug-moe`` run in seconds on a laptop CPU; the others are real sizes."""
 
 from __future__ import annotations
 
 from dataclasses import replace
 
 from .llama import LlamaConfig, Transformer
+from .moe import MoEConfig, MoETransformer
 
 LLAMA_CONFIGS: dict[str, LlamaConfig] = {
     # 4 layers so pp=2 (and interleaved pp=2 x 2 virtual stages) has a layer per stage;
@@ -19,17 +20,40 @@ LLAMA_CONFIGS: dict[str, LlamaConfig] = {
 }
 
 
+MOE_CONFIGS: dict[str, MoEConfig] = {
+    # Like "debug" (dims divisible by tp=1,2,4), 8 experts top-2 + a shared expert,
+    # softmax router with the aux loss; ep = 1, 2, 4 or 8.
+    "debug-moe": MoEConfig(dim=128, n_layers=4, n_heads=8, n_kv_heads=4, ffn_dim=384, vocab_size=512,
+                           n_experts=8, top_k=2, moe_ffn_dim=64, n_shared_experts=1, aux_loss_coef=0.01),
+    # DeepSeek-V3-style routing at debug size: a dense first layer, sigmoid scores,
+    # aux-loss-free balancing by the expert bias (and a small aux loss, as V3 keeps one).
+    "debug-moe-v3": MoEConfig(dim=128, n_layers=4, n_heads=8, n_kv_heads=4, ffn_dim=384, vocab_size=512,
+                              n_experts=8, top_k=3, moe_ffn_dim=64, n_shared_experts=1, n_dense_layers=1,
+                              score_func="sigmoid", aux_loss_coef=0.001, bias_update_rate=1e-3),
+    # Mixtral 8x7B: 8 experts top-2, softmax renormalized over the chosen two, no shared expert.
+    "mixtral-8x7b": MoEConfig(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336, vocab_size=32000,
+                              rope_theta=1e6, max_seq_len=32768, n_experts=8, top_k=2, moe_ffn_dim=14336,
+                              aux_loss_coef=0.02),
+    # DeepSeekMoE 16B: 64 fine-grained experts top-6 + 2 shared, first layer dense, no renormalization.
+    "deepseek-moe-16b": MoEConfig(dim=2048, n_layers=28, n_heads=16, n_kv_heads=16, ffn_dim=10944,
+                                  vocab_size=102400, max_seq_len=4096, n_experts=64, top_k=6, moe_ffn_dim=1408,
+                                  n_shared_experts=2, n_dense_layers=1, norm_topk_prob=False,
+                                  aux_loss_coef=0.001),
+}
+CONFIGS: dict[str, LlamaConfig] = {**LLAMA_CONFIGS, **MOE_CONFIGS}
+
+
 def model_names() -> list[str]:
-    return sorted(LLAMA_CONFIGS)
+    return sorted(CONFIGS)
 
 
 def get_config(name: str, **overrides) -> LlamaConfig:
     """The named config, with fields overridden (e.g. ``n_layers=8``)."""
-    if name not in LLAMA_CONFIGS:
+    if name not in CONFIGS:
         raise ValueError(f"unknown model {name!r}: choose one of {', '.join(model_names())}")
-    return replace(LLAMA_CONFIGS[name], **overrides)
+    return replace(CONFIGS[name], **overrides)
 
 
 def build_model(config) -> Transformer:
     """The plain single-device model for ``config`` (weights uninitialized: see models.init)."""
-    return Transformer(config)
+    return MoETransformer(config) if isinstance(config, MoEConfig) else Transformer(config)

@@ -6,8 +6,10 @@ One step on one rank (no pipeline):
     context parallel: keep this cp rank's zigzag slice of S          [B/(dp*ep), S/cp]
     for each of grad_accum_steps micro-batches:
         loss = sum of token losses / tokens in the GLOBAL batch      (so summed grads = grad of the mean)
-        loss.backward()                                              (FSDP reduce-scatters grads, summing)
+        loss.backward()                                              (FSDP reduce-scatters grads, summing;
+                                                                      MoE: + the aux loss, via its backward)
     clip by the norm over the whole mesh, AdamW step, LR schedule step
+    MoE: move expert biases by the step's global load
     report: loss summed over dp x ep x cp                           (= global mean token loss)
 
 With pipeline parallel (pp > 1) the forward/backward is a pipeline schedule instead
@@ -36,7 +38,8 @@ from core.ring_attention import zigzag_shard
 from core.tensor_parallel import loss_context, reduce_partial_gradients, to_local_scalar, token_loss_sum
 from models.hf_format import load_hf_weights_
 from models.init import init_weights
-from models.parallelize import materialize, parallelize
+from models.moe import MoEConfig, expert_load_metrics, moe_layers, set_sequences_per_step, update_expert_bias
+from models.parallelize import dense_and_expert_parameters, materialize, parallelize
 from models.registry import build_model
 
 from . import checkpointing
@@ -79,6 +82,11 @@ class Trainer:
         """(name, parameter) with the whole model's names (``layers.3.attention.wq.weight``) on any mesh."""
         for part in self.model_parts:
             yield from part.named_parameters()
+
+    def named_buffers(self):
+        """(name, buffer) with the whole model's names, like ``named_parameters``."""
+        for part in self.model_parts:
+            yield from part.named_buffers()
 
 
 def lr_lambda(cfg: TrainConfig):
@@ -160,6 +168,7 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     if cfg.init_from:
         for part in (model if pipeline else [model]):
             load_hf_weights_(part, cfg.init_from)  # each rank copies its own shards; no collective
+    set_sequences_per_step(model, cfg.global_batch_size)
     optimizer = build_optimizer(cfg, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     batches = build_batches(cfg, pm, checked.model_config.vocab_size)
@@ -170,6 +179,9 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
 def model_flops_per_token(model: nn.Module, model_config, seq_len: int) -> float:
     """Training FLOPs per token of the whole (unsharded) model: see ``train.flops``."""
     non_embedding = sum(p.numel() for name, p in model.named_parameters() if "tok_embeddings" not in name)
+    if isinstance(model_config, MoEConfig):  # a token passes through top_k of the n_experts routed experts
+        routed = sum(p.numel() for moe in moe_layers(model) for p in moe.experts.parameters())
+        non_embedding -= routed * (1 - model_config.top_k / model_config.n_experts)
     return transformer_flops_per_token(non_embedding, model_config.n_layers, model_config.dim, seq_len)
 
 
@@ -219,7 +231,9 @@ def compute_gradients(t: Trainer) -> tuple[torch.Tensor, float]:
         loss = forward_backward(t, inputs, labels)
     reduce_partial_gradients(t.params)
     if t.cfg.dp_mode == "replicate":
-        all_reduce_gradients(t.params, t.pm["dense_grad"].get_group())
+        dense, experts = dense_and_expert_parameters(t.model)
+        all_reduce_gradients(dense, t.pm["dense_grad"].get_group())
+        all_reduce_gradients(experts, t.pm["expert_grad"].get_group())
     return loss, data_time
 
 
@@ -231,7 +245,7 @@ def context_parallel_slice(t: Trainer, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def apply_gradients(t: Trainer) -> tuple[float, float]:
-    """Clip over the whole mesh, step AdamW and the LR schedule. Returns (grad norm, lr used).
+    """Clip over the whole mesh, step AdamW and the LR schedule (and MoE expert biases). Returns (grad norm, lr used).
 
     The norm adds each pipeline stage's sum of squares over pp (one all-reduce), so every
     stage clips by the same global factor.
@@ -239,6 +253,7 @@ def apply_gradients(t: Trainer) -> tuple[float, float]:
     grad_norm = clip_grad_norm_(t.params, t.cfg.max_grad_norm, t.pm["pp"].get_group())
     lr = t.scheduler.get_last_lr()[0]
     t.optimizer.step()
+    update_expert_bias(t.model)
     t.scheduler.step()
     t.optimizer.zero_grad(set_to_none=True)
     return grad_norm.item(), lr
@@ -254,6 +269,7 @@ def train_step(t: Trainer) -> dict:
     """One optimizer step; returns its metrics (identical on every rank)."""
     start = time.perf_counter()
     loss_share, data_time = compute_gradients(t)
+    moe = moe_metrics(t)  # before apply_gradients clears the step's expert load
     grad_norm, lr = apply_gradients(t)
     loss = global_loss(t, loss_share)
     if t.device.type == "cuda":
@@ -263,12 +279,19 @@ def train_step(t: Trainer) -> dict:
     tokens_per_sec = t.cfg.global_batch_size * t.cfg.seq_len / step_time
     metrics = {
         "step": t.step, "loss": loss, "grad_norm": grad_norm, "lr": lr, "tokens_per_sec": tokens_per_sec,
-        "step_time_s": step_time, "data_time_s": data_time, "mem_peak_mib": peak_memory_mib(t.device),
+        "step_time_s": step_time, "data_time_s": data_time, "mem_peak_mib": peak_memory_mib(t.device), **moe,
     }
     mfu = model_flops_utilization(t, tokens_per_sec)
     if mfu is not None:
         metrics["mfu"] = mfu
     return metrics
+
+
+def moe_metrics(t: Trainer) -> dict:
+    """Tokens per expert over the global batch, summed over MoE layers, and the aux loss ({} for dense models)."""
+    if not isinstance(t.model_config, MoEConfig):
+        return {}
+    return expert_load_metrics(t.model, t.model_config.n_experts, t.pm["pp"].get_group())
 
 
 def peak_memory_mib(device: torch.device) -> float:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from core.mesh import MeshConfigError, MeshShape, check_divisible
 from core.pipeline import PipelineConfigError, check_pipeline, default_microbatches, schedule_spec
 from models.hf_format import check_hf_config_matches
+from models.moe import MoEConfig, check_expert_parallel
 from models.plans import check_tensor_parallel
 from models.registry import get_config
 
@@ -47,6 +48,8 @@ def validate(cfg: TrainConfig, world_size: int) -> ValidatedRun:
 def _check_model_fits_mesh(model_config, shape: MeshShape) -> None:
     try:
         check_tensor_parallel(model_config, shape.tp)
+        if isinstance(model_config, MoEConfig):
+            check_expert_parallel(model_config, shape.ep)
     except ValueError as err:
         raise MeshConfigError(str(err)) from None
     if model_config.n_layers < shape.pp:

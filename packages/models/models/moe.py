@@ -1,0 +1,288 @@
+"""A mixture-of-experts decoder: the Llama block with its feed-forward replaced by an MoE layer.
+
+MoE layer, for tokens x [T, dim] (T = batch * seq on this rank):
+
+    router     scores = softmax or sigmoid(x @ gate)  [T, E]; top-k experts per token
+               (+ an expert bias that only steers the choice, DeepSeek-V3's aux-loss-free balancing)
+    experts    each token's k choices run through SwiGLU experts, weighted by their scores
+               (expert parallel: the experts live on different ranks, see core.expert_parallel)
+    shared     optionally, a dense SwiGLU every token goes through (DeepSeek's shared experts)
+
+Load balancing is *mesh-invariant*: the aux loss is computed per sequence (its
+statistics summed over the cp ranks that share the sequence), so it does not depend on
+how the batch is split over ranks, micro-batches or pipeline stages; the load that
+drives the expert bias and the metrics is summed over every rank holding different
+tokens (dp x ep x cp) and over the step, so every mesh sees the global batch's load.
+
+Nothing here issues a collective unless ``parallelize`` has set the layer's groups;
+with the defaults (None) the model is a plain single-device module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+from core.expert_parallel import expert_parallel_ffn
+
+from .llama import FeedForward, LlamaConfig, Transformer, TransformerBlock
+from .plans import replicated_feed_forward_plan
+
+SCORE_FUNCS = ("softmax", "sigmoid")
+
+
+@dataclass(frozen=True)
+class MoEConfig(LlamaConfig):
+    n_experts: int = 8
+    top_k: int = 2
+    moe_ffn_dim: int = 128             # hidden width of each routed expert
+    n_shared_experts: int = 0          # a shared expert of width n_shared_experts * moe_ffn_dim
+    n_dense_layers: int = 0            # the first layers keep a dense FeedForward (DeepSeek's first_k_dense)
+    score_func: str = "softmax"        # softmax (Mixtral, DeepSeek-V2) | sigmoid (DeepSeek-V3)
+    norm_topk_prob: bool = True        # rescale the k chosen weights to sum to 1
+    aux_loss_coef: float = 0.01        # Switch-style load-balancing loss; 0 disables it
+    bias_update_rate: float = 0.0      # aux-loss-free balancing step (DeepSeek-V3 "gamma"); 0 disables it
+
+    def validate(self) -> None:
+        super().validate()
+        if self.n_experts < 1 or not 1 <= self.top_k <= self.n_experts:
+            raise ValueError(f"top_k={self.top_k} must be between 1 and n_experts={self.n_experts}: "
+                             f"a token cannot be routed to more experts than there are")
+        if self.score_func not in SCORE_FUNCS:
+            raise ValueError(f"score_func={self.score_func!r}: use one of {SCORE_FUNCS}")
+
+
+def check_expert_parallel(cfg: MoEConfig, ep: int) -> None:
+    """Raise ValueError (before any collective) when the experts cannot be split over ``ep`` ranks."""
+    cfg.validate()
+    if cfg.n_experts % ep:
+        choices = [d for d in range(1, cfg.n_experts + 1) if cfg.n_experts % d == 0]
+        raise ValueError(f"n_experts={cfg.n_experts} is not divisible by ep={ep}: every ep rank holds "
+                         f"n_experts/ep whole experts; use ep in {choices}")
+
+
+class Router(nn.Module):
+    """x [T, dim] -> (scores [T, E] float32, expert ids [T, k] int64, weights [T, k] float32)."""
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.gate = nn.Linear(cfg.dim, cfg.n_experts, bias=False)
+        # Added to the scores only to *choose* experts; it never scales an output, so it
+        # gets no gradient and is moved by update_expert_bias instead.
+        self.register_buffer("expert_bias", torch.zeros(cfg.n_experts))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        logits = self.gate(x).float()  # routing in float32: ties and bf16 noise would flip choices
+        scores = logits.softmax(-1) if self.cfg.score_func == "softmax" else logits.sigmoid()
+        choice = scores + self.expert_bias if self.cfg.bias_update_rate > 0 else scores
+        expert_ids = choice.topk(self.cfg.top_k, dim=-1).indices
+        weights = scores.gather(-1, expert_ids)
+        if self.cfg.norm_topk_prob:
+            weights = weights / weights.sum(-1, keepdim=True)
+        return scores, expert_ids, weights
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts stored as three [E, ...] tensors (``w1``/``w3``: [E, dim, hidden], ``w2``: [E, hidden, dim]).
+
+    One tensor per projection, not E Linear modules, so expert parallel can shard them on
+    dim 0 (``shard``) and initialization draws the same full tensor on every mesh.
+    """
+
+    def __init__(self, n_experts: int, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(n_experts, dim, hidden_dim))
+        self.w3 = nn.Parameter(torch.empty(n_experts, dim, hidden_dim))
+        self.w2 = nn.Parameter(torch.empty(n_experts, hidden_dim, dim))
+
+    def shard(self, ep_mesh) -> None:
+        """Keep only this ep rank's experts: each weight becomes a DTensor ``Shard(0)`` over ``ep_mesh``.
+
+        No communication (``src_data_rank=None``: every rank slices its own part; works on meta).
+        """
+        for name in ("w1", "w2", "w3"):
+            full = getattr(self, name)
+            setattr(self, name, nn.Parameter(distribute_tensor(full, ep_mesh, [Shard(0)], src_data_rank=None)))
+
+    def forward(self, rows: Tensor, tokens_per_expert: Tensor) -> Tensor:
+        """rows [N, dim] grouped by local expert, ``tokens_per_expert[e]`` rows each -> [N, dim].
+
+        A loop of small matmuls keeps it readable and runs anywhere; on GPUs a grouped GEMM
+        (``torch._grouped_mm``) does the same in one kernel.
+        """
+        w1, w2, w3 = (w.to_local() if isinstance(w, DTensor) else w for w in (self.w1, self.w2, self.w3))
+        outputs = []
+        for e, chunk in enumerate(rows.split(tokens_per_expert.tolist())):
+            outputs.append((F.silu(chunk @ w1[e]) * (chunk @ w3[e])) @ w2[e])
+        return torch.cat(outputs) if outputs else rows
+
+
+class _AttachAuxLoss(torch.autograd.Function):
+    """Identity on ``out`` whose backward also sends gradient 1 into ``aux``.
+
+    The block's forward returns only hidden states, so the aux loss cannot be added to
+    the trainer's loss; this makes ``loss.backward()`` differentiate ``loss + aux`` anyway,
+    on every pipeline stage, with no plumbing (Megatron's MoEAuxLossAutoScaler).
+    """
+
+    @staticmethod
+    def forward(ctx, out: Tensor, aux: Tensor) -> Tensor:
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:
+        return grad, torch.ones((), dtype=torch.float32, device=grad.device)
+
+
+class MoE(nn.Module):
+    """x [b, s, dim] -> [b, s, dim]. Routed experts (+ shared expert), dropless.
+
+    Set by ``models.parallelize`` (None = no communication):
+      ``ep_group``: the expert-parallel group the tokens are exchanged over;
+      ``seq_group``: the context-parallel group holding the other parts of our sequences;
+      ``stats_group``: every rank holding different tokens (dp x ep x cp), over which the
+      load (for the expert bias and the metrics) is summed.
+    Set by the trainer: ``sequences_per_step``, the global batch size, so that the aux loss
+    is the mean over all sequences of the optimizer step.
+    """
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.router = Router(cfg)
+        self.experts = GroupedExperts(cfg.n_experts, cfg.dim, cfg.moe_ffn_dim)
+        shared = cfg.n_shared_experts * cfg.moe_ffn_dim
+        self.shared_expert = FeedForward(cfg.dim, shared) if shared else None
+        self.ep_group: dist.ProcessGroup | None = None
+        self.seq_group: dist.ProcessGroup | None = None
+        self.stats_group: dist.ProcessGroup | None = None
+        self.sequences_per_step = 1
+        # Global load of the current optimizer step (all forwards), for the bias update and metrics.
+        self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_experts, dtype=torch.float64), persistent=False)
+        self.register_buffer("aux_loss_sum", torch.zeros((), dtype=torch.float64), persistent=False)
+
+    def tensor_parallel_plan(self, prefix: str) -> dict:
+        """Under tp, every tp rank runs the whole MoE on the whole sequence (experts are split by ep, not tp)."""
+        return replicated_feed_forward_plan(prefix)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, s, dim = x.shape
+        tokens = x.reshape(-1, dim)
+        scores, expert_ids, weights = self.router(tokens)
+        out, _ = expert_parallel_ffn(tokens, expert_ids, weights, self.cfg.n_experts, self.experts, self.ep_group)
+        out = out.to(x.dtype)
+        aux = self._balance_loss_share(scores.view(b, s, -1), expert_ids.view(b, s, -1))
+        if aux is not None and torch.is_grad_enabled():
+            out = _AttachAuxLoss.apply(out, aux)
+        if self.shared_expert is not None:
+            out = out + self.shared_expert(tokens)
+        return out.view(b, s, dim)
+
+    def _balance_loss_share(self, scores: Tensor, expert_ids: Tensor) -> Tensor | None:
+        """This rank's share of the load-balancing loss; records the step's global load.
+
+        scores: [b, s, E]; expert_ids: [b, s, k]. Per sequence (DeepSeek-V3's sequence-wise
+        loss), aux = coef * E * sum_e f_e * P_e, with f_e the fraction of the sequence's
+        (token, choice) pairs that chose e and P_e its mean router probability; the step's
+        loss is the mean over all its sequences. Per *sequence*, not per batch, so it does not
+        depend on how the batch is cut into ranks, micro-batches or pipeline stages: only cp
+        splits a sequence, so f (data, no gradient) is summed over ``seq_group``, and each
+        rank returns its own tokens' term of P; the trainer's summed gradients are exact.
+
+        Collectives: an all-reduce of [b, E] counts over ``seq_group`` (cp > 1), and one of
+        E + 1 float64 (load, aux value for the metrics) over ``stats_group``.
+        """
+        cfg = self.cfg
+        probs = scores if cfg.score_func == "softmax" else scores / scores.sum(-1, keepdim=True)
+        b, s, k = expert_ids.shape
+        counts = torch.zeros(b, cfg.n_experts, device=scores.device).scatter_add_(
+            1, expert_ids.reshape(b, -1), torch.ones(b, s * k, device=scores.device))
+        local_load = counts.sum(0)                                           # before cp adds the other parts
+        if self.seq_group is not None:
+            dist.all_reduce(counts, group=self.seq_group)
+        seq_len = counts[0].sum() / k                                        # whole sequence, over cp
+        fraction = counts / (seq_len * k)                                    # [b, E], rows sum to 1
+        coef = cfg.aux_loss_coef * cfg.n_experts / self.sequences_per_step
+        share = coef * (fraction * probs.sum(1) / seq_len).sum()             # sum over our sequences
+        self._record_load(local_load, share.detach())
+        return share if cfg.aux_loss_coef > 0 else None
+
+    @torch.no_grad()
+    def _record_load(self, load: Tensor, aux_share: Tensor) -> None:
+        """Add this forward's tokens per expert and aux loss, summed over ``stats_group``, to the step's totals."""
+        stats = torch.cat([load.double(), aux_share.double().view(1)])
+        if self.stats_group is not None:
+            dist.all_reduce(stats, group=self.stats_group)
+        self.tokens_per_expert += stats[:-1]
+        self.aux_loss_sum += stats[-1]
+
+
+def moe_layers(model: nn.Module) -> list[MoE]:
+    """The MoE layers of a model or of one pipeline stage of it (in module order)."""
+    return [m for m in model.modules() if isinstance(m, MoE)]
+
+
+def set_sequences_per_step(model: nn.Module, global_batch_size: int) -> None:
+    """The aux loss is the mean over the step's sequences: tell every MoE layer how many there are."""
+    for moe in moe_layers(model):
+        moe.sequences_per_step = global_batch_size
+
+
+@torch.no_grad()
+def update_expert_bias(model: nn.Module) -> None:
+    """After an optimizer step: nudge each expert's bias toward balance, then clear the step's load.
+
+    bias_e += rate * sign(mean load - load_e) (DeepSeek-V3): overloaded experts get chosen
+    less. The load is already global (summed over stats_group), so every rank makes the
+    same update and the biases never diverge. No communication.
+    """
+    for moe in moe_layers(model):
+        rate = moe.cfg.bias_update_rate
+        if rate > 0 and moe.tokens_per_expert.sum() > 0:
+            load = moe.tokens_per_expert
+            moe.router.expert_bias += (rate * torch.sign(load.mean() - load)).to(moe.router.expert_bias.dtype)
+        moe.tokens_per_expert.zero_()
+        moe.aux_loss_sum.zero_()
+
+
+def expert_load_metrics(model: nn.Module, n_experts: int, pp_group: dist.ProcessGroup | None) -> dict:
+    """This step's global load, summed over all MoE layers (call before ``update_expert_bias``).
+
+    Returns ``moe_tokens_per_expert`` (list of E routed pairs), ``moe_load_max_over_mean``
+    (1.0 = perfectly balanced) and ``moe_aux_loss`` (summed over layers). Collective: one
+    all-reduce over ``pp_group`` (pipeline stages hold different layers); every rank of the
+    group must call it.
+    """
+    layers = moe_layers(model)
+    device = layers[0].tokens_per_expert.device if layers else torch.device("cpu")
+    totals = torch.zeros(n_experts + 1, dtype=torch.float64, device=device)
+    for moe in layers:
+        totals[:-1] += moe.tokens_per_expert
+        totals[-1] += moe.aux_loss_sum
+    if pp_group is not None and dist.get_world_size(pp_group) > 1:
+        dist.all_reduce(totals, group=pp_group)
+    load = totals[:-1]
+    balance = (load.max() / load.mean()).item() if load.sum() > 0 else 1.0
+    return {"moe_tokens_per_expert": [int(c) for c in load.tolist()], "moe_load_max_over_mean": balance,
+            "moe_aux_loss": totals[-1].item()}
+
+
+class MoETransformer(Transformer):
+    """The Llama decoder with MoE feed-forwards (after ``n_dense_layers`` dense ones).
+
+    Same layer ModuleDict and optional embeddings / norm / output as the dense model, so
+    pipeline stages are cut the same way.
+    """
+
+    config: MoEConfig
+
+    def build_block(self, layer_index: int) -> TransformerBlock:
+        if layer_index < self.config.n_dense_layers:
+            return TransformerBlock(self.config)
+        return TransformerBlock(self.config, MoE(self.config))
