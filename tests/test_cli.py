@@ -102,3 +102,12 @@ def test_two_nodes_on_loopback_with_c10d_rendezvous(tmp_path):
     assert all(n.returncode == 0 for n in nodes), [o[1][-2000:] for o in outputs]
     logged = [p for p in (tmp_path / "a", tmp_path / "b") if (p / "metrics.jsonl").exists()]
     assert len(logged) == 1 and len(read_metrics(logged[0])) == 2  # global rank 0 lives on one node
+
+
+def test_tokenizer_larger_than_the_model_vocabulary_is_refused(tmp_path):
+    from tokenizers import Tokenizer, models
+
+    vocab = {f"w{i}": i for i in range(599)} | {"</s>": 599}  # 600 tokens > the debug model's 512
+    Tokenizer(models.WordLevel(vocab, unk_token="w0")).save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(ValueError, match="has 600 tokens but the model's vocab_size is 512"):
+        validate(TrainConfig(tokenizer=str(tmp_path / "tokenizer.json")), 1)

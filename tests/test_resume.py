@@ -132,3 +132,16 @@ def test_pipeline_checkpoint_resumes_without_pipeline(tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     expected, got = last_loss_per_step(tmp_path / "ref"), last_loss_per_step(tmp_path / "one")
     assert sorted(got) == [3, 4] and [got[s] for s in (3, 4)] == pytest.approx([expected[s] for s in (3, 4)], rel=1e-5)
+
+
+def test_moe_checkpoint_from_expert_parallel_resumes_on_one_process(tmp_path):
+    """Expert weights sharded over ep (and the expert-bias buffers) reshard like everything else."""
+    moe = ["--model", "debug-moe-v3"]
+    reference = run([sys.executable, "-m", "train", *SMALL, *moe, "--steps", "4", "--output-dir", str(tmp_path / "ref")])
+    saved = run(torchrun(2, *SMALL, *moe, "--steps", "2", "--mesh", "ep=2", "--output-dir", str(tmp_path / "ep")))
+    assert reference.returncode == 0 and saved.returncode == 0, saved.stderr
+    resumed = run([sys.executable, "-m", "train", *SMALL, *moe, "--steps", "4", "--resume", str(tmp_path / "ep" / "checkpoints"),
+                   "--output-dir", str(tmp_path / "one")])
+    assert resumed.returncode == 0, resumed.stderr
+    expected, got = last_loss_per_step(tmp_path / "ref"), last_loss_per_step(tmp_path / "one")
+    assert sorted(got) == [3, 4] and [got[s] for s in (3, 4)] == pytest.approx([expected[s] for s in (3, 4)], rel=1e-5)

@@ -34,8 +34,8 @@ from .data_sources import default_corpus_path, load_token_cache, open_source
 from .data_streaming import StreamingWindows
 from .tokenizer import ByteTokenizer, Tokenizer, load_tokenizer, tokenizer_fingerprint
 
-__all__ = ["TokenBatches", "Tokenizer", "ByteTokenizer", "load_tokenizer", "default_corpus_path",
-           "unigram_entropy_nats"]
+__all__ = ["TokenBatches", "SyntheticBatches", "build_batches", "Tokenizer", "ByteTokenizer", "load_tokenizer",
+           "default_corpus_path", "unigram_entropy_nats"]
 
 STATE_VERSION = 1
 
@@ -156,3 +156,41 @@ def _check_shape(seq_len: int, global_batch_size: int, batch_rank: int, batch_wo
     if not 0 <= batch_rank < batch_world:
         raise ValueError(f"batch_rank={batch_rank} is outside [0, batch_world={batch_world})")
 
+
+class SyntheticBatches:
+    """Random tokens, the same global batch on every mesh: rank r takes rows [r*b, (r+1)*b).
+
+    For benchmarks and parity tests that must not depend on files. Batch k is drawn from
+    a generator seeded by (seed, k), so it is reproducible after a restart.
+    """
+
+    def __init__(self, vocab_size: int, seq_len: int, global_batch_size: int, batch_rank: int, batch_world: int, seed: int):
+        self.vocab_size, self.seq_len, self.seed = vocab_size, seq_len, seed
+        self.global_batch_size = global_batch_size
+        self.local = global_batch_size // batch_world
+        self.rows = slice(batch_rank * self.local, (batch_rank + 1) * self.local)
+        self.position = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.position)
+        tokens = torch.randint(0, self.vocab_size, (self.global_batch_size, self.seq_len + 1), generator=generator)
+        self.position += 1
+        window = tokens[self.rows]
+        return window[:, :-1], window[:, 1:]
+
+    def state_dict(self) -> dict:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = int(state["position"])
+
+
+def build_batches(cfg, batch_rank: int, batch_world: int, vocab_size: int):
+    """The trainer's batches: this batch rank's (dp x ep coordinate's) rows of every global batch."""
+    if cfg.dataset == "synthetic":
+        return SyntheticBatches(vocab_size, cfg.seq_len, cfg.global_batch_size, batch_rank, batch_world, cfg.seed)
+    return TokenBatches(cfg.dataset, load_tokenizer(cfg.tokenizer), cfg.seq_len, cfg.global_batch_size,
+                        batch_rank, batch_world, cfg.seed, streaming=cfg.streaming)

@@ -44,7 +44,7 @@ from models.registry import build_model
 
 from . import checkpointing
 from .config import TrainConfig
-from .data import TokenBatches, load_tokenizer
+from .data import build_batches
 from .flops import peak_flops, transformer_flops_per_token
 from .tracking import MetricsLogger
 from .distributed import init_distributed, resolve_device, world_size_from_env
@@ -107,46 +107,6 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps)
 
 
-class SyntheticBatches:
-    """Random tokens, the same global batch on every mesh: rank r takes rows [r*b, (r+1)*b).
-
-    For benchmarks and parity tests that must not depend on files. Batch k is drawn from
-    a generator seeded by (seed, k), so it is reproducible after a restart.
-    """
-
-    def __init__(self, vocab_size: int, seq_len: int, global_batch_size: int, batch_rank: int, batch_world: int, seed: int):
-        self.vocab_size, self.seq_len, self.seed = vocab_size, seq_len, seed
-        self.global_batch_size = global_batch_size
-        self.local = global_batch_size // batch_world
-        self.rows = slice(batch_rank * self.local, (batch_rank + 1) * self.local)
-        self.position = 0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.position)
-        tokens = torch.randint(0, self.vocab_size, (self.global_batch_size, self.seq_len + 1), generator=generator)
-        self.position += 1
-        window = tokens[self.rows]
-        return window[:, :-1], window[:, 1:]
-
-    def state_dict(self) -> dict:
-        return {"position": self.position}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.position = int(state["position"])
-
-
-def build_batches(cfg: TrainConfig, pm: ParallelMesh, vocab_size: int):
-    """This batch rank's (dp x ep coordinate's) rows of every global batch."""
-    batch_rank, batch_world = pm.local_rank("batch"), pm.size("batch")
-    if cfg.dataset == "synthetic":
-        return SyntheticBatches(vocab_size, cfg.seq_len, cfg.global_batch_size, batch_rank, batch_world, cfg.seed)
-    return TokenBatches(cfg.dataset, load_tokenizer(cfg.tokenizer), cfg.seq_len, cfg.global_batch_size,
-                        batch_rank, batch_world, cfg.seed, streaming=cfg.streaming)
-
-
 def build_trainer(cfg: TrainConfig) -> Trainer:
     """Validate, join the process group, build mesh, model, optimizer, data. Collective."""
     checked = validate(cfg, world_size_from_env())
@@ -171,7 +131,7 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     set_sequences_per_step(model, cfg.global_batch_size)
     optimizer = build_optimizer(cfg, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    batches = build_batches(cfg, pm, checked.model_config.vocab_size)
+    batches = build_batches(cfg, pm.local_rank("batch"), pm.size("batch"), checked.model_config.vocab_size)
     return Trainer(cfg, pm, device, checked.model_config, model, optimizer, scheduler, batches, flops_per_token,
                    pipeline=pipeline)
 

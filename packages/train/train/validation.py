@@ -17,6 +17,7 @@ from models.plans import check_tensor_parallel
 from models.registry import get_config
 
 from .config import TrainConfig
+from .tokenizer import load_tokenizer
 
 DTYPES = ("float32", "bfloat16")
 
@@ -40,9 +41,18 @@ def validate(cfg: TrainConfig, world_size: int) -> ValidatedRun:
         raise ValueError(f"--steps ({cfg.steps}) and --seq-len ({cfg.seq_len}) must be >= 1")
     if cfg.init_from:
         check_hf_config_matches(cfg.init_from, model_config)
+    if cfg.dataset != "synthetic":
+        _check_tokenizer_fits_model(cfg.tokenizer, model_config)
     if cfg.seq_len > model_config.max_seq_len:
         raise ValueError(f"--seq-len {cfg.seq_len} exceeds the model's max_seq_len {model_config.max_seq_len}")
     return ValidatedRun(shape, model_config)
+
+
+def _check_tokenizer_fits_model(tokenizer: str, model_config) -> None:
+    vocab = load_tokenizer(tokenizer).vocab_size
+    if vocab > model_config.vocab_size:
+        raise ValueError(f"tokenizer {tokenizer!r} has {vocab} tokens but the model's vocab_size is "
+                         f"{model_config.vocab_size}: use a model with vocab_size >= {vocab} or a smaller tokenizer")
 
 
 def _check_model_fits_mesh(model_config, shape: MeshShape) -> None:
