@@ -23,7 +23,7 @@ def on_mesh(mesh: str, world: int, **overrides) -> dict:
     return merge_ranks(run_on_ranks(run_steps, world, mesh, overrides))
 
 
-@pytest.mark.parametrize("mesh, world", [("dp=2", 2), ("tp=2", 2), ("tp=4", 4), ("dp=2,tp=2", 4)])
+@pytest.mark.parametrize("mesh, world", [("dp=2", 2), ("tp=2", 2), ("tp=4", 4), ("dp=2,tp=2", 4), ("dp=2,tp=4", 8)])
 def test_mesh_matches_single_process(mesh, world):
     assert_same_run(single_process(), on_mesh(mesh, world))
 

@@ -14,10 +14,10 @@ The model may still be on the meta device: nothing is allocated until ``to_empty
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
-
-import functools
 
 from core.data_parallel import apply_fsdp
 from core.mesh import ParallelMesh
