@@ -46,6 +46,9 @@ def _rank_main(rank: int, world_size: int, port: int, out_dir: str, fn: Callable
                                 timeout=datetime.timedelta(seconds=300))
         result = fn(*args)
         torch.save(result, Path(out_dir) / f"result{rank}.pt")
+        # Rank 0 hosts the TCPStore that group creation goes through; leaving before the
+        # others are done would reset their connections ("Connection reset by peer").
+        dist.barrier()
     except BaseException:  # noqa: BLE001 - CheckpointException derives from BaseException
         (Path(out_dir) / f"error{rank}.txt").write_text(traceback.format_exc())
         code = 1

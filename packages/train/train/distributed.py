@@ -69,6 +69,10 @@ def shutdown_and_exit(code: int) -> None:
     """
     if dist.is_initialized():
         try:
+            if code == 0:
+                # Rank 0 hosts the rendezvous store; a rank still talking to it would
+                # see "connection reset" if rank 0 left first.
+                dist.barrier()
             dist.destroy_process_group()
         except Exception:  # noqa: BLE001 - we are leaving anyway
             pass
