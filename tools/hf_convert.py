@@ -1,4 +1,8 @@
-"""Export a Meshtron checkpoint as a Hugging Face Llama folder that ``transformers`` loads.
+"""Export a Meshtron checkpoint as a Hugging Face folder that ``transformers`` loads.
+
+A dense model becomes a ``LlamaForCausalLM`` folder, a Mixtral-style MoE (softmax router,
+renormalized top-k, no shared expert / dense layer / expert bias, e.g. ``debug-mixtral``)
+a ``MixtralForCausalLM`` one; any other MoE is refused before anything is read.
 
     python tools/hf_convert.py export runs/x/checkpoints out/hf            # newest complete checkpoint
     python tools/hf_convert.py export runs/x/checkpoints/step_00000100 out/hf --dtype bfloat16
@@ -26,8 +30,8 @@ import torch  # noqa: E402
 
 from core.checkpoint import CheckpointError, find_latest_checkpoint, load_checkpoint  # noqa: E402
 from core.checkpoint_layout import META, is_complete  # noqa: E402
-from models.hf_format import (DEFAULT_MAX_SHARD_BYTES, config_from_dict, expected_shapes,  # noqa: E402
-                              save_hf_folder)
+from models.hf_format import (DEFAULT_MAX_SHARD_BYTES, check_hf_compatible, config_from_dict,  # noqa: E402
+                              expected_shapes, save_hf_folder)
 from models.llama import LlamaConfig  # noqa: E402
 from models.registry import get_config  # noqa: E402
 
@@ -83,6 +87,7 @@ def model_config(meta: dict, model_name: str | None) -> LlamaConfig:
 def export(checkpoint: Path, out: Path, model_name: str | None, dtype: torch.dtype, max_shard_bytes: int) -> None:
     checkpoint = resolve_checkpoint(checkpoint)
     config = model_config(read_meta(checkpoint), model_name)
+    check_hf_compatible(config)  # fail before reading gigabytes
     # Load into tensors of the export dtype: load_checkpoint casts while copying.
     state = {name: torch.empty(shape, dtype=dtype) for name, shape in expected_shapes(config).items()}
     load_checkpoint(checkpoint, state)

@@ -1,17 +1,18 @@
-"""Hugging Face Llama folders <-> Meshtron Llama weights and configs.
+"""Hugging Face folders <-> Meshtron weights and configs: dense Llama and Mixtral-style MoE.
 
-A Hugging Face (HF) folder, as ``transformers.LlamaForCausalLM.from_pretrained`` reads it::
+A Hugging Face (HF) folder, as ``transformers`` ``from_pretrained`` reads it::
 
     folder/
-      config.json                              LlamaConfig fields (hidden_size, num_hidden_layers, ...)
+      config.json                              model_type "llama" or "mixtral" and its fields
       model.safetensors                        every weight, by HF name
     or, when the weights are split into shards:
       model-00001-of-00003.safetensors ...
       model.safetensors.index.json             {"metadata": {"total_size": N}, "weight_map": {name: file}}
 
-Names map one to one (``layers.3.attention.wq.weight`` <-> ``model.layers.3.self_attn.q_proj.weight``)
-and tensors are copied unchanged: our ``rotary`` uses HF's "rotate half" convention, so q/k
-need no permutation (tests/test_hf_format.py checks logits against ``transformers``).
+A ``LlamaConfig`` maps to ``LlamaForCausalLM`` (names and config in ``models.hf_llama``),
+an ``MoEConfig`` to ``MixtralForCausalLM`` when it routes like Mixtral (``models.hf_mixtral``;
+any other MoE is a ValueError). One Meshtron parameter is stored as one HF tensor, except
+an expert weight [E, ...], which is stored as E per-expert tensors (transposed).
 
 Only safetensors and JSON are read or written: no file is ever unpickled.
 """
@@ -20,18 +21,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
+from contextlib import ExitStack
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch import nn
+from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from core.checkpoint_state import clean_fqn
 
+from . import hf_llama, hf_mixtral
+from .hf_llama import from_hf_name, to_hf_name  # noqa: F401 - the Llama name map, re-exported
 from .llama import LlamaConfig
+from .moe import MoEConfig, Router
 from .registry import build_model
 
 CONFIG_FILE = "config.json"
@@ -39,116 +44,53 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 
-# ---- names ------------------------------------------------------------------------------
-
-# Meshtron name -> HF name, for everything outside the layers ...
-_TOP_LEVEL = {
-    "tok_embeddings.weight": "model.embed_tokens.weight",
-    "norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-# ... and, inside ``layers.{i}.`` / ``model.layers.{i}.``, the rest of the name.
-_IN_LAYER = {
-    "attention.wq.weight": "self_attn.q_proj.weight",
-    "attention.wk.weight": "self_attn.k_proj.weight",
-    "attention.wv.weight": "self_attn.v_proj.weight",
-    "attention.wo.weight": "self_attn.o_proj.weight",
-    "feed_forward.w1.weight": "mlp.gate_proj.weight",  # SwiGLU: w2(silu(w1 x) * w3 x)
-    "feed_forward.w3.weight": "mlp.up_proj.weight",    #   == down(silu(gate x) * up x)
-    "feed_forward.w2.weight": "mlp.down_proj.weight",
-    "attention_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-}
-_TOP_LEVEL_BACK = {hf: ours for ours, hf in _TOP_LEVEL.items()}
-_IN_LAYER_BACK = {hf: ours for ours, hf in _IN_LAYER.items()}
-_OUR_LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
-_HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+# ---- names: one Meshtron parameter <-> its HF tensors -------------------------------------
 
 
-def to_hf_name(name: str) -> str:
-    """``layers.3.attention.wq.weight`` -> ``model.layers.3.self_attn.q_proj.weight``; ValueError if unknown."""
-    if name in _TOP_LEVEL:
-        return _TOP_LEVEL[name]
-    match = _OUR_LAYER.match(name)
-    if match and match.group(2) in _IN_LAYER:
-        return f"model.layers.{match.group(1)}.{_IN_LAYER[match.group(2)]}"
-    raise ValueError(f"parameter {name!r} has no Hugging Face Llama name (is this an MoE or modified model?)")
+def hf_names(name: str, config: LlamaConfig) -> list[str]:
+    """The HF names under which parameter ``name`` of ``config``'s model is stored (E of them for experts)."""
+    if isinstance(config, MoEConfig):
+        return hf_mixtral.hf_names(name, config.n_experts)
+    return [to_hf_name(name)]
 
 
-def from_hf_name(name: str) -> str:
-    """``model.layers.3.self_attn.q_proj.weight`` -> ``layers.3.attention.wq.weight``; ValueError if unknown."""
-    if name in _TOP_LEVEL_BACK:
-        return _TOP_LEVEL_BACK[name]
-    match = _HF_LAYER.match(name)
-    if match and match.group(2) in _IN_LAYER_BACK:
-        return f"layers.{match.group(1)}.{_IN_LAYER_BACK[match.group(2)]}"
-    raise ValueError(f"Hugging Face weight {name!r} has no Meshtron Llama name (biases, MoE, "
-                     f"or another architecture are not supported)")
+def _split(name: str, tensor: Tensor, config: LlamaConfig) -> list[Tensor]:
+    """Our full tensor -> the tensors stored under ``hf_names(name, config)`` (views, same order)."""
+    return hf_mixtral.split_for_hf(name, tensor) if isinstance(config, MoEConfig) else [tensor]
+
+
+def _join(name: str, tensors: list[Tensor], config: LlamaConfig) -> Tensor:
+    """Inverse of ``_split``: the stored tensors -> our full tensor."""
+    return hf_mixtral.join_from_hf(name, tensors) if isinstance(config, MoEConfig) else tensors[0]
 
 
 # ---- config.json ------------------------------------------------------------------------
 
+def check_hf_compatible(config: LlamaConfig) -> None:
+    """ValueError if no ``transformers`` class computes what ``config``'s model computes (non-Mixtral MoE)."""
+    if isinstance(config, MoEConfig):
+        hf_mixtral.check_mixtral_compatible(config)
+
+
 def to_hf_config(config: LlamaConfig, dtype: torch.dtype = torch.float32) -> dict:
-    """The config.json dict ``transformers`` needs to build the same model.
-
-    The rope base is written both ways: ``rope_parameters`` (transformers 5) and
-    ``rope_theta`` (4.x). Our output projection is untied from the embedding.
-    """
-    dtype_name = str(dtype).removeprefix("torch.")
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": config.dim,
-        "num_hidden_layers": config.n_layers,
-        "num_attention_heads": config.n_heads,
-        "num_key_value_heads": config.n_kv_heads,
-        "head_dim": config.head_dim,
-        "intermediate_size": config.ffn_dim,
-        "vocab_size": config.vocab_size,
-        "max_position_embeddings": config.max_seq_len,
-        "rms_norm_eps": config.norm_eps,
-        "rope_theta": config.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
-        "hidden_act": "silu",
-        "attention_bias": False,
-        "mlp_bias": False,
-        "tie_word_embeddings": False,
-        "dtype": dtype_name,
-    }
-
-
-def _rope_theta(hf: dict) -> float:
-    """The rope base of an HF config; ValueError for scaled RoPE (e.g. Llama 3.1's "llama3"), which we lack."""
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind != "default":
-        raise ValueError(f"config.json uses RoPE scaling {kind!r}; Meshtron implements only plain RoPE")
-    return float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    """The config.json dict ``transformers`` needs to build the same model (Llama or Mixtral)."""
+    if isinstance(config, MoEConfig):
+        return hf_mixtral.to_hf_config(config, dtype)
+    return hf_llama.to_hf_config(config, dtype)
 
 
 def from_hf_config(hf: dict) -> LlamaConfig:
-    """The LlamaConfig of an HF config.json dict; ValueError naming what we cannot represent."""
-    if hf.get("model_type", "llama") != "llama":
-        raise ValueError(f"config.json has model_type {hf.get('model_type')!r}; only 'llama' is supported")
-    unsupported = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False}
-    for key, ours in unsupported.items():
-        if hf.get(key, ours) != ours:
-            raise ValueError(f"config.json has {key}={hf[key]!r}; Meshtron's Llama needs {key}={ours!r}")
-    config = LlamaConfig(
-        dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=hf["num_attention_heads"],
-        n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-        ffn_dim=hf["intermediate_size"], vocab_size=hf["vocab_size"], rope_theta=_rope_theta(hf),
-        norm_eps=float(hf.get("rms_norm_eps", 1e-6)), max_seq_len=hf.get("max_position_embeddings", 2048))
-    head_dim = hf.get("head_dim") or config.head_dim
-    if head_dim != config.head_dim:
-        raise ValueError(f"config.json has head_dim={head_dim}, but Meshtron derives hidden_size/num_attention_heads"
-                         f"={config.head_dim}")
-    config.validate()
-    return config
+    """The LlamaConfig (or, for "mixtral", MoEConfig) of an HF config.json dict; ValueError if unsupported."""
+    model_type = hf.get("model_type", "llama")
+    if model_type == "llama":
+        return hf_llama.from_hf_config(hf)
+    if model_type == "mixtral":
+        return hf_mixtral.from_hf_config(hf)
+    raise ValueError(f"config.json has model_type {model_type!r}; only 'llama' and 'mixtral' are supported")
 
 
 def read_hf_config(folder: Path) -> LlamaConfig:
-    """The LlamaConfig of ``folder/config.json``."""
+    """The config of ``folder/config.json`` (LlamaConfig or MoEConfig)."""
     path = Path(folder) / CONFIG_FILE
     if not path.is_file():
         raise ValueError(f"{folder} has no {CONFIG_FILE}: not a Hugging Face model folder")
@@ -159,36 +101,92 @@ def read_hf_config(folder: Path) -> LlamaConfig:
 _MATCHING_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "rope_theta", "norm_eps")
 
 
+def _kind(config: LlamaConfig) -> str:
+    return "a Mixtral-style MoE" if isinstance(config, MoEConfig) else "a dense Llama"
+
+
 def check_hf_config_matches(folder: Path, config: LlamaConfig) -> None:
-    """ValueError listing every field where ``folder``'s config.json differs from ``config``."""
+    """ValueError listing every field where ``folder``'s config.json differs from ``config``.
+
+    Reads only config.json, so it may run before any collective. An MoE ``config`` must
+    also route like Mixtral (``check_hf_compatible``).
+    """
+    check_hf_compatible(config)
     theirs = read_hf_config(folder)
+    if isinstance(theirs, MoEConfig) != isinstance(config, MoEConfig):
+        raise ValueError(f"{folder} holds {_kind(theirs)} model, this run's model is {_kind(config)}: "
+                         f"pick a --model of the folder's kind")
+    fields = _MATCHING_FIELDS
+    if isinstance(config, MoEConfig):
+        fields = tuple(f for f in fields if f != "ffn_dim") + hf_mixtral.MATCHING_FIELDS
     diffs = [f"{field}: folder has {getattr(theirs, field)}, the run has {getattr(config, field)}"
-             for field in _MATCHING_FIELDS if getattr(theirs, field) != getattr(config, field)]
+             for field in fields if getattr(theirs, field) != getattr(config, field)]
     if diffs:
         raise ValueError(f"the model config of {folder} does not match this run's model (pick the --model "
                          f"matching the folder, or override its fields):\n  " + "\n  ".join(diffs))
 
 
+def config_from_dict(values: dict) -> LlamaConfig:
+    """A LlamaConfig, or an MoEConfig when ``values`` has every MoE field (as meta.json's
+    ``model_config`` does); ValueError on unknown or partial fields."""
+    dense = {f.name for f in dataclasses.fields(LlamaConfig)}
+    moe = {f.name for f in dataclasses.fields(MoEConfig)}
+    extra = sorted(set(values) - dense)
+    if not extra:
+        return LlamaConfig(**values)
+    if set(extra) == moe - dense:
+        return MoEConfig(**values)
+    raise ValueError(f"model config has fields a dense Llama does not: {extra}; an MoE config needs exactly "
+                     f"{sorted(moe - dense)} besides the dense fields")
+
+
 # ---- expected weights -------------------------------------------------------------------
 
 def expected_shapes(config: LlamaConfig) -> dict[str, torch.Size]:
-    """Meshtron name -> full shape of every parameter of the dense model for ``config`` (built on meta)."""
+    """Meshtron name -> full shape of every parameter of the model for ``config`` (built on meta)."""
     with torch.device("meta"):
         model = build_model(config)
     return {name: p.shape for name, p in model.named_parameters()}
 
 
+def expected_hf_shapes(config: LlamaConfig) -> dict[str, tuple[str, torch.Size]]:
+    """HF name -> (the Meshtron name it belongs to, its shape on disk), for ``config``'s model."""
+    out = {}
+    for name, shape in expected_shapes(config).items():
+        parts = _split(name, torch.empty(shape, device="meta"), config)
+        out.update({hf: (name, part.shape) for hf, part in zip(hf_names(name, config), parts)})
+    return out
+
+
+def _first(names: list[str]) -> str:
+    return f"{names[:5]}{' ...' if len(names) > 5 else ''}"
+
+
 def _check_names_and_shapes(shapes: dict[str, torch.Size], expected: dict[str, torch.Size], where: str) -> None:
-    """ValueError for missing or unexpected keys, or a shape that is not the config's, naming them."""
+    """ValueError for missing or unexpected Meshtron names, or a shape that is not the config's."""
     missing, unexpected = sorted(expected.keys() - shapes.keys()), sorted(shapes.keys() - expected.keys())
     if missing or unexpected:
-        raise ValueError(f"{where} does not match the model config: missing keys {missing[:5]}"
-                         f"{' ...' if len(missing) > 5 else ''}, unexpected keys {unexpected[:5]}"
-                         f"{' ...' if len(unexpected) > 5 else ''}")
+        raise ValueError(f"{where} does not match the model config: missing keys {_first(missing)}, "
+                         f"unexpected keys {_first(unexpected)}")
     for name, shape in shapes.items():
         if tuple(shape) != tuple(expected[name]):
-            raise ValueError(f"shape mismatch for {name!r} ({to_hf_name(name)!r}) in {where}: it has "
-                             f"{tuple(shape)}, the model config needs {tuple(expected[name])}")
+            raise ValueError(f"shape mismatch for {name!r} in {where}: it has {tuple(shape)}, "
+                             f"the model config needs {tuple(expected[name])}")
+
+
+def _check_hf_names_and_shapes(shapes: dict[str, torch.Size], config: LlamaConfig, where: str) -> None:
+    """Like ``_check_names_and_shapes`` for HF-named tensors; missing ones are reported by Meshtron name."""
+    expected = expected_hf_shapes(config)
+    missing = sorted({name for hf, (name, _) in expected.items() if hf not in shapes})
+    unexpected = sorted(shapes.keys() - expected.keys())
+    if missing or unexpected:
+        raise ValueError(f"{where} does not match the model config: missing keys {_first(missing)}, "
+                         f"unexpected keys {_first(unexpected)}")
+    for hf, shape in shapes.items():
+        name, needed = expected[hf]
+        if tuple(shape) != tuple(needed):
+            raise ValueError(f"shape mismatch for {name!r} ({hf!r}) in {where}: it has {tuple(shape)}, "
+                             f"the model config needs {tuple(needed)}")
 
 
 # ---- writing ----------------------------------------------------------------------------
@@ -213,6 +211,16 @@ def _remove_old_weights(folder: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def _hf_tensors(state: dict[str, Tensor], config: LlamaConfig, dtype: torch.dtype | None) -> dict[str, Tensor]:
+    """HF name -> contiguous CPU tensor of ``dtype`` (default: as given), for every Meshtron tensor of ``state``."""
+    tensors = {}
+    for name, tensor in state.items():
+        tensor = tensor.detach().to("cpu", dtype or tensor.dtype)
+        for hf, part in zip(hf_names(name, config), _split(name, tensor, config)):
+            tensors[hf] = part.contiguous()  # experts are transposed views: safetensors needs their own copy
+    return tensors
+
+
 def save_hf_folder(state: dict[str, torch.Tensor], config: LlamaConfig, folder: Path,
                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, dtype: torch.dtype | None = None) -> list[Path]:
     """Write ``state`` (Meshtron names -> FULL plain tensors) as an HF folder; return the files written.
@@ -220,12 +228,14 @@ def save_hf_folder(state: dict[str, torch.Tensor], config: LlamaConfig, folder: 
     Writes ``folder/config.json`` and either ``model.safetensors`` or, when the weights exceed
     ``max_shard_bytes``, ``model-0000k-of-0000N.safetensors`` + ``model.safetensors.index.json``.
     Old ``model*.safetensors`` / index files in ``folder`` are deleted first. Tensors are cast
-    to ``dtype`` (default: as given). ValueError if names or shapes differ from ``config``'s model.
+    to ``dtype`` (default: as given). ValueError, before writing anything, if names or shapes
+    differ from ``config``'s model or ``config`` is an MoE no transformers class matches.
     """
+    check_hf_compatible(config)
     if any(isinstance(t, DTensor) for t in state.values()):
         raise ValueError("save_hf_folder needs full plain tensors: gather DTensors with .full_tensor() first")
     _check_names_and_shapes({k: t.shape for k, t in state.items()}, expected_shapes(config), "the state to save")
-    tensors = {to_hf_name(k): t.detach().to("cpu", dtype or t.dtype).contiguous() for k, t in state.items()}
+    tensors = _hf_tensors(state, config, dtype)
     out_dtype = dtype or next(iter(tensors.values())).dtype
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -270,65 +280,83 @@ def weight_files(folder: Path) -> dict[str, Path]:
     return {name: path for name, path in files.items() if not _is_ignored(name)}
 
 
-def _sources(folder: Path) -> dict[str, tuple[Path, str]]:
-    """Meshtron name -> (file, HF name stored in it), for every weight of ``folder``.
+# HF name -> (file, name stored in it): the two differ only for a tied lm_head.
+Sources = dict[str, tuple[Path, str]]
+
+
+def _sources(folder: Path) -> Sources:
+    """Where each HF weight of ``folder`` is stored.
 
     A config with ``tie_word_embeddings`` may store no ``lm_head.weight``: our untied output
     projection then starts as a copy of the embedding.
     """
-    sources = {from_hf_name(hf_name): (path, hf_name) for hf_name, path in weight_files(folder).items()}
+    sources = {hf: (path, hf) for hf, path in weight_files(folder).items()}
     tied = json.loads((Path(folder) / CONFIG_FILE).read_text()).get("tie_word_embeddings", False)
-    if tied and "output.weight" not in sources and "tok_embeddings.weight" in sources:
-        sources["output.weight"] = sources["tok_embeddings.weight"]
+    if tied and "lm_head.weight" not in sources and "model.embed_tokens.weight" in sources:
+        sources["lm_head.weight"] = sources["model.embed_tokens.weight"]
     return sources
 
 
-def _checked_sources(folder: Path, config: LlamaConfig) -> dict[str, tuple[Path, str]]:
+def _checked_sources(folder: Path, config: LlamaConfig) -> Sources:
     """``_sources(folder)`` after checking its names and shapes (safetensors headers only) against ``config``."""
     sources = _sources(folder)
     shapes = {}
-    for name, (path, hf_name) in sources.items():
+    for path in sorted({path for path, _ in sources.values()}):
         with safe_open(str(path), framework="pt") as f:
-            shapes[name] = torch.Size(f.get_slice(hf_name).get_shape())
-    _check_names_and_shapes(shapes, expected_shapes(config), f"Hugging Face folder {folder}")
+            shapes.update({hf: torch.Size(f.get_slice(stored).get_shape())
+                           for hf, (p, stored) in sources.items() if p == path})
+    _check_hf_names_and_shapes(shapes, config, f"Hugging Face folder {folder}")
     return sources
 
 
-def _read(sources: dict[str, tuple[Path, str]], names: list[str]):
-    """Yield (name, full CPU tensor) for ``names``, one tensor in memory at a time, each file opened once."""
-    for path in sorted({sources[name][0] for name in names}):
-        with safe_open(str(path), framework="pt") as f:
-            for name in names:
-                if sources[name][0] == path:
-                    yield name, f.get_tensor(sources[name][1])
+def _read(sources: Sources, names: list[str], config: LlamaConfig) -> Iterator[tuple[str, Tensor]]:
+    """Yield (Meshtron name, full CPU tensor) for ``names``, one parameter in memory at a time.
+
+    Each file is opened once (safetensors maps it; a tensor is read when asked for).
+    """
+    with ExitStack() as stack:
+        files = {}
+
+        def get(hf: str) -> Tensor:
+            path, stored = sources[hf]
+            if path not in files:
+                files[path] = stack.enter_context(safe_open(str(path), framework="pt"))
+            return files[path].get_tensor(stored)
+
+        for name in names:
+            yield name, _join(name, [get(hf) for hf in hf_names(name, config)], config)
 
 
 def load_hf_folder(folder: Path) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
-    """Read an HF Llama folder: its config and every weight as a full CPU tensor, by Meshtron name.
+    """Read an HF Llama or Mixtral folder: its config and every weight as a full CPU tensor, by Meshtron name.
 
-    Tensors keep their stored dtype. ValueError for an unsupported config or missing,
-    unexpected or misshapen weights.
+    Tensors keep their stored dtype (experts: [E, ...], as our model holds them). ValueError
+    for an unsupported config or missing, unexpected or misshapen weights.
     """
     config = read_hf_config(folder)
     sources = _checked_sources(folder, config)
-    return config, dict(_read(sources, list(sources)))
+    return config, dict(_read(sources, list(expected_shapes(config)), config))
 
 
 @torch.no_grad()
 def load_hf_weights_(model: nn.Module, folder: Path) -> None:
     """Copy an HF folder's weights into ``model`` in place, by name; no collective.
 
-    ``model`` is a Meshtron Llama (``model.config``), plain or sharded (TP / FSDP DTensors)
-    or a pipeline stage holding some layers. Every rank reads the full tensor of each of
-    its parameters, one at a time, and keeps its own shard (``src_data_rank=None``: each
-    rank cuts locally, as models.init does). The folder must hold exactly the weights of
-    the full model for ``model.config``; ValueError (naming key and shapes) otherwise.
+    ``model`` is a Meshtron Llama or Mixtral-style MoE (``model.config``), plain or sharded
+    (TP / FSDP / EP DTensors) or a pipeline stage holding some layers. Every rank reads the
+    full tensor of each of its parameters (an expert weight: all E experts), one at a time,
+    and keeps its own shard (``src_data_rank=None``: each rank cuts locally, as models.init
+    does). The routers' expert bias, which Mixtral lacks, is set to zero. The folder must
+    hold exactly the weights of the full model for ``model.config``; ValueError (naming key
+    and shapes) otherwise.
     """
     check_hf_config_matches(folder, model.config)
     sources = _checked_sources(folder, model.config)
     params = {clean_fqn(name): p for name, p in model.named_parameters()}
-    for name, full in _read(sources, list(params)):
+    for name, full in _read(sources, list(params), model.config):
         _copy_full_(params[name], full)
+    for router in (m for m in model.modules() if isinstance(m, Router)):
+        router.expert_bias.zero_()
 
 
 def _copy_full_(param: torch.Tensor, full: torch.Tensor) -> None:
@@ -339,12 +367,3 @@ def _copy_full_(param: torch.Tensor, full: torch.Tensor) -> None:
         param.to_local().copy_(local)
     else:
         param.copy_(full)
-
-
-def config_from_dict(values: dict) -> LlamaConfig:
-    """A LlamaConfig from a dict (e.g. meta.json's ``model_config``); ValueError on unknown fields."""
-    known = {f.name for f in dataclasses.fields(LlamaConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"model config has fields a dense Llama does not: {unknown} (an MoE model?)")
-    return LlamaConfig(**values)

@@ -1,4 +1,5 @@
-"""Model names -> configs. ``debug`` / ``debug-moe`` run in seconds on a laptop CPU; the others are real sizes."""
+"""Model names -> configs. ``debug`` / ``debug-moe(-v3)`` / ``debug-mixtral`` run in seconds on a laptop CPU;
+the others are real sizes."""
 
 from __future__ import annotations
 
@@ -25,6 +26,12 @@ MOE_CONFIGS: dict[str, MoEConfig] = {
     # softmax router with the aux loss; ep = 1, 2, 4 or 8.
     "debug-moe": MoEConfig(dim=128, n_layers=4, n_heads=8, n_kv_heads=4, ffn_dim=384, vocab_size=512,
                            n_experts=8, top_k=2, moe_ffn_dim=64, n_shared_experts=1, aux_loss_coef=0.01),
+    # Mixtral's routing at debug size (no shared expert, no dense layer, no expert bias):
+    # exports to transformers' MixtralForCausalLM (models.hf_format). ffn_dim = moe_ffn_dim,
+    # as in Mixtral, where no layer is dense; != dim, so a transposed expert cannot load.
+    # Dims divisible by tp=1,2,4; ep = 1, 2, 4 or 8.
+    "debug-mixtral": MoEConfig(dim=128, n_layers=4, n_heads=8, n_kv_heads=4, ffn_dim=192, vocab_size=512,
+                               n_experts=8, top_k=2, moe_ffn_dim=192, aux_loss_coef=0.01),
     # DeepSeek-V3-style routing at debug size: a dense first layer, sigmoid scores,
     # aux-loss-free balancing by the expert bias (and a small aux loss, as V3 keeps one).
     "debug-moe-v3": MoEConfig(dim=128, n_layers=4, n_heads=8, n_kv_heads=4, ffn_dim=384, vocab_size=512,
