@@ -23,6 +23,7 @@ from models.init import init_weights
 from models.moe import MoEConfig, Router
 from models.registry import build_model, get_config
 from rank_harness import run_on_ranks
+from test_hf_format import full_state
 
 transformers = pytest.importorskip("transformers")
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,10 +44,6 @@ def mixtral_model(seed: int = 0, config: MoEConfig = CONFIG) -> torch.nn.Module:
             fan_in = p.shape[-2] if name.endswith(("w1", "w2", "w3")) else p.shape[-1]  # experts: x @ w[e]
             p.copy_(torch.randn(p.shape, generator=generator) / fan_in ** 0.5)
     return model
-
-
-def full_state(model) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
 def hf_mixtral(folder) -> torch.nn.Module:
