@@ -8,6 +8,7 @@ the single-process run. Plus the configuration errors, raised before any collect
 import functools
 
 import pytest
+import torch
 
 from rank_harness import run_on_ranks
 from parity import BASE, assert_same_run, merge_ranks, run_steps
@@ -110,3 +111,11 @@ def test_experts_not_divisible_by_ep_is_a_clear_error():
 def test_top_k_above_n_experts_is_a_clear_error():
     with pytest.raises(ValueError, match="top_k=9 must be between 1 and n_experts=8"):
         check_expert_parallel(get_config("debug-moe", top_k=9), ep=1)
+
+
+def test_bfloat16_expert_parallel_tracks_float32():
+    """bf16 compute with experts split over ep (FSDP mixed precision on dp x ep) stays near fp32."""
+    reference = single_process()
+    bf16 = on_mesh("dp=2,ep=2", 4, dtype="bfloat16")
+    torch.testing.assert_close(torch.tensor(bf16["losses"]), torch.tensor(reference["losses"]), rtol=2e-2, atol=0)
+    assert bf16["losses"] != reference["losses"], "bf16 had no effect"
