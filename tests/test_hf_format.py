@@ -28,19 +28,25 @@ CONFIG = get_config("debug")
 
 
 @torch.no_grad()
-def debug_model(seed: int = 0) -> torch.nn.Module:
-    """The debug Llama with O(1) activations: with init_weights' std 0.02 attention is nearly
-    uniform, so a RoPE or q/k layout error would hide below the tolerance. Norm weights are
-    perturbed so that swapping the two norms of a layer shows too."""
-    model = build_model(CONFIG)
-    init_weights(model, CONFIG.n_layers, seed=seed)
+def unit_scale_model(config, seed: int = 0) -> torch.nn.Module:
+    """A model of ``config`` with O(1) activations: with init_weights' std 0.02 attention is
+    nearly uniform (and MoE routing nearly tied), so a RoPE, q/k or expert layout error would
+    hide below the tolerance. Norm weights are perturbed so that swapping two norms shows too."""
+    model = build_model(config)
+    init_weights(model, config.n_layers, seed=seed)
     generator = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
         if name.endswith("norm.weight"):
             p.add_(0.2 * torch.randn(p.shape, generator=generator))
         elif name != "tok_embeddings.weight":
-            p.copy_(torch.randn(p.shape, generator=generator) / p.shape[1] ** 0.5)
+            fan_in = p.shape[-2] if name.endswith(("w1", "w2", "w3")) else p.shape[-1]  # experts: x @ w[e]
+            p.copy_(torch.randn(p.shape, generator=generator) / fan_in ** 0.5)
     return model
+
+
+def debug_model(seed: int = 0) -> torch.nn.Module:
+    """The debug Llama at unit scale."""
+    return unit_scale_model(CONFIG, seed)
 
 
 def full_state(model) -> dict[str, torch.Tensor]:

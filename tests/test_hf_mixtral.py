@@ -23,27 +23,17 @@ from models.init import init_weights
 from models.moe import MoEConfig, Router
 from models.registry import build_model, get_config
 from rank_harness import run_on_ranks
-from test_hf_format import full_state
+from test_hf_format import full_state, unit_scale_model
 
 transformers = pytest.importorskip("transformers")
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = get_config("debug-mixtral", n_layers=2)  # 8 experts, top-2, dim 128, expert width 192
 
 
-@torch.no_grad()
 def mixtral_model(seed: int = 0, config: MoEConfig = CONFIG) -> torch.nn.Module:
-    """A Mixtral-compatible model with O(1) activations and router logits, so that every token's
-    top-2 differ and their weights are far from 1/2: a routing or expert-layout mistake shows."""
-    model = build_model(config)
-    init_weights(model, config.n_layers, seed=seed)
-    generator = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        if name.endswith("norm.weight"):
-            p.add_(0.2 * torch.randn(p.shape, generator=generator))
-        elif name != "tok_embeddings.weight":
-            fan_in = p.shape[-2] if name.endswith(("w1", "w2", "w3")) else p.shape[-1]  # experts: x @ w[e]
-            p.copy_(torch.randn(p.shape, generator=generator) / fan_in ** 0.5)
-    return model
+    """A Mixtral-compatible model at unit scale, so that every token's top-2 differ and their
+    weights are far from 1/2: a routing or expert-layout mistake shows."""
+    return unit_scale_model(config, seed)
 
 
 def hf_mixtral(folder) -> torch.nn.Module:
