@@ -19,7 +19,6 @@ from safetensors import safe_open
 
 from models.hf_format import (check_hf_config_matches, config_from_dict, expected_hf_shapes, from_hf_config, hf_names,
                               load_hf_folder, load_hf_weights_, save_hf_folder, to_hf_config)
-from models.init import init_weights
 from models.moe import MoEConfig, Router
 from models.registry import build_model, get_config
 from rank_harness import run_on_ranks
