@@ -24,6 +24,7 @@ from core.mesh import ParallelMesh
 from core.ring_attention import ring_attention, zigzag_positions
 from core.tensor_parallel import apply_tensor_parallel
 
+from .init import init_weights
 from .llama import Attention, Transformer
 from .moe import moe_layers
 from .plans import tensor_parallel_plan
@@ -87,6 +88,19 @@ def dense_and_expert_parameters(model: nn.Module) -> tuple[list[nn.Parameter], l
 def materialize(model: nn.Module, device: torch.device) -> None:
     """Allocate a meta-device (sharded) model's storage on ``device``; values come from models.init."""
     model.to_empty(device=device)
+
+
+def parallelize_and_initialize(model: Transformer, pm: ParallelMesh, device: torch.device, seed: int,
+                               dp_mode: str = "fsdp", param_dtype: torch.dtype | None = None,
+                               reshard_after_forward: bool = True) -> None:
+    """Shard a meta-device model (or pipeline stage) over ``pm``, allocate this rank's shards on
+    ``device`` and fill them with the mesh-invariant initial values (``models.init``).
+
+    Collective only where ``parallelize`` is (FSDP setup); initialization issues none.
+    """
+    parallelize(model, pm, dp_mode=dp_mode, param_dtype=param_dtype, reshard_after_forward=reshard_after_forward)
+    materialize(model, device)
+    init_weights(model, model.config.n_layers, seed)
 
 
 def apply_context_parallel(model: nn.Module, cp_group, cp_rank: int, cp_size: int) -> None:

@@ -37,9 +37,8 @@ from core.mesh import ParallelMesh, build_mesh
 from core.ring_attention import zigzag_shard
 from core.tensor_parallel import loss_context, reduce_partial_gradients, to_local_scalar, token_loss_sum
 from models.hf_format import load_hf_weights_
-from models.init import init_weights
 from models.moe import MoEConfig, expert_load_metrics, moe_layers, set_sequences_per_step, update_expert_bias
-from models.parallelize import dense_and_expert_parameters, materialize, parallelize
+from models.parallelize import dense_and_expert_parameters, parallelize_and_initialize
 from models.registry import build_model
 
 from . import checkpointing
@@ -122,9 +121,7 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     if pm.size("pp") > 1:  # this rank's stage(s) replace the whole meta model
         model, pipeline = build_pipeline(cfg, pm, checked.model_config, device, param_dtype)
     else:
-        parallelize(model, pm, dp_mode=cfg.dp_mode, param_dtype=param_dtype)
-        materialize(model, device)
-        init_weights(model, checked.model_config.n_layers, cfg.seed)
+        parallelize_and_initialize(model, pm, device, cfg.seed, dp_mode=cfg.dp_mode, param_dtype=param_dtype)
     if cfg.init_from:
         for part in (model if pipeline else [model]):
             load_hf_weights_(part, cfg.init_from)  # each rank copies its own shards; no collective

@@ -33,8 +33,7 @@ from core.pipeline import (
     stages_of_rank,
 )
 from core.tensor_parallel import loss_context, to_local_scalar, token_loss_sum
-from models.init import init_weights
-from models.parallelize import materialize, parallelize
+from models.parallelize import parallelize_and_initialize
 from models.pipeline_split import split_stage
 from models.registry import build_model
 
@@ -80,9 +79,8 @@ def build_stage_module(model_config, layer_ids: list[int], first: bool, last: bo
     """
     with torch.device("meta"):
         model = split_stage(build_model(model_config), layer_ids, first, last)
-    parallelize(model, pm, dp_mode=dp_mode, param_dtype=param_dtype, reshard_after_forward=False)
-    materialize(model, device)
-    init_weights(model, model_config.n_layers, seed)
+    parallelize_and_initialize(model, pm, device, seed, dp_mode=dp_mode, param_dtype=param_dtype,
+                               reshard_after_forward=False)
     return model
 
 
