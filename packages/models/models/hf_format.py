@@ -29,12 +29,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor
 
 from core.checkpoint_state import clean_fqn
 
 from . import hf_llama, hf_mixtral
 from .hf_llama import from_hf_name, to_hf_name  # noqa: F401 - the Llama name map, re-exported
+from .init import copy_full_value_
 from .llama import LlamaConfig
 from .moe import MoEConfig, Router
 from .registry import build_model
@@ -354,16 +355,6 @@ def load_hf_weights_(model: nn.Module, folder: Path) -> None:
     sources = _checked_sources(folder, model.config)
     params = {clean_fqn(name): p for name, p in model.named_parameters()}
     for name, full in _read(sources, list(params), model.config):
-        _copy_full_(params[name], full)
+        copy_full_value_(params[name], full)
     for router in (m for m in model.modules() if isinstance(m, Router)):
         router.expert_bias.zero_()
-
-
-def _copy_full_(param: torch.Tensor, full: torch.Tensor) -> None:
-    """Copy the full value into ``param``; a DTensor keeps only its local shard of it."""
-    full = full.to(param.dtype)
-    if isinstance(param, DTensor):
-        local = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
-        param.to_local().copy_(local)
-    else:
-        param.copy_(full)

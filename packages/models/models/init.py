@@ -32,9 +32,10 @@ def initial_value(name: str, shape: torch.Size, n_layers: int, seed: int) -> tor
 
     Norm weights start at 1; an expert bias at 0; expert weights (``experts.w1`` etc.,
     [n_experts, ...]) are drawn whole under their one name, so an expert-parallel rank
-    slicing its experts out of the full tensor gets the same experts on every mesh; projections that write into the residual
-    stream (``wo``, ``w2``) get std 0.02/sqrt(2*n_layers) so the residual's variance does not
-    grow with depth (GPT-2's rule); every other weight N(0, 0.02).
+    slicing its experts out of the full tensor gets the same experts on every mesh;
+    projections that write into the residual stream (``wo``, ``w2``) get std
+    0.02/sqrt(2*n_layers) so the residual's variance does not grow with depth (GPT-2's
+    rule); every other weight N(0, 0.02).
     """
     if name.endswith("norm.weight"):
         return torch.ones(shape)
@@ -67,9 +68,19 @@ def init_weights(model: nn.Module, n_layers: int, seed: int) -> None:
     """
     init_buffers(model)
     for name, param in model.named_parameters():
-        full = initial_value(name, param.shape, n_layers, seed)
-        if isinstance(param, DTensor):
-            local = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
-            param.to_local().copy_(local)
-        else:
-            param.copy_(full)
+        copy_full_value_(param, initial_value(name, param.shape, n_layers, seed))
+
+
+@torch.no_grad()
+def copy_full_value_(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy a parameter's full (unsharded) value into it; a DTensor keeps only its local shard.
+
+    ``src_data_rank=None``: every rank holds the same full tensor and cuts its own piece,
+    so no scatter (no collective) is needed.
+    """
+    full = full.to(param.dtype)
+    if isinstance(param, DTensor):
+        local = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
+        param.to_local().copy_(local)
+    else:
+        param.copy_(full)
