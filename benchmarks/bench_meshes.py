@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the gl
 import torch  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 
+from core.mesh import MeshShape  # noqa: E402
 from rank_harness import run_on_ranks  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
 from train.loop import build_trainer, train_step  # noqa: E402
@@ -49,12 +50,6 @@ def measure(mesh: str, overrides: dict) -> dict:
     return {"step_s": statistics.median(times[1:]), "state_bytes": params + optim}
 
 
-def world_of(mesh: str) -> int:
-    from core.mesh import MeshShape
-    shape = MeshShape.parse(mesh)
-    return shape.dp * shape.pp * shape.cp * shape.tp * shape.ep
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="debug")
@@ -67,7 +62,7 @@ def main() -> None:
     tokens = args.global_batch_size * args.seq_len
     rows = []
     for mesh in [""] + args.meshes.split(";"):
-        results = run_on_ranks(measure, max(1, world_of(mesh)), mesh, overrides, timeout=1800)
+        results = run_on_ranks(measure, MeshShape.parse(mesh).world_size, mesh, overrides, timeout=1800)
         step_s = max(r["step_s"] for r in results)  # the step ends when the slowest rank is done
         rows.append((mesh or "1 process", len(results), tokens / step_s, max(r["state_bytes"] for r in results)))
     base_tps, base_bytes = rows[0][2], rows[0][3]
