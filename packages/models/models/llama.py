@@ -42,6 +42,10 @@ class LlamaConfig:
         return self.dim // self.n_heads
 
     def validate(self) -> None:
+        sizes = ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "max_seq_len")
+        too_small = [f"{name}={getattr(self, name)}" for name in sizes if getattr(self, name) < 1]
+        if too_small:
+            raise ValueError(f"model sizes must be >= 1: {', '.join(too_small)}")
         if self.dim % self.n_heads:
             raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:

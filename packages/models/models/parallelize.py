@@ -7,8 +7,9 @@ Order matters and follows what each API expects:
   2. FSDP2 (``fully_shard``) then shards those again over the dense-gradient mesh, making
      2-D DTensors (FSDP dim outer, tp inner); experts are their own FSDP units over the
      expert-gradient mesh (dp x cp), because ep ranks hold different experts.
-  3. context parallel needs no parameter change: attention modules get ring attention
-     and zigzag RoPE positions, and the trainer feeds each cp rank its zigzag slice.
+  3. context parallel needs no parameter change: attention modules get ring (or
+     all-gather) attention and zigzag RoPE positions, and the trainer feeds each cp rank
+     its zigzag slice.
 The model may still be on the meta device: nothing is allocated until ``to_empty``.
 """
 
@@ -21,7 +22,8 @@ from torch import nn
 
 from core.data_parallel import apply_fsdp
 from core.mesh import ParallelMesh
-from core.ring_attention import ring_attention, zigzag_positions
+from core.context_parallel import cp_attention
+from core.zigzag import zigzag_positions
 from core.tensor_parallel import apply_tensor_parallel
 
 from .init import init_weights
@@ -31,7 +33,7 @@ from .plans import tensor_parallel_plan
 
 
 def parallelize(model: Transformer, pm: ParallelMesh, dp_mode: str = "fsdp", param_dtype: torch.dtype | None = None,
-                reshard_after_forward: bool = True) -> None:
+                reshard_after_forward: bool = True, cp_method: str = "ring") -> None:
     """Shard ``model`` in place over ``pm``: EP on ``pm["ep"]``, TP/SP on ``pm["tp"]``, then FSDP on
     ``pm["dense_grad"]`` (experts on ``pm["expert_grad"]``).
 
@@ -39,13 +41,14 @@ def parallelize(model: Transformer, pm: ParallelMesh, dp_mode: str = "fsdp", par
     backward (a pipeline stage runs many microbatches per step; see ``train.pipelined``).
     With ``dp_mode="replicate"`` parameters stay whole on every data-parallel rank and the
     trainer sums gradients itself (``core.data_parallel.all_reduce_gradients``).
+    ``cp_method`` picks the context-parallel attention (``core.context_parallel``).
     """
     if dp_mode not in ("fsdp", "replicate"):
         raise ValueError(f"unknown dp_mode {dp_mode!r}: use 'fsdp' or 'replicate'")
     apply_expert_parallel(model, pm)
     apply_tensor_parallel(model, pm["tp"], tensor_parallel_plan(model))
     if pm.size("cp") > 1:
-        apply_context_parallel(model, pm["cp"].get_group(), pm.local_rank("cp"), pm.size("cp"))
+        apply_context_parallel(model, pm["cp"].get_group(), pm.local_rank("cp"), pm.size("cp"), cp_method)
     if dp_mode == "fsdp" and pm.size("dense_grad") > 1:
         inner_units, ignored = expert_fsdp_units(model, pm)
         apply_fsdp(model, pm["dense_grad"], list(model.layers.values()), param_dtype=param_dtype,
@@ -92,28 +95,32 @@ def materialize(model: nn.Module, device: torch.device) -> None:
 
 def parallelize_and_initialize(model: Transformer, pm: ParallelMesh, device: torch.device, seed: int,
                                dp_mode: str = "fsdp", param_dtype: torch.dtype | None = None,
-                               reshard_after_forward: bool = True) -> None:
+                               reshard_after_forward: bool = True, cp_method: str = "ring") -> None:
     """Shard a meta-device model (or pipeline stage) over ``pm``, allocate this rank's shards on
     ``device`` and fill them with the mesh-invariant initial values (``models.init``).
 
     Collective only where ``parallelize`` is (FSDP setup); initialization issues none.
     """
-    parallelize(model, pm, dp_mode=dp_mode, param_dtype=param_dtype, reshard_after_forward=reshard_after_forward)
+    parallelize(model, pm, dp_mode=dp_mode, param_dtype=param_dtype, reshard_after_forward=reshard_after_forward,
+                cp_method=cp_method)
     materialize(model, device)
     init_weights(model, model.config.n_layers, seed)
 
 
-def apply_context_parallel(model: nn.Module, cp_group, cp_rank: int, cp_size: int) -> None:
+def apply_context_parallel(model: nn.Module, cp_group, cp_rank: int, cp_size: int, method: str = "ring") -> None:
     """Make every attention layer attend over the whole sequence held by the cp group.
 
     Each rank holds its zigzag slice of the sequence (chunks r and 2cp-1-r), so its RoPE
-    positions are those chunks' global positions, and attention runs as a ring over the
-    cp group (P2P sends of K/V blocks; see ``core.ring_attention``).
+    positions are those chunks' global positions, and attention runs over the cp group
+    by ``method``: a ring of P2P K/V sends (``core.ring_attention``) or one all-gather of
+    K/V per layer (``core.allgather_attention``).
     """
+    attention = cp_attention(method)
+
     def zigzag_local_positions(local_seq_len: int, device: torch.device) -> torch.Tensor:
         return zigzag_positions(local_seq_len * cp_size, cp_rank, cp_size, device)
 
     for module in model.modules():
         if isinstance(module, Attention):
-            module.attention_fn = functools.partial(ring_attention, group=cp_group)
+            module.attention_fn = functools.partial(attention, group=cp_group)
             module.position_fn = zigzag_local_positions

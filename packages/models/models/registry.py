@@ -3,7 +3,7 @@ the others are real sizes."""
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import fields, replace
 
 from .llama import LlamaConfig, Transformer
 from .moe import MoEConfig, MoETransformer
@@ -55,10 +55,39 @@ def model_names() -> list[str]:
 
 
 def get_config(name: str, **overrides) -> LlamaConfig:
-    """The named config, with fields overridden (e.g. ``n_layers=8``)."""
+    """The named config, with fields overridden (e.g. ``n_layers=8``) and checked."""
     if name not in CONFIGS:
         raise ValueError(f"unknown model {name!r}: choose one of {', '.join(model_names())}")
-    return replace(CONFIGS[name], **overrides)
+    config = replace(CONFIGS[name], **overrides)
+    config.validate()
+    return config
+
+
+def parse_model_args(name: str, spec: str) -> dict:
+    """``--model-args "n_layers=2,max_seq_len=8192"`` -> {"n_layers": 2, "max_seq_len": 8192}.
+
+    Keys are the fields of the named model's config; each value is parsed as that field's
+    type (int, float, bool as true/false, str). ValueError names a bad key or value.
+    """
+    if name not in CONFIGS:
+        raise ValueError(f"unknown model {name!r}: choose one of {', '.join(model_names())}")
+    types = {f.name: f.type if isinstance(f.type, str) else f.type.__name__ for f in fields(CONFIGS[name])}
+    overrides = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        key, sep, text = (s.strip() for s in item.partition("="))
+        if not sep or key not in types:
+            raise ValueError(f"--model-args {item!r}: expected KEY=VALUE with KEY one of {', '.join(types)}")
+        overrides[key] = _parse_value(key, text, types[key])
+    return overrides
+
+
+def _parse_value(key: str, text: str, kind: str):
+    try:
+        if kind == "bool":
+            return {"true": True, "false": False}[text.lower()]
+        return {"int": int, "float": float, "str": str}[kind](text)
+    except (KeyError, ValueError):
+        raise ValueError(f"--model-args {key}={text!r}: expected a value of type {kind}") from None
 
 
 def build_model(config) -> Transformer:

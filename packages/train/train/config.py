@@ -19,10 +19,12 @@ from typing import Any
 class TrainConfig:
     # model and parallelism
     model: str = "debug"
+    model_args: str = ""                 # registry config overrides, e.g. "n_layers=2,max_seq_len=8192"
     mesh: str = ""                       # e.g. "dp=2,tp=4,pp=2"; missing dims are 1, dp=-1 fills
     dp_mode: str = "fsdp"                # "fsdp" (ZeRO-3) or "replicate" (plain DDP-style all-reduce)
     pp_schedule: str = "1f1b"            # 1f1b | gpipe | interleaved-1f1b | zbv
     microbatches: int = 0                # pipeline microbatches per step (0: 2 * pp)
+    cp_method: str = "ring"              # context-parallel attention: ring | allgather
     # optimization
     steps: int = 300
     global_batch_size: int = 16          # sequences per optimizer step, over the whole mesh

@@ -34,7 +34,7 @@ from torch.distributed.fsdp import FSDPModule
 from core.data_parallel import all_reduce_gradients
 from core.grad_norm import clip_grad_norm_
 from core.mesh import ParallelMesh, build_mesh
-from core.ring_attention import zigzag_shard
+from core.zigzag import zigzag_shard
 from core.tensor_parallel import loss_context, reduce_partial_gradients, to_local_scalar, token_loss_sum
 from models.hf_format import load_hf_weights_
 from models.moe import MoEConfig, expert_load_metrics, moe_layers, set_sequences_per_step, update_expert_bias
@@ -121,7 +121,8 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     if pm.size("pp") > 1:  # this rank's stage(s) replace the whole meta model
         model, pipeline = build_pipeline(cfg, pm, checked.model_config, device, param_dtype)
     else:
-        parallelize_and_initialize(model, pm, device, cfg.seed, dp_mode=cfg.dp_mode, param_dtype=param_dtype)
+        parallelize_and_initialize(model, pm, device, cfg.seed, dp_mode=cfg.dp_mode, param_dtype=param_dtype,
+                                   cp_method=cfg.cp_method)
     if cfg.init_from:
         for part in (model if pipeline else [model]):
             load_hf_weights_(part, cfg.init_from)  # each rank copies its own shards; no collective

@@ -69,7 +69,7 @@ class Pipeline:
 
 
 def build_stage_module(model_config, layer_ids: list[int], first: bool, last: bool, pm: ParallelMesh,
-                       device: torch.device, dp_mode: str, param_dtype, seed: int) -> nn.Module:
+                       device: torch.device, dp_mode: str, param_dtype, seed: int, cp_method: str) -> nn.Module:
     """One stage: cut on the meta device, parallelized on this rank's submesh, initialized by name.
 
     FSDP keeps parameters gathered after the forward (``reshard_after_forward=False``):
@@ -80,7 +80,7 @@ def build_stage_module(model_config, layer_ids: list[int], first: bool, last: bo
     with torch.device("meta"):
         model = split_stage(build_model(model_config), layer_ids, first, last)
     parallelize_and_initialize(model, pm, device, seed, dp_mode=dp_mode, param_dtype=param_dtype,
-                               reshard_after_forward=False)
+                               reshard_after_forward=False, cp_method=cp_method)
     return model
 
 
@@ -92,7 +92,7 @@ def build_pipeline(cfg, pm: ParallelMesh, model_config, device: torch.device, pa
     layer_split = layers_per_stage(model_config.n_layers, n_stages)
     parts = ModelParts(
         build_stage_module(model_config, layer_split[s], s == 0, s == n_stages - 1, pm, device, cfg.dp_mode,
-                           param_dtype, cfg.seed)
+                           param_dtype, cfg.seed, cfg.cp_method)
         for s in stage_ids)
     stages = build_stages(list(parts), stage_ids, n_stages, device, pm["pp"].get_group())
     microbatches = default_microbatches(pp, cfg.microbatches)

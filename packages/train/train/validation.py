@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from core.context_parallel import cp_attention
 from core.mesh import MeshConfigError, MeshShape, check_divisible
 from core.pipeline import PipelineConfigError, check_pipeline, default_microbatches, schedule_spec
 from models.hf_format import check_hf_config_matches
 from models.moe import MoEConfig, check_expert_parallel
 from models.plans import check_tensor_parallel
-from models.registry import get_config
+from models.registry import get_config, parse_model_args
 
 from .config import TrainConfig
 from .tokenizer import load_tokenizer
@@ -31,10 +32,11 @@ class ValidatedRun:
 def validate(cfg: TrainConfig, world_size: int) -> ValidatedRun:
     """Resolve the mesh against ``world_size`` and check that model, batch and sequence fit it."""
     shape = MeshShape.parse(cfg.mesh).resolve(world_size)
-    model_config = get_config(cfg.model)
+    model_config = get_config(cfg.model, **parse_model_args(cfg.model, cfg.model_args))
     _check_model_fits_mesh(model_config, shape)
     _check_batch(cfg, shape)
     _check_pipeline(cfg, model_config, shape)
+    cp_attention(cfg.cp_method)  # a typo fails at once, also where cp = 1
     if cfg.dtype not in DTYPES:
         raise ValueError(f"--dtype {cfg.dtype!r}: use one of {DTYPES}")
     if cfg.steps < 1 or cfg.seq_len < 1:

@@ -1,0 +1,195 @@
+"""Context parallelism, all-gather variant: gather K/V once per layer, attend local queries.
+
+The ring (``core.ring_attention``) sends ``cp - 1`` K/V blocks one hop at a time,
+overlapping each with a block of compute; its memory stays O(S / cp). This variant
+issues a single all-gather of K/V over the cp group instead (the
+approach of Llama 3's training), so latency is one collective rather than ``cp - 1``
+dependent hops. It pays with memory: one layer's whole-sequence K/V (only
+``n_kv_heads`` heads, so small under GQA) lives during that layer's forward and again
+during its backward. Neither variant ever builds an ``[s, s]`` score tensor.
+
+Each rank holds zigzag chunks ``r`` and ``2cp-1-r`` (``core.zigzag``). A local chunk
+with global index ``c`` attends to
+
+  * itself, causally: a square diagonal block that needs only the local K/V, so it is
+    computed while the all-gather is still in flight, and
+  * every key before it, unmasked: global rows ``[0, c * chunk)`` of the gathered K/V,
+
+and the two partial results are merged by their log-sum-exp (``merge_block``). The
+backward gathers K/V again (nothing O(S) is kept between forward and backward),
+runs the same blocks' fused backward with the final output and lse, and returns each
+rank's share of the gathered dK/dV with one reduce-scatter (a sum).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .attention_kernels import BlockKernel, check_attention_inputs, merge_block, merge_dtype, select_block_kernel
+from .attention_stats import AttentionStats, maybe_timed
+from .zigzag import zigzag_chunk_ids, zigzag_shard
+
+__all__ = ["allgather_attention"]
+
+# torch 2.13 renamed the tensor-in/tensor-out collectives; older releases (CUDA wheels
+# such as 2.11) only have the old names.
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def _rows(x: Tensor, rows: slice) -> Tensor:
+    """Sequence rows of a [..., s, d] tensor (a view)."""
+    return x[..., rows, :]
+
+
+def _global_order(gathered: Tensor, size: int) -> Tensor:
+    """[cp, 2, b, h_kv, 2c, d] gathered in rank order -> [2, b, h_kv, 2*cp*c, d] in sequence order.
+
+    Rank ``r`` sent chunks ``r`` (first half) and ``2cp-1-r`` (second half).
+    """
+    halves = gathered.chunk(2, dim=-2)
+    owner_and_half = [(i, 0) for i in range(size)] + [(i, 1) for i in reversed(range(size))]
+    return torch.cat([halves[half][owner] for owner, half in owner_and_half], dim=-2)
+
+
+class _GatherKV:
+    """All-gather of this rank's stacked K/V over the cp group, asynchronous until :meth:`wait`."""
+
+    def __init__(self, k: Tensor, v: Tensor, group, stats: AttentionStats | None):
+        self.size, self.stats, self.device = dist.get_world_size(group), stats, k.device
+        local = torch.stack([k, v])  # [2, b, h_kv, s_local, d]
+        if self.size == 1:  # one rank: its zigzag part is chunks 0 and 1, already in order
+            self.work, self.gathered = None, local.unsqueeze(0)
+            return
+        # flat buffers: gloo wants the output to be the inputs concatenated along dim 0
+        self.gathered = local.new_empty((self.size, *local.shape))
+        self.work = _all_gather(self.gathered.view(-1), local.view(-1), group=group, async_op=True)
+        if stats is not None:
+            stats.bytes_sent += local.numel() * local.element_size() * (self.size - 1)
+
+    def wait(self) -> Tensor:
+        """The whole sequence's K/V: [2, b, h_kv, S, d] in sequence order."""
+        with maybe_timed(self.stats, "wait_s", self.device):
+            if self.work is not None:
+                self.work.wait()
+        return _global_order(self.gathered, self.size)
+
+
+def _reduce_scatter_dkv(dkv: Tensor, group, stats: AttentionStats | None) -> Tensor:
+    """Sum every rank's [2, b, h_kv, S, d] dK/dV (sequence order); return this rank's zigzag part."""
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    if size == 1:
+        return dkv
+    by_rank = torch.stack([zigzag_shard(dkv, -2, r, size) for r in range(size)])
+    mine = torch.empty_like(by_rank[rank])
+    with maybe_timed(stats, "wait_s", dkv.device):
+        _reduce_scatter(mine.view(-1), by_rank.view(-1), op=dist.ReduceOp.SUM, group=group)
+    if stats is not None:
+        stats.bytes_sent += mine.numel() * mine.element_size() * (size - 1)
+    return mine
+
+
+def _local_chunks(rank: int, size: int, chunk: int) -> list[tuple[slice, int]]:
+    """(local rows, global chunk index) of this rank's two zigzag chunks."""
+    return [(slice(i * chunk, (i + 1) * chunk), chunk_id) for i, chunk_id in enumerate(zigzag_chunk_ids(rank, size))]
+
+
+def _count(stats: AttentionStats | None, n_queries: int, n_keys: int) -> None:
+    if stats is not None:
+        stats.score_elems += n_queries * n_keys
+
+
+class _AllGatherAttention(torch.autograd.Function):
+    """Causal attention of local zigzag queries over all-gathered K/V."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, group, scale, kernel: BlockKernel, stats):
+        size, rank = dist.get_world_size(group), dist.get_rank(group)
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        chunk = q.size(2) // 2
+        gather = _GatherKV(k, v, group, stats)
+        acc = merge_dtype(q.dtype)
+        out = torch.empty(q.shape, dtype=acc, device=q.device)
+        lse = torch.empty(q.shape[:3], dtype=acc, device=q.device)
+        with maybe_timed(stats, "compute_s", q.device):  # overlaps the all-gather
+            for rows, _ in _local_chunks(rank, size, chunk):
+                block_out, block_lse = kernel.forward(_rows(q, rows), _rows(k, rows), _rows(v, rows), True, scale)
+                _rows(out, rows).copy_(block_out)
+                lse[..., rows].copy_(block_lse)
+                _count(stats, chunk, chunk)
+        k_all, v_all = gather.wait()
+        with maybe_timed(stats, "compute_s", q.device):
+            for rows, chunk_id in _local_chunks(rank, size, chunk):
+                if chunk_id == 0:
+                    continue  # the first chunk of the sequence has no past
+                past = slice(0, chunk_id * chunk)
+                block_out, block_lse = kernel.forward(_rows(q, rows), _rows(k_all, past), _rows(v_all, past),
+                                                      False, scale)
+                merge_block(_rows(out, rows), lse[..., rows], block_out, block_lse)
+                _count(stats, chunk, chunk_id * chunk)
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.group, ctx.scale, ctx.kernel, ctx.stats = group, scale, kernel, stats
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        group, scale, kernel, stats = ctx.group, ctx.scale, ctx.kernel, ctx.stats
+        size, rank = dist.get_world_size(group), dist.get_rank(group)
+        acc, chunk = merge_dtype(q.dtype), q.size(2) // 2
+        dout = dout.contiguous()
+        gather = _GatherKV(k, v, group, stats)  # again: the forward kept only the local K/V
+        dq = torch.empty(q.shape, dtype=acc, device=q.device)
+        dkv_local = torch.empty((2, *k.shape), dtype=acc, device=k.device)
+        with maybe_timed(stats, "compute_s", q.device):  # diagonal blocks overlap the all-gather
+            for rows, _ in _local_chunks(rank, size, chunk):
+                dq_blk, dk_blk, dv_blk = kernel.backward(_rows(dout, rows), _rows(q, rows), _rows(k, rows),
+                                                         _rows(v, rows), _rows(out, rows), lse[..., rows],
+                                                         True, scale)
+                _rows(dq, rows).copy_(dq_blk)
+                _rows(dkv_local[0], rows).copy_(dk_blk)
+                _rows(dkv_local[1], rows).copy_(dv_blk)
+                _count(stats, chunk, chunk)
+        k_all, v_all = gather.wait()
+        dkv_all = torch.zeros((2, *k_all.shape), dtype=acc, device=k.device)
+        with maybe_timed(stats, "compute_s", q.device):
+            for rows, chunk_id in _local_chunks(rank, size, chunk):
+                if chunk_id == 0:
+                    continue
+                past = slice(0, chunk_id * chunk)
+                dq_blk, dk_blk, dv_blk = kernel.backward(_rows(dout, rows), _rows(q, rows), _rows(k_all, past),
+                                                         _rows(v_all, past), _rows(out, rows), lse[..., rows],
+                                                         False, scale)
+                _rows(dq, rows).add_(dq_blk)
+                _rows(dkv_all[0], past).add_(dk_blk)
+                _rows(dkv_all[1], past).add_(dv_blk)
+                _count(stats, chunk, chunk_id * chunk)
+        dk, dv = dkv_local + _reduce_scatter_dkv(dkv_all, group, stats)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+
+
+def allgather_attention(q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup | None,
+                        scale: float | None = None, stats: AttentionStats | None = None) -> Tensor:
+    """Causal attention over the global sequence from zigzag parts, by all-gathering K/V.
+
+    Same contract as :func:`core.ring_attention.ring_attention`: q ``[b, h, s_local, d]``,
+    k/v ``[b, h_kv, s_local, d]`` zigzag-sharded over ``group``; returns ``[b, h, s_local, d]``
+    in q's dtype, merged in fp32 (fp64 for fp64).
+
+    Collectives: forward one all-gather of K/V; backward one more, then one
+    reduce-scatter (sum) of dK/dV in fp32. None for a group of one rank.
+    """
+    check_attention_inputs(q, k, v)
+    size = dist.get_world_size(group)
+    if q.size(2) % 2:
+        raise ValueError(f"local sequence length {q.size(2)} is odd: a zigzag part is two equal "
+                         f"chunks (global length must be divisible by 2*cp = {2 * size})")
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.size(-1))
+    kernel = select_block_kernel(q.device, q.dtype, q.size(-1))
+    return _AllGatherAttention.apply(q, k, v, group, scale, kernel, stats)

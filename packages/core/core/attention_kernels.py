@@ -1,0 +1,204 @@
+"""Fused attention on one block of queries and keys, returning the log-sum-exp (lse).
+
+Context parallel attention (``core.ring_attention``, ``core.allgather_attention``) splits
+one causal attention into blocks: a query block against a key/value block, either
+causal (a square block on the diagonal) or unmasked (keys wholly in the queries' past).
+Each block runs on PyTorch's own fused SDPA kernels, which never build the
+``[s_q, s_k]`` score matrix, and which also return the per-row log-sum-exp of the
+scores, the one number needed to merge blocks exactly (see ``merge_block``):
+
+  ===========  ==================================================  ================
+  device       kernel (forward / backward)                         dtypes
+  ===========  ==================================================  ================
+  cpu          aten._scaled_dot_product_flash_attention_for_cpu     fp64 fp32 bf16 fp16
+  cuda sm80+   aten._scaled_dot_product_flash_attention             bf16 fp16
+  cuda         aten._scaled_dot_product_efficient_attention         fp32 bf16 fp16
+  ===========  ==================================================  ================
+
+Each backward takes the *final* output and lse of the whole attention (not the block's):
+with them, exp(scores - lse) is the true global probability, so the block's dQ/dK/dV
+are exactly its share of the full gradient (the flash-attention backward recipe).
+
+Shapes everywhere: q, out, dout ``[b, h, s_q, d]``; k, v ``[b, h_kv, s_k, d]`` with
+``h % h_kv == 0`` (GQA; K/V are never copied per query head); lse ``[b, h, s_q]``
+in the merge dtype (fp32, fp64 for fp64 inputs). No function here communicates.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+__all__ = ["BlockKernel", "select_block_kernel", "merge_dtype", "merge_block", "check_attention_inputs"]
+
+aten = torch.ops.aten
+
+# The CUDA efficient kernel stores lse padded to a multiple of this many rows, and its
+# backward reads it with that stride (it rejects an unpadded lse).
+_EFFICIENT_LSE_ALIGN = 32
+
+
+@dataclass(frozen=True)
+class BlockKernel:
+    """One device's fused attention block: ``forward`` -> (out, lse); ``backward`` -> (dq, dk, dv).
+
+    ``forward(q, k, v, causal, scale)``; ``backward(dout, q, k, v, out, lse, causal, scale)``.
+    ``causal`` is only used on square blocks (top-left and bottom-right alignment agree there).
+    Outputs are in q's dtype except lse, which is in the merge dtype.
+    """
+
+    name: str
+    forward: Callable[..., tuple[Tensor, Tensor]]
+    backward: Callable[..., tuple[Tensor, Tensor, Tensor]]
+
+
+def _contiguous(*tensors: Tensor) -> list[Tensor]:
+    # The fused backward kernels read lse, out and dout with dense strides: on CUDA a
+    # sliced (non-contiguous) view gave gradients off by ~1e3 with no error raised.
+    return [t.contiguous() for t in tensors]
+
+
+# --------------------------------------------------------------------------- CPU flash
+
+def _cpu_flash_forward(q, k, v, causal, scale):
+    q, k, v = _contiguous(q, k, v)
+    return aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+
+
+def _cpu_flash_backward(dout, q, k, v, out, lse, causal, scale):
+    dout, q, k, v, out, lse = _contiguous(dout, q, k, v, out, lse)
+    return aten._scaled_dot_product_flash_attention_for_cpu_backward(dout, q, k, v, out, lse, 0.0, causal,
+                                                                     scale=scale)
+
+
+# --------------------------------------------------------------------------- CUDA flash (FlashAttention-2)
+
+def _cuda_flash_forward(q, k, v, causal, scale):
+    q, k, v = _contiguous(q, k, v)
+    out, lse, *_ = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
+    return out, lse
+
+
+def _cuda_flash_backward(dout, q, k, v, out, lse, causal, scale):
+    dout, q, k, v, out, lse = _contiguous(dout, q, k, v, out, lse)
+    # cum_seq_q/k are for packed variable-length batches and the philox state for
+    # dropout: neither is used here, so they are passed as undefined tensors (None).
+    dq, dk, dv = aten._scaled_dot_product_flash_attention_backward(
+        dout, q, k, v, out, lse, None, None, q.size(2), k.size(2), 0.0, causal, None, None, scale=scale)
+    return dq, dk, dv
+
+
+# --------------------------------------------------------------------------- CUDA memory-efficient
+
+def _heads_as_batch(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """GQA for a kernel that needs equal head counts, without copying K/V per query head.
+
+    q [b, h, s, d] -> [b*h_kv, g, s, d] (a view: the g query heads sharing a K/V head are
+    adjacent); k, v [b, h_kv, s, d] -> [b*h_kv, g, s, d] as stride-0 expansions.
+    """
+    b, h, s_q, d = q.shape
+    h_kv, s_k = k.size(1), k.size(2)
+    g = h // h_kv
+    expand = (b * h_kv, g, s_k, d)
+    return (q.reshape(b * h_kv, g, s_q, d), k.reshape(b * h_kv, 1, s_k, d).expand(expand),
+            v.reshape(b * h_kv, 1, s_k, d).expand(expand))
+
+
+def _cuda_efficient_forward(q, k, v, causal, scale):
+    q, k, v = _contiguous(q, k, v)
+    qh, kh, vh = _heads_as_batch(q, k, v)
+    out, lse, _, _ = aten._scaled_dot_product_efficient_attention(qh, kh, vh, None, True, 0.0, causal, scale=scale)
+    s_q = q.size(2)
+    return out.reshape(q.shape), lse[..., :s_q].reshape(q.shape[:3])
+
+
+def _cuda_efficient_backward(dout, q, k, v, out, lse, causal, scale):
+    dout, q, k, v, out, lse = _contiguous(dout, q, k, v, out, lse)
+    qh, kh, vh = _heads_as_batch(q, k, v)
+    s_q = q.size(2)
+    padded = torch.zeros(*qh.shape[:2], math.ceil(s_q / _EFFICIENT_LSE_ALIGN) * _EFFICIENT_LSE_ALIGN,
+                         dtype=lse.dtype, device=lse.device)
+    padded[..., :s_q] = lse.reshape(qh.shape[:3])
+    philox = torch.zeros((), dtype=torch.int64, device=q.device)  # dropout off: never read
+    dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
+        dout.reshape(qh.shape), qh, kh, vh, None, out.reshape(qh.shape), padded, philox, philox,
+        0.0, [True, True, True, False], causal, scale=scale)
+    # dk, dv come back per query head [b*h_kv, g, s_k, d]: sum each K/V head's group
+    return dq.reshape(q.shape), dk.sum(1).reshape(k.shape), dv.sum(1).reshape(v.shape)
+
+
+CPU_FLASH = BlockKernel("cpu-flash", _cpu_flash_forward, _cpu_flash_backward)
+CUDA_FLASH = BlockKernel("cuda-flash", _cuda_flash_forward, _cuda_flash_backward)
+CUDA_EFFICIENT = BlockKernel("cuda-efficient", _cuda_efficient_forward, _cuda_efficient_backward)
+
+
+def select_block_kernel(device: torch.device, dtype: torch.dtype, head_dim: int) -> BlockKernel:
+    """The fused kernel for this device and dtype; ValueError where none applies.
+
+    CUDA prefers FlashAttention-2 (half precision, sm80+, head_dim a multiple of 8 up to
+    256) and falls back to the memory-efficient kernel (also fp32).
+    """
+    if device.type == "cpu":
+        return CPU_FLASH
+    if device.type == "cuda":
+        half = dtype in (torch.float16, torch.bfloat16)
+        if half and torch.cuda.get_device_capability(device) >= (8, 0) and head_dim % 8 == 0 and head_dim <= 256:
+            return CUDA_FLASH
+        if half or dtype == torch.float32:
+            return CUDA_EFFICIENT
+        raise ValueError(f"context-parallel attention on CUDA needs float32, bfloat16 or float16, got {dtype}")
+    raise ValueError(f"context-parallel attention has no fused kernel for device type {device.type!r}")
+
+
+# --------------------------------------------------------------------------- merging blocks
+
+def merge_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Partial outputs and lse are merged in fp32 (fp64 stays fp64), whatever the input dtype."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def merge_block(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tensor) -> None:
+    """Merge one block's softmax result into the running one, in place (``out``/``lse`` may be views).
+
+    A block's output is normalized by its own sum of exp(scores), exp(block_lse). The
+    union's normalizer is exp(lse) + exp(block_lse) = exp(new_lse); rescaling each part
+    by its share of it and adding gives exactly the softmax over both key sets:
+
+        new_lse = log(exp(lse) + exp(block_lse))
+        out     = out * exp(lse - new_lse) + block_out * exp(block_lse - new_lse)
+
+    out [b, h, s, d] and lse [b, h, s] in the merge dtype; block_out in any float dtype.
+    """
+    new_lse = torch.logaddexp(lse, block_lse)
+    out.mul_(torch.exp(lse - new_lse).unsqueeze(-1))
+    out.add_(block_out.to(out.dtype) * torch.exp(block_lse - new_lse).unsqueeze(-1))
+    lse.copy_(new_lse)
+
+
+# --------------------------------------------------------------------------- input checks
+
+def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
+    """Shape errors before any communication, so every rank fails the same way at once."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be [batch, heads, seq, head_dim], got shape {tuple(t.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    (b, h, s, d), (bk, hkv, sk, dk) = q.shape, k.shape
+    if b != bk:
+        raise ValueError(f"batch size mismatch: q has {b}, k/v have {bk}")
+    if s != sk:
+        raise ValueError(f"local sequence mismatch: q has {s} tokens, k/v have {sk}; "
+                         f"shard q, k and v with the same zigzag_shard")
+    if d != dk:
+        raise ValueError(f"head_dim mismatch: q has {d}, k/v have {dk}")
+    if hkv == 0 or h % hkv:
+        raise ValueError(f"n_heads {h} is not divisible by n_kv_heads {hkv} (GQA needs whole groups); "
+                         f"with tensor parallelism both counts are per rank")
+    if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must share dtype and device, got {q.dtype}/{k.dtype}/{v.dtype} "
+                         f"on {q.device}/{k.device}/{v.device}")
