@@ -70,10 +70,37 @@ def test_toml_config_with_cli_override(tmp_path):
     (dict(mesh="dp=3"), 4, "has 3 ranks but the world size is 4"),
     (dict(grad_accum_steps=3), 1, "not divisible by --grad-accum-steps 3"),
     (dict(model="gpt-17"), 1, "unknown model 'gpt-17'"),
+    (dict(mesh="cp=2", cp_method="ulysses"), 2, "--cp-method 'ulysses' is not known: use one of ring, allgather"),
+    (dict(model_args="n_layer=2"), 1, "--model-args 'n_layer=2': expected KEY=VALUE with KEY one of dim, n_layers"),
+    (dict(model_args="n_layers=two"), 1, "--model-args n_layers='two': expected a value of type int"),
+    (dict(model_args="n_heads=3"), 1, "dim=128 is not divisible by n_heads=3"),
+    (dict(seq_len=4096), 1, "--seq-len 4096 exceeds the model's max_seq_len 2048"),
 ])
 def test_bad_configurations_name_the_problem(overrides, world, message):
     with pytest.raises((MeshConfigError, ValueError), match=message):
         validate(TrainConfig(**overrides), world)
+
+
+def test_model_args_override_the_registry_config():
+    checked = validate(TrainConfig(model_args="n_layers=2,max_seq_len=8192,rope_theta=5e5", seq_len=4096), 1)
+    assert (checked.model_config.n_layers, checked.model_config.max_seq_len) == (2, 8192)
+    assert checked.model_config.rope_theta == 5e5 and checked.model_config.dim == 128  # the rest stays
+
+
+def test_context_parallel_methods_from_the_command_line(tmp_path):
+    """torchrun --mesh cp=2 with each --cp-method logs the 1-process losses; a bad method is one line."""
+    args = [*FAST, "--seq-len", "64", "--model-args", "n_layers=2"]
+    single = run([sys.executable, "-m", "train", *args, "--output-dir", str(tmp_path / "one")])
+    assert single.returncode == 0, single.stderr
+    for method in ("ring", "allgather"):
+        out = tmp_path / method
+        result = run(torchrun(2, *args, "--mesh", "cp=2", "--cp-method", method, "--output-dir", str(out)))
+        assert result.returncode == 0, result.stderr
+        assert [r["loss"] for r in read_metrics(out)] == pytest.approx(
+            [r["loss"] for r in read_metrics(tmp_path / "one")], rel=1e-5)
+    bad = run([sys.executable, "-m", "train", *args, "--cp-method", "ulysses", "--output-dir", str(tmp_path / "bad")])
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "error: --cp-method 'ulysses' is not known: use one of ring, allgather"]
 
 
 def test_default_run_learns_the_bundled_corpus(tmp_path):

@@ -86,7 +86,9 @@ def on_mesh(mesh: str, world: int, **overrides) -> dict:
     ("pp=2", 2, {"pp_schedule": "interleaved-1f1b"}),      # 2 virtual stages per rank
     ("dp=2,pp=2", 4, {"pp_schedule": "zbv"}),               # V placement, split input/weight backward
     ("pp=2,cp=2", 4, {}),                                   # ring attention inside each stage
-], ids=["pp2-1f1b", "pp2-gpipe", "pp2-tp2", "dp2-pp2-fsdp", "pp2-interleaved", "dp2-pp2-zbv", "pp2-cp2"])
+    ("pp=2,cp=2", 4, {"cp_method": "allgather"}),           # all-gather K/V inside each stage
+], ids=["pp2-1f1b", "pp2-gpipe", "pp2-tp2", "dp2-pp2-fsdp", "pp2-interleaved", "dp2-pp2-zbv", "pp2-cp2",
+        "pp2-cp2-allgather"])
 def test_pipeline_matches_single_process(mesh, world, overrides):
     result = on_mesh(mesh, world, **overrides)
     assert result["grads"].keys() == single_process()["grads"].keys()  # every stage's parameters came back
