@@ -31,7 +31,7 @@ from torch import Tensor
 
 from .attention_kernels import BlockKernel, check_attention_inputs, merge_block, merge_dtype, select_block_kernel
 from .attention_stats import AttentionStats, maybe_timed
-from .zigzag import zigzag_chunk_ids, zigzag_shard
+from .zigzag import zigzag_chunk_ids
 
 __all__ = ["allgather_attention"]
 
@@ -46,14 +46,15 @@ def _rows(x: Tensor, rows: slice) -> Tensor:
     return x[..., rows, :]
 
 
-def _global_order(gathered: Tensor, size: int) -> Tensor:
-    """[cp, 2, b, h_kv, 2c, d] gathered in rank order -> [2, b, h_kv, 2*cp*c, d] in sequence order.
+def _chunk_owner(chunk_id: int, size: int) -> tuple[int, int]:
+    """(rank, half) holding global chunk ``chunk_id``: rank r holds chunk r first, chunk 2cp-1-r second."""
+    return (chunk_id, 0) if chunk_id < size else (2 * size - 1 - chunk_id, 1)
 
-    Rank ``r`` sent chunks ``r`` (first half) and ``2cp-1-r`` (second half).
-    """
+
+def _global_order(gathered: Tensor, size: int) -> Tensor:
+    """[cp, 2, b, h_kv, 2c, d] gathered in rank order -> [2, b, h_kv, 2*cp*c, d] in sequence order."""
     halves = gathered.chunk(2, dim=-2)
-    owner_and_half = [(i, 0) for i in range(size)] + [(i, 1) for i in reversed(range(size))]
-    return torch.cat([halves[half][owner] for owner, half in owner_and_half], dim=-2)
+    return torch.cat([halves[half][rank] for rank, half in (_chunk_owner(i, size) for i in range(2 * size))], dim=-2)
 
 
 class _GatherKV:
@@ -72,22 +73,35 @@ class _GatherKV:
             stats.bytes_sent += local.numel() * local.element_size() * (self.size - 1)
 
     def wait(self) -> Tensor:
-        """The whole sequence's K/V: [2, b, h_kv, S, d] in sequence order."""
+        """The whole sequence's K/V: [2, b, h_kv, S, d] in sequence order (the rank-order buffer is let go)."""
         with maybe_timed(self.stats, "wait_s", self.device):
             if self.work is not None:
                 self.work.wait()
-        return _global_order(self.gathered, self.size)
+        ordered, self.gathered = _global_order(self.gathered, self.size), None
+        return ordered
 
 
-def _reduce_scatter_dkv(dkv: Tensor, group, stats: AttentionStats | None) -> Tensor:
-    """Sum every rank's [2, b, h_kv, S, d] dK/dV (sequence order); return this rank's zigzag part."""
-    size, rank = dist.get_world_size(group), dist.get_rank(group)
+def _add_past_grads(dkv_by_rank: Tensor, dk: Tensor, dv: Tensor, n_chunks: int, chunk: int) -> None:
+    """Add dK/dV of the first ``n_chunks`` global chunks ([b, h_kv, n_chunks*c, d]) at their owners' rows.
+
+    ``dkv_by_rank`` [cp, 2, b, h_kv, 2c, d] is laid out as the reduce-scatter hands it out.
+    """
+    size = dkv_by_rank.size(0)
+    for chunk_id in range(n_chunks):
+        rank, half = _chunk_owner(chunk_id, size)
+        source, target = slice(chunk_id * chunk, (chunk_id + 1) * chunk), slice(half * chunk, (half + 1) * chunk)
+        _rows(dkv_by_rank[rank, 0], target).add_(_rows(dk, source))
+        _rows(dkv_by_rank[rank, 1], target).add_(_rows(dv, source))
+
+
+def _reduce_scatter_dkv(dkv_by_rank: Tensor, group, stats: AttentionStats | None) -> Tensor:
+    """Sum every rank's [cp, 2, b, h_kv, 2c, d] dK/dV contributions; return this rank's [2, b, h_kv, 2c, d]."""
+    size = dist.get_world_size(group)
     if size == 1:
-        return dkv
-    by_rank = torch.stack([zigzag_shard(dkv, -2, r, size) for r in range(size)])
-    mine = torch.empty_like(by_rank[rank])
-    with maybe_timed(stats, "wait_s", dkv.device):
-        _reduce_scatter(mine.view(-1), by_rank.view(-1), op=dist.ReduceOp.SUM, group=group)
+        return dkv_by_rank[0]
+    mine = torch.empty_like(dkv_by_rank[0])
+    with maybe_timed(stats, "wait_s", dkv_by_rank.device):
+        _reduce_scatter(mine.view(-1), dkv_by_rank.view(-1), op=dist.ReduceOp.SUM, group=group)
     if stats is not None:
         stats.bytes_sent += mine.numel() * mine.element_size() * (size - 1)
     return mine
@@ -145,18 +159,18 @@ class _AllGatherAttention(torch.autograd.Function):
         dout = dout.contiguous()
         gather = _GatherKV(k, v, group, stats)  # again: the forward kept only the local K/V
         dq = torch.empty(q.shape, dtype=acc, device=q.device)
-        dkv_local = torch.empty((2, *k.shape), dtype=acc, device=k.device)
+        # every rank's share of every rank's dK/dV, laid out for the reduce-scatter
+        dkv_by_rank = torch.zeros((size, 2, *k.shape), dtype=acc, device=k.device)
         with maybe_timed(stats, "compute_s", q.device):  # diagonal blocks overlap the all-gather
             for rows, _ in _local_chunks(rank, size, chunk):
                 dq_blk, dk_blk, dv_blk = kernel.backward(_rows(dout, rows), _rows(q, rows), _rows(k, rows),
                                                          _rows(v, rows), _rows(out, rows), lse[..., rows],
                                                          True, scale)
                 _rows(dq, rows).copy_(dq_blk)
-                _rows(dkv_local[0], rows).copy_(dk_blk)
-                _rows(dkv_local[1], rows).copy_(dv_blk)
+                _rows(dkv_by_rank[rank, 0], rows).add_(dk_blk)
+                _rows(dkv_by_rank[rank, 1], rows).add_(dv_blk)
                 _count(stats, chunk, chunk)
         k_all, v_all = gather.wait()
-        dkv_all = torch.zeros((2, *k_all.shape), dtype=acc, device=k.device)
         with maybe_timed(stats, "compute_s", q.device):
             for rows, chunk_id in _local_chunks(rank, size, chunk):
                 if chunk_id == 0:
@@ -166,10 +180,10 @@ class _AllGatherAttention(torch.autograd.Function):
                                                          _rows(v_all, past), _rows(out, rows), lse[..., rows],
                                                          False, scale)
                 _rows(dq, rows).add_(dq_blk)
-                _rows(dkv_all[0], past).add_(dk_blk)
-                _rows(dkv_all[1], past).add_(dv_blk)
+                _add_past_grads(dkv_by_rank, dk_blk, dv_blk, chunk_id, chunk)
                 _count(stats, chunk, chunk_id * chunk)
-        dk, dv = dkv_local + _reduce_scatter_dkv(dkv_all, group, stats)
+        del k_all, v_all, dq_blk, dk_blk, dv_blk
+        dk, dv = _reduce_scatter_dkv(dkv_by_rank, group, stats)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 

@@ -57,20 +57,19 @@ class BlockKernel:
 
 
 def _contiguous(*tensors: Tensor) -> list[Tensor]:
-    # The fused backward kernels read lse, out and dout with dense strides: on CUDA a
-    # sliced (non-contiguous) view gave gradients off by ~1e3 with no error raised.
+    # The CUDA kernels get dense copies of sliced (row-half) views: FlashAttention-2's
+    # backward returned gradients off by ~1e3, with no error, for sliced lse/out/dout/q.
+    # The CPU kernel reads any strides exactly (checked bit for bit), so it gets views.
     return [t.contiguous() for t in tensors]
 
 
 # --------------------------------------------------------------------------- CPU flash
 
 def _cpu_flash_forward(q, k, v, causal, scale):
-    q, k, v = _contiguous(q, k, v)
     return aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
 
 
 def _cpu_flash_backward(dout, q, k, v, out, lse, causal, scale):
-    dout, q, k, v, out, lse = _contiguous(dout, q, k, v, out, lse)
     return aten._scaled_dot_product_flash_attention_for_cpu_backward(dout, q, k, v, out, lse, 0.0, causal,
                                                                      scale=scale)
 

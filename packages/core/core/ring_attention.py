@@ -41,32 +41,36 @@ from .attention_stats import AttentionStats, maybe_timed
 
 __all__ = ["ring_attention"]
 
-KV_TAG, DKV_TAG = 0, 1  # gloo matches P2P messages by tag: keep the two rings apart
+# gloo matches P2P messages by tag: K, V and their gradient accumulators each get their own
+KV_TAGS, DKV_TAGS = (0, 1), (2, 3)
 
 
 class _RingShift:
-    """One in-flight ring hop: send ``tensor`` to rank+1, receive rank-1's into a new buffer.
+    """One in-flight ring hop: send ``tensors`` to rank+1, receive rank-1's into new buffers.
 
-    Issues one ``dist.batch_isend_irecv`` with an isend and an irecv. Every rank of the
-    group must create the same sequence of shifts (same tags, shapes, dtypes), else it hangs.
-    The sent tensor must not be modified until :meth:`wait` returns.
+    Issues one ``dist.batch_isend_irecv`` with an isend and an irecv per tensor (K and V
+    travel as they are: no copy into a joint buffer). Every rank of the group must create
+    the same sequence of shifts (same tags, shapes, dtypes), else it hangs. The sent
+    tensors must not be modified until :meth:`wait` returns.
     """
 
-    def __init__(self, tensor: Tensor, group, tag: int, stats: AttentionStats | None):
+    def __init__(self, tensors: tuple[Tensor, ...], group, tags: tuple[int, ...], stats: AttentionStats | None):
         size, rank = dist.get_world_size(group), dist.get_rank(group)
-        self.stats = stats
+        self.stats, self.device = stats, tensors[0].device
         if size == 1:  # the ring is this rank alone: the "next" block is our own
-            self.works, self.received = [], tensor
+            self.works, self.received = [], tensors
             return
-        self.received = torch.empty_like(tensor)
-        ops = [dist.P2POp(dist.isend, tensor, group=group, group_peer=(rank + 1) % size, tag=tag),
-               dist.P2POp(dist.irecv, self.received, group=group, group_peer=(rank - 1) % size, tag=tag)]
+        self.received = tuple(torch.empty_like(t) for t in tensors)
+        ops = []
+        for sent, received, tag in zip(tensors, self.received, tags):
+            ops += [dist.P2POp(dist.isend, sent, group=group, group_peer=(rank + 1) % size, tag=tag),
+                    dist.P2POp(dist.irecv, received, group=group, group_peer=(rank - 1) % size, tag=tag)]
         self.works = dist.batch_isend_irecv(ops)
         if stats is not None:
-            stats.bytes_sent += tensor.numel() * tensor.element_size()
+            stats.bytes_sent += sum(t.numel() * t.element_size() for t in tensors)
 
-    def wait(self) -> Tensor:
-        with maybe_timed(self.stats, "wait_s", self.received.device):
+    def wait(self) -> tuple[Tensor, ...]:
+        with maybe_timed(self.stats, "wait_s", self.device):
             for work in self.works:
                 work.wait()
         return self.received
@@ -100,16 +104,16 @@ class _RingAttention(torch.autograd.Function):
         size, rank = dist.get_world_size(group), dist.get_rank(group)
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         chunk = q.size(2) // 2
-        kv = torch.stack([k, v])  # one contiguous buffer per hop, in the input dtype
+        kv = (k, v)
         out = lse = None
         for step in range(size):
-            pending = _RingShift(kv, group, KV_TAG, stats) if step + 1 < size else None  # prefetch
+            pending = _RingShift(kv, group, KV_TAGS, stats) if step + 1 < size else None  # prefetch
             q_rows, kv_rows, causal = _block_plan(step, rank, size, chunk)
             with maybe_timed(stats, "compute_s", q.device):
                 k_blk, v_blk = _rows(kv[0], kv_rows), _rows(kv[1], kv_rows)
                 block_out, block_lse = kernel.forward(_rows(q, q_rows), k_blk, v_blk, causal, scale)
                 _count(stats, _rows(q, q_rows), k_blk)
-                if step == 0:  # the causal local block covers every query: start from it
+                if step == 0:  # the causal local block covers every query: it becomes the accumulator
                     out, lse = block_out.to(merge_dtype(q.dtype)), block_lse.to(merge_dtype(q.dtype))
                 else:
                     merge_block(_rows(out, q_rows), _rows(lse, q_rows), block_out, block_lse)
@@ -128,11 +132,9 @@ class _RingAttention(torch.autograd.Function):
         acc = merge_dtype(q.dtype)
         chunk = q.size(2) // 2
         dout = dout.contiguous()
-        dq = torch.zeros_like(q, dtype=acc)
-        kv = torch.stack([k, v])
-        dkv_pending = None
+        kv, dq, dkv_pending = (k, v), None, None
         for step in range(size):
-            kv_pending = _RingShift(kv, group, KV_TAG, stats) if step + 1 < size else None
+            kv_pending = _RingShift(kv, group, KV_TAGS, stats) if step + 1 < size else None
             q_rows, kv_rows, causal = _block_plan(step, rank, size, chunk)
             with maybe_timed(stats, "compute_s", q.device):
                 k_blk, v_blk = _rows(kv[0], kv_rows), _rows(kv[1], kv_rows)
@@ -140,16 +142,18 @@ class _RingAttention(torch.autograd.Function):
                     _rows(dout, q_rows), _rows(q, q_rows), k_blk, v_blk,
                     _rows(out, q_rows), _rows(lse, q_rows), causal, scale)
                 _count(stats, _rows(q, q_rows), k_blk)
-                _rows(dq, q_rows).add_(dq_blk)
-            # The dK/dV accumulator of the block we hold arrives from rank-1 (which added its
-            # share one step earlier); add ours and pass it on, one hop behind its K/V.
-            if step == 0:
-                dkv = torch.stack([dk_blk, dv_blk]).to(acc)
+            # The dK/dV accumulators of the block we hold arrive from rank-1 (which added its
+            # share one step earlier); add ours and pass them on, one hop behind their K/V.
+            if step == 0:  # the local block's gradients cover every row: they become the accumulators
+                # (contiguous: P2P sends dense buffers, and kernels may return another memory layout)
+                dq, dkv = dq_blk.to(acc), (dk_blk.to(acc).contiguous(), dv_blk.to(acc).contiguous())
             else:
+                _rows(dq, q_rows).add_(dq_blk)
                 dkv = dkv_pending.wait()
                 _rows(dkv[0], kv_rows).add_(dk_blk)
                 _rows(dkv[1], kv_rows).add_(dv_blk)
-            dkv_pending = _RingShift(dkv, group, DKV_TAG, stats)  # the last hop brings it home
+            dkv_pending = _RingShift(dkv, group, DKV_TAGS, stats)  # the last hop brings them home
+            del dq_blk, dk_blk, dv_blk  # free before the next block's backward allocates its own
             if kv_pending is not None:
                 kv = kv_pending.wait()
         dk, dv = dkv_pending.wait()
