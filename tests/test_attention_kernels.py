@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from attention_reference import reference_block_backward, reference_block_forward
 from core.attention_kernels import (
-    CPU_FLASH, CUDA_EFFICIENT, CUDA_FLASH, merge_block, merge_dtype, select_block_kernel,
+    CPU_FLASH, CUDA_CUDNN, CUDA_EFFICIENT, CUDA_FLASH, merge_block, merge_dtype, select_block_kernel,
 )
 from core.context_parallel import CP_METHODS
 from core.live_memory import PeakLiveBytes
@@ -26,6 +26,8 @@ from rank_harness import run_on_ranks
 
 HAS_CUDA = torch.cuda.is_available()
 cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+hopper_only = pytest.mark.skipif(not HAS_CUDA or torch.cuda.get_device_capability() < (9, 0),
+                                 reason="needs a Hopper (sm90+) GPU")
 
 # (kernel, device, dtype, tolerance relative to the largest reference value)
 KERNELS = [
@@ -34,6 +36,7 @@ KERNELS = [
     pytest.param(CPU_FLASH, "cpu", torch.bfloat16, 2e-2, id="cpu-bf16"),
     pytest.param(CUDA_FLASH, "cuda", torch.bfloat16, 2e-2, id="cuda-flash-bf16", marks=cuda_only),
     pytest.param(CUDA_FLASH, "cuda", torch.float16, 4e-3, id="cuda-flash-fp16", marks=cuda_only),
+    pytest.param(CUDA_CUDNN, "cuda", torch.bfloat16, 2e-2, id="cuda-cudnn-bf16", marks=hopper_only),
     pytest.param(CUDA_EFFICIENT, "cuda", torch.float32, 1e-5, id="cuda-efficient-fp32", marks=cuda_only),
     pytest.param(CUDA_EFFICIENT, "cuda", torch.bfloat16, 2e-2, id="cuda-efficient-bf16", marks=cuda_only),
 ]
@@ -50,7 +53,8 @@ def _tensors(shapes, device, dtype, seed=0):
 
 def _assert_close(got, expected, tol, name):
     scale = max(expected.abs().max().item(), 1.0)
-    torch.testing.assert_close(got.double(), expected.double(), atol=tol * scale, rtol=0, msg=name)
+    torch.testing.assert_close(got.double(), expected.double(), atol=tol * scale, rtol=0,
+                               msg=lambda message: f"{name}: {message}")
 
 
 @pytest.mark.parametrize("s_q, s_k, causal", BLOCKS)
@@ -113,8 +117,11 @@ def test_kernel_choice():
 def test_cuda_kernel_choice():
     device = torch.device("cuda")
     assert select_block_kernel(device, torch.float32, 64) is CUDA_EFFICIENT
-    if torch.cuda.get_device_capability() >= (8, 0):
-        assert select_block_kernel(device, torch.bfloat16, 64) is CUDA_FLASH
+    capability = torch.cuda.get_device_capability()
+    if capability >= (8, 0):
+        half_kernel = CUDA_CUDNN if capability >= (9, 0) else CUDA_FLASH
+        assert select_block_kernel(device, torch.bfloat16, 64) is half_kernel
+        assert select_block_kernel(device, torch.bfloat16, 192) is CUDA_FLASH  # beyond cuDNN's 128
         assert select_block_kernel(device, torch.bfloat16, 512) is CUDA_EFFICIENT  # beyond FlashAttention-2
     with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
         select_block_kernel(device, torch.float64, 64)

@@ -29,8 +29,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .attention_kernels import BlockKernel, check_attention_inputs, merge_block, merge_dtype, select_block_kernel
-from .attention_stats import AttentionStats, maybe_timed
+from .attention_kernels import (
+    BlockKernel, check_attention_inputs, merge_block, merge_dtype, select_block_kernel, seq_rows,
+)
+from .attention_stats import AttentionStats, count_work, maybe_timed
 from .zigzag import zigzag_chunk_ids
 
 __all__ = ["allgather_attention"]
@@ -39,11 +41,6 @@ __all__ = ["allgather_attention"]
 # such as 2.11) only have the old names.
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-
-
-def _rows(x: Tensor, rows: slice) -> Tensor:
-    """Sequence rows of a [..., s, d] tensor (a view)."""
-    return x[..., rows, :]
 
 
 def _chunk_owner(chunk_id: int, size: int) -> tuple[int, int]:
@@ -90,8 +87,8 @@ def _add_past_grads(dkv_by_rank: Tensor, dk: Tensor, dv: Tensor, n_chunks: int, 
     for chunk_id in range(n_chunks):
         rank, half = _chunk_owner(chunk_id, size)
         source, target = slice(chunk_id * chunk, (chunk_id + 1) * chunk), slice(half * chunk, (half + 1) * chunk)
-        _rows(dkv_by_rank[rank, 0], target).add_(_rows(dk, source))
-        _rows(dkv_by_rank[rank, 1], target).add_(_rows(dv, source))
+        seq_rows(dkv_by_rank[rank, 0], target).add_(seq_rows(dk, source))
+        seq_rows(dkv_by_rank[rank, 1], target).add_(seq_rows(dv, source))
 
 
 def _reduce_scatter_dkv(dkv_by_rank: Tensor, group, stats: AttentionStats | None) -> Tensor:
@@ -112,11 +109,6 @@ def _local_chunks(rank: int, size: int, chunk: int) -> list[tuple[slice, int]]:
     return [(slice(i * chunk, (i + 1) * chunk), chunk_id) for i, chunk_id in enumerate(zigzag_chunk_ids(rank, size))]
 
 
-def _count(stats: AttentionStats | None, n_queries: int, n_keys: int) -> None:
-    if stats is not None:
-        stats.score_elems += n_queries * n_keys
-
-
 class _AllGatherAttention(torch.autograd.Function):
     """Causal attention of local zigzag queries over all-gathered K/V."""
 
@@ -131,20 +123,20 @@ class _AllGatherAttention(torch.autograd.Function):
         lse = torch.empty(q.shape[:3], dtype=acc, device=q.device)
         with maybe_timed(stats, "compute_s", q.device):  # overlaps the all-gather
             for rows, _ in _local_chunks(rank, size, chunk):
-                block_out, block_lse = kernel.forward(_rows(q, rows), _rows(k, rows), _rows(v, rows), True, scale)
-                _rows(out, rows).copy_(block_out)
-                lse[..., rows].copy_(block_lse)
-                _count(stats, chunk, chunk)
+                block_out, block_lse = kernel.forward(seq_rows(q, rows), seq_rows(k, rows), seq_rows(v, rows), True, scale)
+                seq_rows(out, rows).copy_(block_out)
+                seq_rows(lse, rows).copy_(block_lse)
+                count_work(stats, chunk, chunk)
         k_all, v_all = gather.wait()
         with maybe_timed(stats, "compute_s", q.device):
             for rows, chunk_id in _local_chunks(rank, size, chunk):
                 if chunk_id == 0:
                     continue  # the first chunk of the sequence has no past
                 past = slice(0, chunk_id * chunk)
-                block_out, block_lse = kernel.forward(_rows(q, rows), _rows(k_all, past), _rows(v_all, past),
+                block_out, block_lse = kernel.forward(seq_rows(q, rows), seq_rows(k_all, past), seq_rows(v_all, past),
                                                       False, scale)
-                merge_block(_rows(out, rows), lse[..., rows], block_out, block_lse)
-                _count(stats, chunk, chunk_id * chunk)
+                merge_block(seq_rows(out, rows), seq_rows(lse, rows), block_out, block_lse)
+                count_work(stats, chunk, chunk_id * chunk)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.group, ctx.scale, ctx.kernel, ctx.stats = group, scale, kernel, stats
@@ -163,25 +155,25 @@ class _AllGatherAttention(torch.autograd.Function):
         dkv_by_rank = torch.zeros((size, 2, *k.shape), dtype=acc, device=k.device)
         with maybe_timed(stats, "compute_s", q.device):  # diagonal blocks overlap the all-gather
             for rows, _ in _local_chunks(rank, size, chunk):
-                dq_blk, dk_blk, dv_blk = kernel.backward(_rows(dout, rows), _rows(q, rows), _rows(k, rows),
-                                                         _rows(v, rows), _rows(out, rows), lse[..., rows],
+                dq_blk, dk_blk, dv_blk = kernel.backward(seq_rows(dout, rows), seq_rows(q, rows), seq_rows(k, rows),
+                                                         seq_rows(v, rows), seq_rows(out, rows), seq_rows(lse, rows),
                                                          True, scale)
-                _rows(dq, rows).copy_(dq_blk)
-                _rows(dkv_by_rank[rank, 0], rows).add_(dk_blk)
-                _rows(dkv_by_rank[rank, 1], rows).add_(dv_blk)
-                _count(stats, chunk, chunk)
+                seq_rows(dq, rows).copy_(dq_blk)
+                seq_rows(dkv_by_rank[rank, 0], rows).add_(dk_blk)
+                seq_rows(dkv_by_rank[rank, 1], rows).add_(dv_blk)
+                count_work(stats, chunk, chunk)
         k_all, v_all = gather.wait()
         with maybe_timed(stats, "compute_s", q.device):
             for rows, chunk_id in _local_chunks(rank, size, chunk):
                 if chunk_id == 0:
                     continue
                 past = slice(0, chunk_id * chunk)
-                dq_blk, dk_blk, dv_blk = kernel.backward(_rows(dout, rows), _rows(q, rows), _rows(k_all, past),
-                                                         _rows(v_all, past), _rows(out, rows), lse[..., rows],
+                dq_blk, dk_blk, dv_blk = kernel.backward(seq_rows(dout, rows), seq_rows(q, rows), seq_rows(k_all, past),
+                                                         seq_rows(v_all, past), seq_rows(out, rows), seq_rows(lse, rows),
                                                          False, scale)
-                _rows(dq, rows).add_(dq_blk)
+                seq_rows(dq, rows).add_(dq_blk)
                 _add_past_grads(dkv_by_rank, dk_blk, dv_blk, chunk_id, chunk)
-                _count(stats, chunk, chunk_id * chunk)
+                count_work(stats, chunk, chunk_id * chunk)
         del k_all, v_all, dq_blk, dk_blk, dv_blk
         dk, dv = _reduce_scatter_dkv(dkv_by_rank, group, stats)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None

@@ -44,3 +44,9 @@ def maybe_timed(stats: AttentionStats | None, field: str, device: torch.device):
     else:
         with stats.timed(field, device):
             yield
+
+
+def count_work(stats: AttentionStats | None, n_queries: int, n_keys: int) -> None:
+    """Count a block of ``n_queries`` x ``n_keys`` query-key pairs handed to a kernel."""
+    if stats is not None:
+        stats.score_elems += n_queries * n_keys

@@ -36,8 +36,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .attention_kernels import BlockKernel, check_attention_inputs, merge_block, merge_dtype, select_block_kernel
-from .attention_stats import AttentionStats, maybe_timed
+from .attention_kernels import (
+    BlockKernel, check_attention_inputs, merge_block, merge_dtype, select_block_kernel, seq_rows,
+)
+from .attention_stats import AttentionStats, count_work, maybe_timed
 
 __all__ = ["ring_attention"]
 
@@ -86,16 +88,6 @@ def _block_plan(step: int, rank: int, size: int, chunk: int) -> tuple[slice, sli
     return slice(chunk, None), slice(None), False
 
 
-def _rows(x: Tensor, rows: slice) -> Tensor:
-    """Sequence rows of a [b, h, s, ...] tensor (a view)."""
-    return x[:, :, rows]
-
-
-def _count(stats: AttentionStats | None, q_rows: Tensor, k_rows: Tensor) -> None:
-    if stats is not None:
-        stats.score_elems += q_rows.size(2) * k_rows.size(2)
-
-
 class _RingAttention(torch.autograd.Function):
     """Causal ring attention over zigzag shards. Forward and backward both walk the ring."""
 
@@ -110,13 +102,13 @@ class _RingAttention(torch.autograd.Function):
             pending = _RingShift(kv, group, KV_TAGS, stats) if step + 1 < size else None  # prefetch
             q_rows, kv_rows, causal = _block_plan(step, rank, size, chunk)
             with maybe_timed(stats, "compute_s", q.device):
-                k_blk, v_blk = _rows(kv[0], kv_rows), _rows(kv[1], kv_rows)
-                block_out, block_lse = kernel.forward(_rows(q, q_rows), k_blk, v_blk, causal, scale)
-                _count(stats, _rows(q, q_rows), k_blk)
+                k_blk, v_blk = seq_rows(kv[0], kv_rows), seq_rows(kv[1], kv_rows)
+                block_out, block_lse = kernel.forward(seq_rows(q, q_rows), k_blk, v_blk, causal, scale)
+                count_work(stats, seq_rows(q, q_rows).size(2), k_blk.size(2))
                 if step == 0:  # the causal local block covers every query: it becomes the accumulator
                     out, lse = block_out.to(merge_dtype(q.dtype)), block_lse.to(merge_dtype(q.dtype))
                 else:
-                    merge_block(_rows(out, q_rows), _rows(lse, q_rows), block_out, block_lse)
+                    merge_block(seq_rows(out, q_rows), seq_rows(lse, q_rows), block_out, block_lse)
             if pending is not None:
                 kv = pending.wait()
         out = out.to(q.dtype)
@@ -137,21 +129,21 @@ class _RingAttention(torch.autograd.Function):
             kv_pending = _RingShift(kv, group, KV_TAGS, stats) if step + 1 < size else None
             q_rows, kv_rows, causal = _block_plan(step, rank, size, chunk)
             with maybe_timed(stats, "compute_s", q.device):
-                k_blk, v_blk = _rows(kv[0], kv_rows), _rows(kv[1], kv_rows)
+                k_blk, v_blk = seq_rows(kv[0], kv_rows), seq_rows(kv[1], kv_rows)
                 dq_blk, dk_blk, dv_blk = kernel.backward(
-                    _rows(dout, q_rows), _rows(q, q_rows), k_blk, v_blk,
-                    _rows(out, q_rows), _rows(lse, q_rows), causal, scale)
-                _count(stats, _rows(q, q_rows), k_blk)
+                    seq_rows(dout, q_rows), seq_rows(q, q_rows), k_blk, v_blk,
+                    seq_rows(out, q_rows), seq_rows(lse, q_rows), causal, scale)
+                count_work(stats, seq_rows(q, q_rows).size(2), k_blk.size(2))
             # The dK/dV accumulators of the block we hold arrive from rank-1 (which added its
             # share one step earlier); add ours and pass them on, one hop behind their K/V.
             if step == 0:  # the local block's gradients cover every row: they become the accumulators
                 # (contiguous: P2P sends dense buffers, and kernels may return another memory layout)
                 dq, dkv = dq_blk.to(acc), (dk_blk.to(acc).contiguous(), dv_blk.to(acc).contiguous())
             else:
-                _rows(dq, q_rows).add_(dq_blk)
+                seq_rows(dq, q_rows).add_(dq_blk)
                 dkv = dkv_pending.wait()
-                _rows(dkv[0], kv_rows).add_(dk_blk)
-                _rows(dkv[1], kv_rows).add_(dv_blk)
+                seq_rows(dkv[0], kv_rows).add_(dk_blk)
+                seq_rows(dkv[1], kv_rows).add_(dv_blk)
             dkv_pending = _RingShift(dkv, group, DKV_TAGS, stats)  # the last hop brings them home
             del dq_blk, dk_blk, dv_blk  # free before the next block's backward allocates its own
             if kv_pending is not None:

@@ -1,0 +1,24 @@
+"""Every benchmark runs: each script in a cheap mode, so a rename or API change cannot break one silently."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.mark.parametrize("script, args, expect", [
+    ("bench_context_parallel.py", ["--smoke"], ["attention op", "ring block", "training step"]),
+    ("bench_meshes.py", ["--steps", "2", "--seq-len", "32", "--global-batch-size", "4", "--meshes", "dp=2"], ["dp=2"]),
+    ("bench_moe_mesh.py", ["--mesh", "ep=2"], ["same run"]),
+])
+def test_benchmark_runs(script, args, expect):
+    result = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for text in expect:
+        assert text in result.stdout, result.stdout[-3000:]
+    assert sorted(p.name for p in BENCHMARKS.glob("*.py")) == ["bench_context_parallel.py", "bench_meshes.py",
+                                                                "bench_moe_mesh.py"], "a new benchmark needs a row here"
