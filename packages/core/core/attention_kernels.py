@@ -13,7 +13,7 @@ scores, the one number needed to merge blocks exactly (see ``merge_block``):
   cpu          aten._scaled_dot_product_flash_attention_for_cpu     fp64 fp32 bf16 fp16
   cuda sm90+   aten._scaled_dot_product_cudnn_attention             bf16 fp16
   cuda sm80+   aten._scaled_dot_product_flash_attention             bf16 fp16
-  cuda         aten._scaled_dot_product_efficient_attention         fp32 bf16 fp16
+  cuda         aten._scaled_dot_product_efficient_attention         fp32 (half in fp32)
   ===========  ==================================================  ================
 
 Each backward takes the *final* output and lse of the whole attention (not the block's):
@@ -107,22 +107,33 @@ def _cuda_cudnn_backward(dout, q, k, v, out, lse, causal, scale):
 # --------------------------------------------------------------------------- CUDA memory-efficient
 
 def _heads_as_batch(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """GQA for a kernel that needs equal head counts: q [b, h, s, d] -> [b*h_kv, g, s, d] (the g
-    query heads sharing a K/V head are adjacent), k, v [b, h_kv, s, d] -> [b*h_kv, g, s, d].
+    """GQA for a kernel that needs equal head counts, without copying K/V per query head.
 
-    In fp32 K/V are stride-0 expansions (no copy per query head). In half precision the
-    kernel's backward misreads stride-0 K/V (dq off by up to 1e37 on an H100, torch 2.11),
-    so K/V are repeated there; the kernel only serves half precision where neither cuDNN
-    nor FlashAttention-2 can (pre-Ampere GPUs, head_dim > 256).
+    q [b, h, s, d] -> [b*h_kv, g, s, d] (the g query heads sharing a K/V head are
+    adjacent); k, v [b, h_kv, s, d] -> [b*h_kv, g, s, d] as stride-0 expansions.
     """
     b, h, s_q, d = q.shape
     h_kv, s_k = k.size(1), k.size(2)
     g = h // h_kv
     expand = (b * h_kv, g, s_k, d)
-    k, v = (t.reshape(b * h_kv, 1, s_k, d).expand(expand) for t in (k, v))
-    if q.dtype != torch.float32:
-        k, v = k.contiguous(), v.contiguous()
-    return q.reshape(b * h_kv, g, s_q, d), k, v
+    return (q.reshape(b * h_kv, g, s_q, d), k.reshape(b * h_kv, 1, s_k, d).expand(expand),
+            v.reshape(b * h_kv, 1, s_k, d).expand(expand))
+
+
+def _in_fp32(fn):
+    """Run ``fn`` on fp32 copies of its tensor arguments; cast tensor results back to q's dtype (lse stays fp32).
+
+    The efficient kernel's bf16 backward returned garbage dq (up to 1e37) on an H100 with
+    torch 2.11 while its fp32 path is exact; it only serves half precision where cuDNN and
+    FlashAttention-2 cannot (pre-Ampere GPUs, head_dim > 256), so those blocks run in fp32.
+    """
+    def run(*args):
+        dtype = next(a.dtype for a in args if isinstance(a, Tensor))
+        results = fn(*(a.float() if isinstance(a, Tensor) else a for a in args))
+        if dtype == torch.float32:
+            return results
+        return tuple(r if r.dim() == 3 else r.to(dtype) for r in results)  # the 3-D result is lse
+    return run
 
 
 def _cuda_efficient_forward(q, k, v, causal, scale):
@@ -149,7 +160,7 @@ def _cuda_efficient_backward(dout, q, k, v, out, lse, causal, scale):
 CPU_FLASH = BlockKernel("cpu-flash", _cpu_flash_forward, _cpu_flash_backward)
 CUDA_FLASH = BlockKernel("cuda-flash", _cuda_flash_forward, _cuda_flash_backward)
 CUDA_CUDNN = BlockKernel("cuda-cudnn", _cuda_cudnn_forward, _cuda_cudnn_backward)
-CUDA_EFFICIENT = BlockKernel("cuda-efficient", _cuda_efficient_forward, _cuda_efficient_backward)
+CUDA_EFFICIENT = BlockKernel("cuda-efficient", _in_fp32(_cuda_efficient_forward), _in_fp32(_cuda_efficient_backward))
 
 
 def select_block_kernel(device: torch.device, dtype: torch.dtype, head_dim: int) -> BlockKernel:
@@ -158,7 +169,7 @@ def select_block_kernel(device: torch.device, dtype: torch.dtype, head_dim: int)
     CUDA in half precision takes cuDNN attention on Hopper (sm90+, head_dim a multiple of
     8 up to 128: on an H100 it ran causal fwd+bwd ~1.7x faster than FlashAttention-2, and
     it is what SDPA itself picks there), else FlashAttention-2 (sm80+, head_dim up to 256);
-    everything else, fp32 included, runs the memory-efficient kernel.
+    everything else, fp32 included, runs the memory-efficient kernel (in fp32).
     """
     if device.type == "cpu":
         return CPU_FLASH
