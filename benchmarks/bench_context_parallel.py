@@ -45,7 +45,7 @@ import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from attention_reference import reference_block_forward  # noqa: E402
-from core.attention_kernels import merge_block, merge_dtype, select_block_kernel  # noqa: E402
+from core.attention_kernels import merge_block, select_block_kernel  # noqa: E402
 from core.attention_stats import AttentionStats  # noqa: E402
 from core.context_parallel import CP_METHODS  # noqa: E402
 from core.live_memory import PeakLiveBytes  # noqa: E402
@@ -229,7 +229,7 @@ def run_op_part(args, shape) -> None:
 
 
 def run_block_part(args, shape) -> None:
-    print(f"\nring block (one off-diagonal step) vs one SDPA call of that shape, fwd+bwd, fp32, 1 thread")
+    print("\nring block (one off-diagonal step) vs one SDPA call of that shape, fwd+bwd, fp32, 1 thread")
     header = f"{'seq':>6} {'cp':>3} {'q x k':>12} | {'ours ms':>8} {'SDPA ms':>8} {'ratio':>6}"
     print(header + "\n" + "-" * len(header))
     for seq in args.seqs:

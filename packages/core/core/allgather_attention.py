@@ -23,14 +23,13 @@ rank's share of the gathered dK/dV with one reduce-scatter (a sum).
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from .attention_kernels import (
-    BlockKernel, check_attention_inputs, merge_block, merge_dtype, select_block_kernel, seq_rows,
+    AttentionSetup, merge_block, merge_dtype, prepare_attention, seq_rows,
 )
 from .attention_stats import AttentionStats, count_work, maybe_timed
 from .zigzag import zigzag_chunk_ids
@@ -113,7 +112,8 @@ class _AllGatherAttention(torch.autograd.Function):
     """Causal attention of local zigzag queries over all-gathered K/V."""
 
     @staticmethod
-    def forward(ctx, q, k, v, group, scale, kernel: BlockKernel, stats):
+    def forward(ctx, q, k, v, setup: AttentionSetup):
+        group, scale, kernel, stats = setup.group, setup.scale, setup.kernel, setup.stats
         size, rank = dist.get_world_size(group), dist.get_rank(group)
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         chunk = q.size(2) // 2
@@ -139,13 +139,13 @@ class _AllGatherAttention(torch.autograd.Function):
                 count_work(stats, chunk, chunk_id * chunk)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.group, ctx.scale, ctx.kernel, ctx.stats = group, scale, kernel, stats
+        ctx.setup = setup
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        group, scale, kernel, stats = ctx.group, ctx.scale, ctx.kernel, ctx.stats
+        group, scale, kernel, stats = ctx.setup.group, ctx.setup.scale, ctx.setup.kernel, ctx.setup.stats
         size, rank = dist.get_world_size(group), dist.get_rank(group)
         acc, chunk = merge_dtype(q.dtype), q.size(2) // 2
         dout = dout.contiguous()
@@ -176,7 +176,7 @@ class _AllGatherAttention(torch.autograd.Function):
                 count_work(stats, chunk, chunk_id * chunk)
         del k_all, v_all, dq_blk, dk_blk, dv_blk
         dk, dv = _reduce_scatter_dkv(dkv_by_rank, group, stats)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
 
 
 def allgather_attention(q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup | None,
@@ -190,12 +190,4 @@ def allgather_attention(q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGrou
     Collectives: forward one all-gather of K/V; backward one more, then one
     reduce-scatter (sum) of dK/dV in fp32. None for a group of one rank.
     """
-    check_attention_inputs(q, k, v)
-    size = dist.get_world_size(group)
-    if q.size(2) % 2:
-        raise ValueError(f"local sequence length {q.size(2)} is odd: a zigzag part is two equal "
-                         f"chunks (global length must be divisible by 2*cp = {2 * size})")
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.size(-1))
-    kernel = select_block_kernel(q.device, q.dtype, q.size(-1))
-    return _AllGatherAttention.apply(q, k, v, group, scale, kernel, stats)
+    return _AllGatherAttention.apply(q, k, v, prepare_attention(q, k, v, group, scale, stats))

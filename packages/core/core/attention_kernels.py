@@ -29,12 +29,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
-__all__ = ["BlockKernel", "select_block_kernel", "merge_dtype", "merge_block", "seq_rows", "check_attention_inputs"]
+__all__ = [
+    "BlockKernel", "AttentionSetup", "prepare_attention", "select_block_kernel", "merge_dtype", "merge_block",
+    "seq_rows", "check_attention_inputs",
+]
 
 aten = torch.ops.aten
 
@@ -216,7 +219,27 @@ def merge_block(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tensor) 
     lse.copy_(new_lse)
 
 
-# --------------------------------------------------------------------------- input checks
+# --------------------------------------------------------------------------- entry
+
+@dataclass(frozen=True)
+class AttentionSetup:
+    """What a context-parallel attention call needs besides its tensors (kept for its backward)."""
+
+    group: Any                # the cp ProcessGroup (None: the default group)
+    scale: float
+    kernel: BlockKernel
+    stats: Any                # core.attention_stats.AttentionStats or None
+
+
+def prepare_attention(q: Tensor, k: Tensor, v: Tensor, group, scale: float | None, stats) -> AttentionSetup:
+    """Check shapes (before any communication), default the scale to head_dim**-0.5, pick the kernel."""
+    check_attention_inputs(q, k, v)
+    if q.size(2) % 2:
+        raise ValueError(f"local sequence length {q.size(2)} is odd: a zigzag part is two equal chunks "
+                         f"(the global length must be divisible by 2*cp)")
+    scale = 1.0 / math.sqrt(q.size(-1)) if scale is None else scale
+    return AttentionSetup(group, scale, select_block_kernel(q.device, q.dtype, q.size(-1)), stats)
+
 
 def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
     """Shape errors before any communication, so every rank fails the same way at once."""

@@ -30,14 +30,13 @@ Works on plain local tensors and any ProcessGroup (gloo or NCCL).
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from .attention_kernels import (
-    BlockKernel, check_attention_inputs, merge_block, merge_dtype, select_block_kernel, seq_rows,
+    AttentionSetup, merge_block, merge_dtype, prepare_attention, seq_rows,
 )
 from .attention_stats import AttentionStats, count_work, maybe_timed
 
@@ -92,7 +91,8 @@ class _RingAttention(torch.autograd.Function):
     """Causal ring attention over zigzag shards. Forward and backward both walk the ring."""
 
     @staticmethod
-    def forward(ctx, q, k, v, group, scale, kernel: BlockKernel, stats):
+    def forward(ctx, q, k, v, setup: AttentionSetup):
+        group, scale, kernel, stats = setup.group, setup.scale, setup.kernel, setup.stats
         size, rank = dist.get_world_size(group), dist.get_rank(group)
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         chunk = q.size(2) // 2
@@ -113,13 +113,13 @@ class _RingAttention(torch.autograd.Function):
                 kv = pending.wait()
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.group, ctx.scale, ctx.kernel, ctx.stats = group, scale, kernel, stats
+        ctx.setup = setup
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        group, scale, kernel, stats = ctx.group, ctx.scale, ctx.kernel, ctx.stats
+        group, scale, kernel, stats = ctx.setup.group, ctx.setup.scale, ctx.setup.kernel, ctx.setup.stats
         size, rank = dist.get_world_size(group), dist.get_rank(group)
         acc = merge_dtype(q.dtype)
         chunk = q.size(2) // 2
@@ -149,7 +149,7 @@ class _RingAttention(torch.autograd.Function):
             if kv_pending is not None:
                 kv = kv_pending.wait()
         dk, dv = dkv_pending.wait()
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
 
 
 def ring_attention(q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup | None,
@@ -171,12 +171,4 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup | N
     ``cp`` dK/dV hops; each hop is one ``dist.batch_isend_irecv`` (isend to group rank+1,
     irecv from rank-1). All ranks of ``group`` must call this with equal shapes and dtypes.
     """
-    check_attention_inputs(q, k, v)
-    size = dist.get_world_size(group)
-    if size > 1 and q.size(2) % 2:
-        raise ValueError(f"local sequence length {q.size(2)} is odd: a zigzag part is two equal "
-                         f"chunks (global length must be divisible by 2*cp = {2 * size})")
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.size(-1))
-    kernel = select_block_kernel(q.device, q.dtype, q.size(-1))
-    return _RingAttention.apply(q, k, v, group, scale, kernel, stats)
+    return _RingAttention.apply(q, k, v, prepare_attention(q, k, v, group, scale, stats))
