@@ -23,7 +23,6 @@ rank's share of the gathered dK/dV with one reduce-scatter (a sum).
 
 from __future__ import annotations
 
-
 import torch
 import torch.distributed as dist
 from torch import Tensor

@@ -30,7 +30,6 @@ Works on plain local tensors and any ProcessGroup (gloo or NCCL).
 
 from __future__ import annotations
 
-
 import torch
 import torch.distributed as dist
 from torch import Tensor

@@ -54,11 +54,15 @@ def model_names() -> list[str]:
     return sorted(CONFIGS)
 
 
-def get_config(name: str, **overrides) -> LlamaConfig:
-    """The named config, with fields overridden (e.g. ``n_layers=8``) and checked."""
+def _registered(name: str) -> LlamaConfig:
     if name not in CONFIGS:
         raise ValueError(f"unknown model {name!r}: choose one of {', '.join(model_names())}")
-    config = replace(CONFIGS[name], **overrides)
+    return CONFIGS[name]
+
+
+def get_config(name: str, **overrides) -> LlamaConfig:
+    """The named config, with fields overridden (e.g. ``n_layers=8``) and checked."""
+    config = replace(_registered(name), **overrides)
     config.validate()
     return config
 
@@ -69,9 +73,7 @@ def parse_model_args(name: str, spec: str) -> dict:
     Keys are the fields of the named model's config; each value is parsed as that field's
     type (int, float, bool as true/false, str). ValueError names a bad key or value.
     """
-    if name not in CONFIGS:
-        raise ValueError(f"unknown model {name!r}: choose one of {', '.join(model_names())}")
-    types = {f.name: f.type if isinstance(f.type, str) else f.type.__name__ for f in fields(CONFIGS[name])}
+    types = {f.name: f.type if isinstance(f.type, str) else f.type.__name__ for f in fields(_registered(name))}
     overrides = {}
     for item in filter(None, (part.strip() for part in spec.split(","))):
         key, sep, text = (s.strip() for s in item.partition("="))
