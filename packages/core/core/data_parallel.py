@@ -19,25 +19,21 @@ from torch.distributed.tensor import DTensor
 
 
 def apply_fsdp(model: nn.Module, mesh: DeviceMesh, blocks: list[nn.Module], param_dtype: torch.dtype | None = None,
-               reshard_after_forward: bool = True, inner_units: list[tuple[nn.Module, DeviceMesh]] = (),
-               ignored_params: set[nn.Parameter] | None = None) -> None:
+               reshard_after_forward: bool = True, inner_units: list[tuple[nn.Module, DeviceMesh]] = ()) -> None:
     """ZeRO-3: shard every parameter of ``model`` over ``mesh``, one FSDP unit per block + the root.
 
     Each unit all-gathers its parameters before its forward (and again before its backward
     when ``reshard_after_forward``) and reduce-scatters gradients after its backward.
     ``param_dtype`` (e.g. bf16) is the compute dtype; gradients are reduced in float32.
     ``inner_units``: (module, mesh) pairs sharded first over their own mesh (MoE experts
-    over the expert-gradient mesh); ``ignored_params`` stay out of FSDP altogether (experts
-    when that mesh has one rank).
+    over the expert-gradient mesh, which may have one rank).
     """
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for unit, unit_mesh in inner_units:
         fully_shard(unit, mesh=unit_mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     for block in blocks:
-        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward,
-                    ignored_params=ignored_params)
-    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward,
-                ignored_params=ignored_params)
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)  # sum, see module docstring

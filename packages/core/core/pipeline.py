@@ -119,17 +119,39 @@ def stages_of_rank(pp_rank: int, pp: int, schedule: str) -> list[int]:
     return [pp_rank + k * pp for k in range(spec.stages_per_rank)]
 
 
+@dataclass(frozen=True)
+class StageIO:
+    """What one microbatch looks like at the stage boundaries: meta-device example tensors
+    (shape, dtype, requires_grad; no storage).
+
+    Handing these to ``PipelineStage`` makes its metadata static. Without them torch infers
+    it on the first ``step`` by pushing one extra microbatch forward and backward through
+    every stage, on real data at the first stage and on uninitialized memory after it; a
+    model whose forward has side effects (MoE load statistics, which move the expert bias)
+    would take that pass for training.
+    """
+    first_input: torch.Tensor    # the first stage's input, e.g. token ids [b/m, s] int64
+    activation: torch.Tensor     # what passes between stages, e.g. hidden [b/m, s, dim]
+    last_output: torch.Tensor    # the last stage's output, the loss function's input
+
+    def inputs_and_outputs(self, stage: int, n_stages: int) -> tuple[torch.Tensor, torch.Tensor]:
+        first, last = stage == 0, stage == n_stages - 1
+        return (self.first_input if first else self.activation), (self.last_output if last else self.activation)
+
+
 def build_stages(parts: list[nn.Module], stage_ids: list[int], n_stages: int, device: torch.device,
-                 pp_group: dist.ProcessGroup) -> list[PipelineStage]:
+                 pp_group: dist.ProcessGroup, io: StageIO) -> list[PipelineStage]:
     """Wrap each of this rank's model parts as a ``PipelineStage`` talking over ``pp_group``.
 
-    No shapes are given: torch infers them on the first ``step`` by running the first
-    microbatch through the pipeline once (forward, then backward) and sending each stage's
-    output/gradient metadata to its neighbour. That copes with tensor parallel, where a
-    stage's output is this rank's local [b/m, s/tp, dim] sequence slice, not [b/m, s, dim].
+    ``io`` gives every stage its input and output metadata up front (see ``StageIO``), so
+    receive buffers are allocated at once and no shape-inference pass runs.
     """
-    return [PipelineStage(part, stage_index=s, num_stages=n_stages, device=device, group=pp_group)
-            for part, s in zip(parts, stage_ids)]
+    stages = []
+    for part, s in zip(parts, stage_ids):
+        inputs, outputs = io.inputs_and_outputs(s, n_stages)
+        stages.append(PipelineStage(part, stage_index=s, num_stages=n_stages, device=device, group=pp_group,
+                                    input_args=inputs, output_args=outputs))
+    return stages
 
 
 def build_schedule(schedule: str, stages: list[PipelineStage], microbatches: int,

@@ -49,10 +49,14 @@ def parallelize(model: Transformer, pm: ParallelMesh, dp_mode: str = "fsdp", par
     apply_tensor_parallel(model, pm["tp"], tensor_parallel_plan(model))
     if pm.size("cp") > 1:
         apply_context_parallel(model, pm["cp"].get_group(), pm.local_rank("cp"), pm.size("cp"), cp_method)
-    if dp_mode == "fsdp" and pm.size("dense_grad") > 1:
-        inner_units, ignored = expert_fsdp_units(model, pm)
+    if uses_fsdp(pm, dp_mode):
         apply_fsdp(model, pm["dense_grad"], list(model.layers.values()), param_dtype=param_dtype,
-                   reshard_after_forward=reshard_after_forward, inner_units=inner_units, ignored_params=ignored)
+                   reshard_after_forward=reshard_after_forward, inner_units=expert_fsdp_units(model, pm))
+
+
+def uses_fsdp(pm: ParallelMesh, dp_mode: str) -> bool:
+    """Whether ``parallelize`` shards with FSDP (and FSDP's mixed precision casts the compute)."""
+    return dp_mode == "fsdp" and pm.size("dense_grad") > 1
 
 
 def apply_expert_parallel(model: nn.Module, pm: ParallelMesh) -> None:
@@ -65,20 +69,18 @@ def apply_expert_parallel(model: nn.Module, pm: ParallelMesh) -> None:
             moe.experts.shard(pm["ep"])
 
 
-def expert_fsdp_units(model: nn.Module, pm: ParallelMesh) -> tuple[list, set]:
-    """How FSDP treats experts: (units sharded over the expert-gradient mesh, params left out).
+def expert_fsdp_units(model: nn.Module, pm: ParallelMesh) -> list[tuple[nn.Module, object]]:
+    """The FSDP units experts form before the blocks are wrapped: (module, mesh) pairs.
 
     With ep == 1 the experts are ordinary parameters of their block (dp x cp is then the
     whole dense-gradient mesh). With ep > 1 their gradients must be summed over dp x cp
-    only: their own FSDP units on ``pm["expert_grad"]``, or, when that has one rank,
-    no FSDP at all (nothing to sum).
+    only, so each expert group is its own unit on ``pm["expert_grad"]``; that mesh may
+    have a single rank (nothing to shard or sum), and the unit still gives the experts
+    FSDP's mixed precision, so they compute in the same dtype as the rest of the block.
     """
     if pm.size("ep") == 1:
-        return [], set()
-    experts = [moe.experts for moe in moe_layers(model)]
-    if pm.size("expert_grad") > 1:
-        return [(e, pm["expert_grad"]) for e in experts], set()
-    return [], {p for e in experts for p in e.parameters()}
+        return []
+    return [(moe.experts, pm["expert_grad"]) for moe in moe_layers(model)]
 
 
 def dense_and_expert_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:

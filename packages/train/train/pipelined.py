@@ -25,6 +25,7 @@ from torch import nn
 from core.mesh import ParallelMesh
 from core.pipeline import (
     SCHEDULES,
+    StageIO,
     broadcast_from_last_stage,
     build_schedule,
     build_stages,
@@ -33,7 +34,7 @@ from core.pipeline import (
     stages_of_rank,
 )
 from core.tensor_parallel import loss_context, to_local_scalar, token_loss_sum
-from models.parallelize import parallelize_and_initialize
+from models.parallelize import parallelize_and_initialize, uses_fsdp
 from models.pipeline_split import split_stage
 from models.registry import build_model
 
@@ -94,8 +95,9 @@ def build_pipeline(cfg, pm: ParallelMesh, model_config, device: torch.device, pa
         build_stage_module(model_config, layer_split[s], s == 0, s == n_stages - 1, pm, device, cfg.dp_mode,
                            param_dtype, cfg.seed, cfg.cp_method)
         for s in stage_ids)
-    stages = build_stages(list(parts), stage_ids, n_stages, device, pm["pp"].get_group())
     microbatches = default_microbatches(pp, cfg.microbatches)
+    io = stage_io(cfg, pm, model_config, microbatches, param_dtype)
+    stages = build_stages(list(parts), stage_ids, n_stages, device, pm["pp"].get_group(), io)
     tokens_in_global_batch = cfg.global_batch_size * cfg.seq_len
 
     def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -105,6 +107,27 @@ def build_pipeline(cfg, pm: ParallelMesh, model_config, device: torch.device, pa
 
     schedule = build_schedule(cfg.pp_schedule, stages, microbatches, loss_fn)
     return parts, Pipeline(cfg.pp_schedule, schedule, stages, stage_ids, n_stages, microbatches)
+
+
+def stage_io(cfg, pm: ParallelMesh, model_config, microbatches: int, param_dtype) -> StageIO:
+    """The tensors at this run's stage boundaries, per microbatch and local to this rank.
+
+    rows = global_batch / (dp*ep) / microbatches; seq = seq_len / cp
+      first stage in:  token ids   [rows, seq]               int64
+      between stages:  hidden      [rows, seq/tp, dim]       (sequence parallel: a slice per tp rank)
+      last stage out:  logits      [rows, seq, vocab/tp]     (the local shard loss_parallel reads)
+    Between stages the dtype is FSDP's compute dtype where FSDP casts the parameters;
+    under autocast (or float32) the residual stream stays float32.
+    """
+    rows = cfg.global_batch_size // (pm.size("dp") * pm.size("ep")) // microbatches
+    seq, tp = cfg.seq_len // pm.size("cp"), pm.size("tp")
+    compute_dtype = param_dtype or torch.float32
+    hidden_dtype = compute_dtype if uses_fsdp(pm, cfg.dp_mode) else torch.float32
+    with torch.device("meta"):
+        return StageIO(
+            first_input=torch.empty(rows, seq, dtype=torch.int64),
+            activation=torch.empty(rows, seq // tp, model_config.dim, dtype=hidden_dtype, requires_grad=True),
+            last_output=torch.empty(rows, seq, model_config.vocab_size // tp, dtype=compute_dtype, requires_grad=True))
 
 
 def pipeline_forward_backward(t, inputs: torch.Tensor, labels: torch.Tensor,
@@ -119,7 +142,7 @@ def pipeline_forward_backward(t, inputs: torch.Tensor, labels: torch.Tensor,
     """
     pipe: Pipeline = t.pipeline
     losses: list[torch.Tensor] = []
-    args = (inputs,) if pipe.has_first else ()
+    args = (inputs.contiguous(),) if pipe.has_first else ()  # dense, as the static stage metadata says
     target = labels if pipe.has_last else None
     # loss_parallel must cover the last stage's loss forward and backward, which the
     # schedule interleaves with other microbatches: wrap the whole step.
