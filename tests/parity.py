@@ -42,8 +42,8 @@ def run_steps(mesh: str, overrides: dict) -> dict | None:
             if step == 0:
                 first_grads = {n: full(p.grad) for n, p in t.named_parameters() if p.grad is not None}
             expert_loads.append(moe_metrics(t).get("moe_tokens_per_expert"))
-            norm, _ = apply_gradients(t)
             losses.append(global_loss(t, loss_share))
+            norm, _, _ = apply_gradients(t, losses[-1])
             norms.append(norm)
         weights = {n: full(p) for n, p in t.named_parameters()}
         weights.update({n: full(b) for n, b in t.named_buffers()})  # e.g. the MoE expert bias

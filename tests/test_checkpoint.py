@@ -390,3 +390,13 @@ def test_load_reads_no_pickle(saved, tmp_path, monkeypatch):
     load_checkpoint(path, tensors)
     assert not canary.exists()
     assert torch.equal(tensors["emb.weight"], results[0]["full"]["emb.weight"])
+
+
+def test_a_non_finite_state_is_never_saved_and_prunes_nothing(tmp_path):
+    """keep_last=1 would prune step 1 in favour of step 2: a NaN at step 2 must not get that far."""
+    save_checkpoint(tmp_path, 1, {"w": torch.ones(3), "step": torch.tensor(1)}, {"step": 1}, keep_last=1)
+    with pytest.raises(CheckpointError, match=r"refusing to save step 2: 1 tensor\(s\) hold NaN.*\['w'\]"):
+        save_checkpoint(tmp_path, 2, {"w": torch.tensor([1.0, float("nan"), 1.0]), "step": torch.tensor(2)},
+                        {"step": 2}, keep_last=1)
+    assert find_latest_checkpoint(tmp_path) == tmp_path / "step_00000001"
+    assert not list(tmp_path.glob(".tmp-*"))

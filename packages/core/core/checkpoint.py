@@ -34,6 +34,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageReader, HuggingFaceStorageWriter
+from torch.distributed.tensor import DTensor
 
 from core import checkpoint_layout as layout
 from core.checkpoint_layout import CheckpointError, step_dir_name
@@ -217,7 +218,17 @@ def _check_save_args(step, tensors, meta, keep_last) -> str | None:
         json.dumps(meta, allow_nan=False)
     except (TypeError, ValueError) as e:
         return f"meta is not JSON-serializable ({e}): store RNG states etc. as lists of ints"
+    nonfinite = [name for name, value in tensors.items() if not _all_finite(value)]
+    if nonfinite:
+        return (f"refusing to save step {step}: {len(nonfinite)} tensor(s) hold NaN or infinite values "
+                f"(e.g. {nonfinite[:3]}); the existing checkpoints are kept")
     return None
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """This rank's part of ``tensor`` has no NaN or infinity (integer tensors always pass)."""
+    local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+    return not local.is_floating_point() or bool(torch.isfinite(local).all())
 
 
 def _prepare_tmp(root: Path, tmp: Path, meta: dict) -> None:

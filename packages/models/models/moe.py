@@ -235,16 +235,17 @@ def set_sequences_per_step(model: nn.Module, global_batch_size: int) -> None:
 
 
 @torch.no_grad()
-def update_expert_bias(model: nn.Module) -> None:
+def update_expert_bias(model: nn.Module, apply: bool = True) -> None:
     """After an optimizer step: nudge each expert's bias toward balance, then clear the step's load.
 
     bias_e += rate * sign(mean load - load_e) (DeepSeek-V3): overloaded experts get chosen
     less. The load is already global (summed over stats_group), so every rank makes the
-    same update and the biases never diverge. No communication.
+    same update and the biases never diverge. ``apply=False`` (a step whose update is
+    skipped) only clears the load. No communication.
     """
     for moe in moe_layers(model):
         rate = moe.cfg.bias_update_rate
-        if rate > 0 and moe.tokens_per_expert.sum() > 0:
+        if apply and rate > 0 and moe.tokens_per_expert.sum() > 0:
             load = moe.tokens_per_expert
             moe.router.expert_bias += (rate * torch.sign(load.mean() - load)).to(moe.router.expert_bias.dtype)
         moe.tokens_per_expert.zero_()

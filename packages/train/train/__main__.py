@@ -14,15 +14,18 @@ from .distributed import shutdown_and_exit
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(argv)
+    from .loop import TrainingDiverged, train  # after parsing: --help stays fast
+
     code = 0
     try:
-        from .loop import train
-
         train(cfg)
     except (MeshConfigError, CheckpointError, ValueError) as err:
         # configuration and checkpoint errors: one clear line, the same on every rank
         print(f"error: {err}", file=sys.stderr, flush=True)
         code = 2
+    except TrainingDiverged as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        code = 3
     except BaseException:  # noqa: BLE001 - report, then exit without hanging at interpreter shutdown
         traceback.print_exc()
         code = 1

@@ -46,6 +46,7 @@ def training_meta(t, wandb_run_id: str | None) -> dict:
     """The JSON half of a checkpoint (rank 0's copy is written; it is the same on every rank)."""
     return {
         "step": t.step,
+        "skipped_steps": t.skipped_steps,
         "tokens_seen": t.step * t.cfg.global_batch_size * t.cfg.seq_len,
         "data": t.batches.state_dict(),
         "lr_schedule": t.scheduler.state_dict(),
@@ -64,9 +65,20 @@ def save(t, wandb_run_id: str | None):
                            keep_last=t.cfg.keep_checkpoints, async_save=t.cfg.async_checkpoint)
 
 
+def finish(pending) -> None:
+    """Commit an async save still in flight (collective; a sync save returned a Path: nothing to do)."""
+    if pending is not None and hasattr(pending, "wait"):
+        pending.wait()
+
+
 def should_save(t) -> bool:
     every = t.cfg.checkpoint_every
     return every > 0 and (t.step % every == 0 or t.step == t.cfg.steps)
+
+
+def latest_checkpoint(cfg) -> Path | None:
+    """The newest complete checkpoint of this run's output dir, or None. No collective."""
+    return find_latest_checkpoint(checkpoint_root(cfg))
 
 
 def resolve_resume_path(cfg) -> Path | None:
@@ -90,7 +102,7 @@ def resolve_resume_path(cfg) -> Path | None:
 
 def _find_resume_target(cfg) -> list:
     if cfg.resume == "auto":
-        latest = find_latest_checkpoint(checkpoint_root(cfg))
+        latest = latest_checkpoint(cfg)
         return [str(latest) if latest else None, None]
     path = Path(cfg.resume)
     if path.is_dir() and is_complete(path):
@@ -110,6 +122,7 @@ def restore(t, path: Path) -> dict:
         raise CheckpointError(f"{path} holds a different model ({meta.get('model_name')}: {saved_model}) than "
                               f"--model {t.cfg.model} ({dataclasses.asdict(t.model_config)}); resume with the same model")
     t.step = int(meta["step"])
+    t.skipped_steps = int(meta.get("skipped_steps", 0))
     t.batches.load_state_dict(meta["data"])
     t.scheduler.load_state_dict(meta["lr_schedule"])
     for group, lr in zip(t.optimizer.param_groups, t.scheduler.get_last_lr()):

@@ -40,6 +40,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     seed: int = 0
     dtype: str = "float32"               # float32 | bfloat16 (compute dtype; master weights stay float32)
+    skip_nonfinite_steps: bool = False   # drop a step whose loss or grad norm is NaN/inf instead of stopping
     # data
     dataset: str = "default"             # "default" (bundled corpus), "synthetic", a local file/folder, or a hub name
     tokenizer: str = "byte"              # "byte" or a path to a tokenizers tokenizer.json

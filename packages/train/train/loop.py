@@ -66,6 +66,7 @@ class Trainer:
     flops_per_token: float = 0.0
     step: int = 0
     history: list[dict] = field(default_factory=list)
+    skipped_steps: int = 0               # updates dropped by --skip-nonfinite-steps
     pipeline: Pipeline | None = None     # set when pp > 1
 
     @property
@@ -202,19 +203,45 @@ def context_parallel_slice(t: Trainer, tokens: torch.Tensor) -> torch.Tensor:
     return zigzag_shard(tokens, 1, t.pm.local_rank("cp"), t.pm.size("cp"))
 
 
-def apply_gradients(t: Trainer) -> tuple[float, float]:
-    """Clip over the whole mesh, step AdamW and the LR schedule (and MoE expert biases). Returns (grad norm, lr used).
+class TrainingDiverged(RuntimeError):
+    """The loss or gradient norm of a step is NaN or infinite. Raised on every rank at once
+    (both values are global) before the optimizer applies anything."""
 
-    The norm adds each pipeline stage's sum of squares over pp (one all-reduce), so every
-    stage clips by the same global factor.
+    def __init__(self, t: "Trainer", loss: float, grad_norm: float):
+        super().__init__(divergence_message(t, loss, grad_norm))
+        self.loss, self.grad_norm = loss, grad_norm
+
+
+def apply_gradients(t: Trainer, loss: float) -> tuple[float, float, bool]:
+    """Clip over the whole mesh, step AdamW and the LR schedule (and MoE expert biases).
+
+    Returns (grad norm, lr used, whether the update was applied). The norm adds each
+    pipeline stage's sum of squares over pp (one all-reduce), so every stage clips by the
+    same global factor. A non-finite ``loss`` or norm raises ``TrainingDiverged`` before
+    anything changes, or with ``--skip-nonfinite-steps`` drops this step's update (the
+    schedule and the data still move on, so the next step sees new batches).
     """
-    grad_norm = clip_grad_norm_(t.params, t.cfg.max_grad_norm, t.pm["pp"].get_group())
+    grad_norm = clip_grad_norm_(t.params, t.cfg.max_grad_norm, t.pm["pp"].get_group()).item()
     lr = t.scheduler.get_last_lr()[0]
-    t.optimizer.step()
-    update_expert_bias(t.model)
+    finite = math.isfinite(loss) and math.isfinite(grad_norm)
+    if not finite and not t.cfg.skip_nonfinite_steps:
+        raise TrainingDiverged(t, loss, grad_norm)
+    if finite:
+        t.optimizer.step()
+    update_expert_bias(t.model, apply=finite)
     t.scheduler.step()
     t.optimizer.zero_grad(set_to_none=True)
-    return grad_norm.item(), lr
+    return grad_norm, lr, finite
+
+
+def divergence_message(t: Trainer, loss: float, grad_norm: float) -> str:
+    """What happened at which step, that nothing was applied or saved, and what to do."""
+    latest = checkpointing.latest_checkpoint(t.cfg)
+    restart = (f"resume from {latest} (the newest checkpoint)" if latest else
+               "restart (no checkpoint was saved before this step)")
+    return (f"training diverged at step {t.step + 1}: loss {loss}, gradient norm {grad_norm}; this step's update "
+            f"was not applied and nothing was saved from it. Lower --lr (now {t.cfg.lr:g}) or raise --warmup-steps "
+            f"(now {t.cfg.warmup_steps}), then {restart}; or pass --skip-nonfinite-steps to drop such steps instead")
 
 
 def global_loss(t: Trainer, loss_share: torch.Tensor) -> float:
@@ -228,8 +255,10 @@ def train_step(t: Trainer) -> dict:
     start = time.perf_counter()
     loss_share, data_time = compute_gradients(t)
     moe = moe_metrics(t)  # before apply_gradients clears the step's expert load
-    grad_norm, lr = apply_gradients(t)
     loss = global_loss(t, loss_share)
+    grad_norm, lr, applied = apply_gradients(t, loss)
+    if not applied:
+        t.skipped_steps += 1
     if t.device.type == "cuda":
         torch.cuda.synchronize()
     step_time = time.perf_counter() - start
@@ -239,6 +268,8 @@ def train_step(t: Trainer) -> dict:
         "step": t.step, "loss": loss, "grad_norm": grad_norm, "lr": lr, "tokens_per_sec": tokens_per_sec,
         "step_time_s": step_time, "data_time_s": data_time, "mem_peak_mib": peak_memory_mib(t.device), **moe,
     }
+    if t.skipped_steps:
+        metrics["skipped_steps"] = t.skipped_steps
     mfu = model_flops_utilization(t, tokens_per_sec)
     if mfu is not None:
         metrics["mfu"] = mfu
@@ -275,12 +306,18 @@ def train(cfg: TrainConfig) -> Trainer:
                            wandb_run_id=meta.get("wandb_run_id"), total_steps=cfg.steps)
     pending = None
     with logger:
-        while t.step < cfg.steps:
-            metrics = train_step(t)
-            t.history.append(metrics)
-            logger.log(t.step, {k: v for k, v in metrics.items() if k != "step"})
-            if checkpointing.should_save(t):
-                pending = checkpointing.save(t, logger.run_id)
-        if pending is not None and hasattr(pending, "wait"):
-            pending.wait()  # an async save commits only once every rank has waited
+        try:
+            while t.step < cfg.steps:
+                metrics = train_step(t)
+                t.history.append(metrics)
+                logger.log(t.step, {k: v for k, v in metrics.items() if k != "step"})
+                if checkpointing.should_save(t):
+                    pending = checkpointing.save(t, logger.run_id)
+        except TrainingDiverged as err:
+            # Every rank raised at the same step, so the collective commit below is safe:
+            # the last good checkpoint, still being written, must not be lost (and the
+            # message should name it).
+            checkpointing.finish(pending)
+            raise TrainingDiverged(t, err.loss, err.grad_norm) from None
+        checkpointing.finish(pending)
     return t

@@ -65,7 +65,8 @@ class MetricsLogger:
             return
         now = time.time()
         values = {name: _plain(value) for name, value in metrics.items()}
-        self._file.write(json.dumps({"step": step, "time": now, **values}) + "\n")
+        row = {"step": step, "time": now, **{name: _json_safe(value) for name, value in values.items()}}
+        self._file.write(json.dumps(row, allow_nan=False) + "\n")
         self._file.flush()  # a crash loses no logged step
         print(self.console_line(step, values, now), flush=True)
         if self._run is not None:
@@ -128,6 +129,16 @@ def _plain(value: Any) -> Any:
     """A JSON value: 0-d tensors and numpy scalars become Python numbers."""
     if hasattr(value, "item"):
         return value.item()
+    return value
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN and infinities become null: JSON has no literal for them (``json.dumps`` would write a bare
+    ``NaN``, which strict parsers reject)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
     return value
 
 

@@ -1,0 +1,83 @@
+"""A run whose loss or gradient norm turns NaN/inf stops (or, when asked, skips the step) on every
+rank at once, applies nothing from that step, saves nothing from it, and logs strict JSON."""
+
+import json
+import subprocess
+import sys
+import tempfile
+
+import pytest
+import torch
+
+from parity import BASE, full
+from rank_harness import run_on_ranks
+
+
+def poisoned_step(mesh: str, skip: bool) -> dict:
+    """One step whose gradient holds a NaN on global rank 0 only; what apply_gradients did."""
+    import torch.distributed as dist
+
+    from train.config import TrainConfig
+    from train.loop import TrainingDiverged, apply_gradients, build_trainer, compute_gradients, global_loss
+
+    with tempfile.TemporaryDirectory() as out:
+        t = build_trainer(TrainConfig(**{**BASE, "mesh": mesh, "output_dir": out, "skip_nonfinite_steps": skip}))
+        loss_share, _ = compute_gradients(t)
+        loss = global_loss(t, loss_share)
+        before = {name: full(p) for name, p in t.named_parameters()}
+        if dist.get_rank() == 0:
+            grad = t.params[0].grad
+            (grad.to_local() if hasattr(grad, "to_local") else grad).view(-1)[0] = float("nan")
+        try:
+            outcome = apply_gradients(t, loss)
+        except TrainingDiverged as err:
+            outcome = str(err)
+        unchanged = all(torch.equal(full(p), before[name]) for name, p in t.named_parameters())
+        return {"outcome": outcome, "unchanged": unchanged, "optimizer_steps": len(t.optimizer.state),
+                "schedule_step": t.scheduler.last_epoch}
+
+
+def test_a_nan_gradient_on_one_rank_stops_every_rank_before_the_update():
+    results = run_on_ranks(poisoned_step, 2, "dp=2", False)
+    for r in results:
+        assert isinstance(r["outcome"], str) and "training diverged at step 1: loss" in r["outcome"]
+        assert "gradient norm nan" in r["outcome"] and "--skip-nonfinite-steps" in r["outcome"]
+        assert r["unchanged"] and r["optimizer_steps"] == 0
+
+
+def test_skip_nonfinite_steps_drops_only_the_update():
+    for r in run_on_ranks(poisoned_step, 2, "dp=2", True):
+        grad_norm, _, applied = r["outcome"]
+        assert not applied and grad_norm != grad_norm  # NaN
+        assert r["unchanged"] and r["optimizer_steps"] == 0
+        assert r["schedule_step"] == 1, "the LR schedule moves on with the data"
+
+
+def test_a_diverging_run_exits_with_one_line_keeps_its_checkpoint_and_logs_strict_json(tmp_path):
+    """--lr 1e30 on 2 ranks: step 1 is finite, step 2 is not; both ranks stop with exit 3."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "train",
+           "--mesh", "dp=2", "--dataset", "synthetic", "--steps", "6", "--global-batch-size", "4", "--seq-len", "32",
+           "--lr", "1e30", "--warmup-steps", "1", "--checkpoint-every", "1", "--keep-checkpoints", "1",
+           "--output-dir", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and "training diverged at step 2" in errors[0], proc.stderr[-3000:]
+    assert f"resume from {tmp_path / 'checkpoints' / 'step_00000001'}" in errors[0]
+    assert "/packages/" not in proc.stderr, "a traceback from our code (torchrun adds its own failure summary)"
+    rows = [json.loads(line, parse_constant=pytest.fail) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000001"]
+
+
+def test_skipped_steps_are_logged_as_strict_json(tmp_path):
+    """With --skip-nonfinite-steps the run ends normally; non-finite values are written as null."""
+    cmd = [sys.executable, "-m", "train", "--dataset", "synthetic", "--steps", "3", "--global-batch-size", "4",
+           "--seq-len", "32", "--lr", "1e30", "--warmup-steps", "1", "--skip-nonfinite-steps",
+           "--output-dir", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line, parse_constant=pytest.fail) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["grad_norm"] is not None and "skipped_steps" not in rows[0]
+    # (the loss stays finite: RMSNorm rescales the 1e30-sized weights; their gradients do not)
+    assert [r["grad_norm"] for r in rows[1:]] == [None, None] and [r["skipped_steps"] for r in rows[1:]] == [1, 2]
