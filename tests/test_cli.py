@@ -100,7 +100,8 @@ def test_context_parallel_methods_from_the_command_line(tmp_path):
             [r["loss"] for r in read_metrics(tmp_path / "one")], rel=1e-5)
     bad = run([sys.executable, "-m", "train", *args, "--cp-method", "ulysses", "--output-dir", str(tmp_path / "bad")])
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
-        "error: --cp-method 'ulysses' is not known: use one of ring, allgather"]
+        "error: argument --cp-method: invalid choice: 'ulysses' (choose from 'ring', 'allgather') "
+        "(see python -m train --help)"]
 
 
 def test_default_run_learns_the_bundled_corpus(tmp_path):

@@ -146,7 +146,7 @@ def test_text_column_is_configurable_and_a_missing_column_is_named(tmp_path):
     data.write_text('{"body": "hello there", "text": "wrong"}\n')
     got = batches(tmp_path / "c", 1, dataset=str(data), seq=4, batch=1, text_column="body")[0]
     assert BYTE.decode(all_tokens(got)) == "hello there"
-    with pytest.raises(KeyError, match="content"):
+    with pytest.raises(ValueError, match="content"):
         batches(tmp_path / "c", 1, dataset=str(data), seq=4, batch=1, text_column="content")
 
 
@@ -175,7 +175,7 @@ def test_tokenizer_json_path_loads_and_feeds_batches(tmp_path):
     inputs, labels = next(batches(tmp_path / "c", 2, dataset=str(data), seq=5, batch=4, tokenizer=tok)[1])
     assert inputs.shape == (2, 5) and int(inputs.max()) < tok.vocab_size
     assert tok.eos_id in all_tokens(batches(tmp_path / "c", 1, dataset=str(data), seq=5, batch=4, tokenizer=tok)[0])
-    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+    with pytest.raises(ValueError, match="tokenizer.json"):
         load_tokenizer(str(tmp_path / "missing.json"))
 
 
@@ -235,9 +235,9 @@ def test_unreachable_hub_dataset_gives_a_clear_error(tmp_path, monkeypatch):
     import datasets
 
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
-    with pytest.raises(RuntimeError, match="local .txt/.jsonl"):
+    with pytest.raises(ValueError, match="local .txt/.jsonl"):
         TokenBatches("meshtron-nonexistent/no-such-dataset", BYTE, 8, 2, 0, 1, 0, cache_dir=tmp_path)
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(ValueError, match="does not exist"):
         TokenBatches("./no/such/file.jsonl", BYTE, 8, 2, 0, 1, 0, cache_dir=tmp_path)
 
 

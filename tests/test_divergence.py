@@ -61,9 +61,8 @@ def test_a_diverging_run_exits_with_one_line_keeps_its_checkpoint_and_logs_stric
            "--output-dir", str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert proc.returncode != 0
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 2 and "training diverged at step 2" in errors[0], proc.stderr[-3000:]
-    assert f"resume from {tmp_path / 'checkpoints' / 'step_00000001'}" in errors[0]
+    assert proc.stderr.count("error: training diverged at step 2") == 2, proc.stderr[-3000:]  # both ranks
+    assert f"resume from {tmp_path / 'checkpoints' / 'step_00000001'}" in proc.stderr
     assert "/packages/" not in proc.stderr, "a traceback from our code (torchrun adds its own failure summary)"
     rows = [json.loads(line, parse_constant=pytest.fail) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1]

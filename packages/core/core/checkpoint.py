@@ -41,7 +41,7 @@ from core.checkpoint_layout import CheckpointError, step_dir_name
 from core.checkpoint_state import model_tensors, optimizer_tensors
 
 __all__ = ["CheckpointError", "AsyncCheckpoint", "save_checkpoint", "find_latest_checkpoint",
-           "load_checkpoint", "model_tensors", "optimizer_tensors"]
+           "load_checkpoint", "read_checkpoint_meta", "model_tensors", "optimizer_tensors"]
 
 _groups: dict[str, dist.ProcessGroup] = {}
 _pending: "AsyncCheckpoint | None" = None
@@ -296,7 +296,26 @@ def load_checkpoint(path: Path, tensors: dict[str, torch.Tensor]) -> dict:
     return layout.read_json(path / layout.META)
 
 
+def read_checkpoint_meta(path: Path) -> dict:
+    """The ``meta.json`` of the complete checkpoint at ``path``, read without loading any tensor.
+
+    No collective (every rank may read it). CheckpointError names the file when it is
+    missing or not JSON, so a caller can check a checkpoint before loading it.
+    """
+    path = Path(path)
+    layout.read_manifest(path)  # a complete checkpoint, or a CheckpointError saying why not
+    meta_file = path / layout.META
+    try:
+        return layout.read_json(meta_file)
+    except FileNotFoundError:
+        raise CheckpointError(f"{meta_file} is missing: the checkpoint's training state (step, data position, "
+                              f"LR schedule) is lost; resume from another checkpoint") from None
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{meta_file} cannot be read as JSON ({err}); resume from another checkpoint") from None
+
+
 def _validate(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
+    read_checkpoint_meta(path)
     manifest = layout.read_manifest(path)
     if _rank() == 0:
         layout.check_shard_files(path, manifest)

@@ -95,7 +95,18 @@ def read_hf_config(folder: Path) -> LlamaConfig:
     path = Path(folder) / CONFIG_FILE
     if not path.is_file():
         raise ValueError(f"{folder} has no {CONFIG_FILE}: not a Hugging Face model folder")
-    return from_hf_config(json.loads(path.read_text()))
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path} cannot be read as JSON ({err})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} holds a JSON {type(values).__name__}, not the object of a model config")
+    try:
+        return from_hf_config(values)
+    except KeyError as err:
+        raise ValueError(f"{path} lacks the field {err}, which a Llama/Mixtral config.json has") from None
+    except TypeError as err:  # a field of the wrong JSON type reaching the dataclass
+        raise ValueError(f"{path} has a field of the wrong type ({err})") from None
 
 
 # Fields that change the weights' shapes or the math; max_seq_len is only a limit, so it may differ.

@@ -32,6 +32,9 @@ from .moe import moe_layers
 from .plans import tensor_parallel_plan
 
 
+DP_MODES = ("fsdp", "replicate")
+
+
 def parallelize(model: Transformer, pm: ParallelMesh, dp_mode: str = "fsdp", param_dtype: torch.dtype | None = None,
                 reshard_after_forward: bool = True, cp_method: str = "ring") -> None:
     """Shard ``model`` in place over ``pm``: EP on ``pm["ep"]``, TP/SP on ``pm["tp"]``, then FSDP on
@@ -43,7 +46,7 @@ def parallelize(model: Transformer, pm: ParallelMesh, dp_mode: str = "fsdp", par
     trainer sums gradients itself (``core.data_parallel.all_reduce_gradients``).
     ``cp_method`` picks the context-parallel attention (``core.context_parallel``).
     """
-    if dp_mode not in ("fsdp", "replicate"):
+    if dp_mode not in DP_MODES:
         raise ValueError(f"unknown dp_mode {dp_mode!r}: use 'fsdp' or 'replicate'")
     apply_expert_parallel(model, pm)
     apply_tensor_parallel(model, pm["tp"], tensor_parallel_plan(model))

@@ -20,9 +20,10 @@ import torch
 import torch.distributed as dist
 
 from core.checkpoint import (CheckpointError, find_latest_checkpoint, load_checkpoint, model_tensors,
-                             optimizer_tensors, save_checkpoint)
+                             optimizer_tensors, read_checkpoint_meta, save_checkpoint)
 from core.checkpoint_layout import is_complete
 
+from .optim import build_scheduler, lr_lambda
 from .pipelined import ModelParts
 
 
@@ -62,7 +63,7 @@ def training_meta(t, wandb_run_id: str | None) -> dict:
 def save(t, wandb_run_id: str | None):
     """Save the current state as ``<output_dir>/checkpoints/step_XXXXXXXX`` (collective)."""
     return save_checkpoint(checkpoint_root(t.cfg), t.step, state_tensors(t), training_meta(t, wandb_run_id),
-                           keep_last=t.cfg.keep_checkpoints, async_save=t.cfg.async_checkpoint)
+                           keep_last=t.cfg.keep_checkpoints or None, async_save=t.cfg.async_checkpoint)
 
 
 def finish(pending) -> None:
@@ -114,18 +115,51 @@ def _find_resume_target(cfg) -> list:
     return [str(latest), None]
 
 
+# The options that define the LR at every step: a resumed run must agree with its checkpoint on them.
+LR_SCHEDULE_OPTIONS = ("lr", "min_lr_ratio", "warmup_steps", "steps")
+
+
 def restore(t, path: Path) -> dict:
-    """Load ``path`` into the trainer in place (collective) and return its meta."""
-    meta = load_checkpoint(path, state_tensors(t))
+    """Load ``path`` into the trainer in place (collective) and return its meta.
+
+    The checkpoint's meta.json is read and checked first (same model; the same LR at every
+    remaining step unless ``--override-lr-schedule``), so a mismatch fails before any
+    tensor is loaded.
+    """
+    meta = read_checkpoint_meta(path)
     saved_model = meta.get("model_config")
     if saved_model != dataclasses.asdict(t.model_config):
         raise CheckpointError(f"{path} holds a different model ({meta.get('model_name')}: {saved_model}) than "
                               f"--model {t.cfg.model} ({dataclasses.asdict(t.model_config)}); resume with the same model")
+    changed = schedule_changes(meta.get("train_config", {}), t.cfg, int(meta["step"]))
+    if changed and not t.cfg.override_lr_schedule:
+        raise CheckpointError(f"{path} was trained with {', '.join(changed)}: resuming would silently change the "
+                              f"learning-rate schedule; pass the saved values, or --override-lr-schedule to "
+                              f"continue on this run's schedule from step {meta['step']} (the LR may jump)")
+    load_checkpoint(path, state_tensors(t))
     t.step = int(meta["step"])
     t.skipped_steps = int(meta.get("skipped_steps", 0))
     t.batches.load_state_dict(meta["data"])
-    t.scheduler.load_state_dict(meta["lr_schedule"])
+    if changed:
+        t.scheduler = build_scheduler(t.cfg, t.optimizer, t.step)
+    else:
+        t.scheduler.load_state_dict(meta["lr_schedule"])
     for group, lr in zip(t.optimizer.param_groups, t.scheduler.get_last_lr()):
         group["lr"] = lr  # the lr the next optimizer step uses
     torch.set_rng_state(torch.tensor(meta["rng"]["torch"], dtype=torch.uint8))
     return meta
+
+
+def schedule_changes(saved: dict, cfg, from_step: int) -> list[str]:
+    """``--lr 0.003 (now 0.001)``-style notes for the LR-schedule options this run changes, or []
+    when the changes leave the LR of every remaining step as it was (e.g. more --steps while
+    still inside the warmup)."""
+    saved = {name: saved[name] for name in LR_SCHEDULE_OPTIONS if name in saved}
+    changed = [name for name, value in saved.items() if value != getattr(cfg, name)]
+    if not changed:
+        return []
+    old = dataclasses.replace(cfg, **saved)
+    old_factor, new_factor = lr_lambda(old), lr_lambda(cfg)
+    if all(old.lr * old_factor(s) == cfg.lr * new_factor(s) for s in range(from_step, cfg.steps)):
+        return []
+    return [f"--{name.replace('_', '-')} {saved[name]} (now {getattr(cfg, name)})" for name in changed]

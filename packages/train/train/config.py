@@ -2,95 +2,156 @@
 
 Every field is a flag: ``global_batch_size`` is ``--global-batch-size``; booleans also get
 ``--no-<flag>``. ``--config run.toml`` reads a flat TOML table with the same names
-(underscores or dashes). CLI flags win over the file.
+(underscores or dashes). CLI flags win over the file. Each field's metadata carries its
+one-line ``--help`` text and, where the values are a fixed set, its ``choices``.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+DTYPES = ("float32", "bfloat16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def option(default, help: str, choices: tuple | None = None):
+    """A config field with its ``--help`` line (and its fixed set of values, if the trainer owns it;
+    sets owned by the parallelism and model code are looked up in ``registered_choices``)."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+
 
 @dataclass
 class TrainConfig:
     # model and parallelism
-    model: str = "debug"
-    model_args: str = ""                 # registry config overrides, e.g. "n_layers=2,max_seq_len=8192"
-    mesh: str = ""                       # e.g. "dp=2,tp=4,pp=2"; missing dims are 1, dp=-1 fills
-    dp_mode: str = "fsdp"                # "fsdp" (ZeRO-3) or "replicate" (plain DDP-style all-reduce)
-    pp_schedule: str = "1f1b"            # 1f1b | gpipe | interleaved-1f1b | zbv
-    microbatches: int = 0                # pipeline microbatches per step (0: 2 * pp)
-    cp_method: str = "ring"              # context-parallel attention: ring | allgather
+    model: str = option("debug", "model name from the registry")
+    model_args: str = option("", "override model config fields, e.g. n_layers=2,max_seq_len=8192")
+    mesh: str = option("", "parallel mesh, e.g. dp=2,tp=4,pp=2; missing dims are 1, dp=-1 fills the rest")
+    dp_mode: str = option("fsdp", "data parallel: fsdp (sharded, ZeRO-3) or replicate (all-reduce)")
+    pp_schedule: str = option("1f1b", "pipeline schedule")
+    microbatches: int = option(0, "pipeline microbatches per step (0: 2 * pp)")
+    cp_method: str = option("ring", "context-parallel attention: ring (P2P) or allgather (K/V all-gather)")
     # optimization
-    steps: int = 300
-    global_batch_size: int = 16          # sequences per optimizer step, over the whole mesh
-    grad_accum_steps: int = 1            # split each rank's batch into this many forward/backward passes
-    seq_len: int = 128
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 20
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    adam_eps: float = 1e-8
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    dtype: str = "float32"               # float32 | bfloat16 (compute dtype; master weights stay float32)
-    skip_nonfinite_steps: bool = False   # drop a step whose loss or grad norm is NaN/inf instead of stopping
+    steps: int = option(300, "optimizer steps to train for (the LR schedule's length)")
+    global_batch_size: int = option(16, "sequences per optimizer step, over the whole mesh")
+    grad_accum_steps: int = option(1, "forward/backward passes per step, splitting each rank's batch")
+    seq_len: int = option(128, "tokens per sequence")
+    lr: float = option(3e-3, "peak learning rate (AdamW)")
+    min_lr_ratio: float = option(0.1, "the cosine decay ends at min_lr_ratio * lr")
+    warmup_steps: int = option(20, "linear warmup steps before the cosine decay")
+    weight_decay: float = option(0.1, "AdamW weight decay of matrices (norm weights get none)")
+    beta1: float = option(0.9, "AdamW beta1")
+    beta2: float = option(0.95, "AdamW beta2")
+    adam_eps: float = option(1e-8, "AdamW epsilon")
+    max_grad_norm: float = option(1.0, "clip the global gradient norm to this (inf: no clipping)")
+    seed: int = option(0, "seed of the initial weights and the data order")
+    dtype: str = option("float32", "compute dtype; master weights and optimizer state stay float32", DTYPES)
+    skip_nonfinite_steps: bool = option(False, "on a NaN/inf loss or gradient norm, skip that step's update "
+                                               "instead of stopping the run")
     # data
-    dataset: str = "default"             # "default" (bundled corpus), "synthetic", a local file/folder, or a hub name
-    tokenizer: str = "byte"              # "byte" or a path to a tokenizers tokenizer.json
-    streaming: bool = False
+    dataset: str = option("default", "default (bundled corpus), synthetic, a local .txt/.jsonl/.json/.parquet "
+                                     "file or folder, or a Hugging Face hub name")
+    tokenizer: str = option("byte", "byte, or the path of a Hugging Face tokenizer.json (or its folder)")
+    streaming: bool = option(False, "stream the dataset instead of tokenizing it into a cache first")
     # runtime
-    device: str = "auto"                 # auto | cpu | cuda
-    output_dir: str = "outputs/run"
-    dist_timeout_s: int = 600            # a rank waiting longer than this in a collective fails instead of hanging
+    device: str = option("auto", "auto picks CUDA when a GPU is visible", DEVICES)
+    output_dir: str = option("outputs/run", "where metrics, config and checkpoints go")
+    dist_timeout_s: int = option(600, "seconds a rank waits in a collective before failing instead of hanging")
     # tracking
-    wandb: bool = False
-    wandb_project: str = "meshtron"
+    wandb: bool = option(False, "log to Weights & Biases (offline unless WANDB_API_KEY is set)")
+    wandb_project: str = option("meshtron", "W&B project name")
     # checkpoints
-    checkpoint_every: int = 0            # 0: never
-    keep_checkpoints: int = 3
-    resume: str = "auto"                 # auto (newest in <output_dir>/checkpoints) | none | a checkpoint path
-    async_checkpoint: bool = False
-    init_from: str = ""                  # an HF-style folder (model.safetensors + config.json) for initial weights
+    checkpoint_every: int = option(0, "save every N steps and at the end (0: never)")
+    keep_checkpoints: int = option(3, "keep the newest N checkpoints (0: keep all)")
+    resume: str = option("auto", "auto (newest in <output-dir>/checkpoints), none, or a checkpoint path")
+    override_lr_schedule: bool = option(False, "on resume, use this run's --lr/--steps/--warmup-steps/"
+                                               "--min-lr-ratio instead of refusing to change them")
+    async_checkpoint: bool = option(False, "write checkpoints in the background while training goes on")
+    init_from: str = option("", "initial weights from a Hugging Face folder (model.safetensors + config.json)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def field_type(f: dataclasses.Field) -> type:
+    return TYPES[f.type if isinstance(f.type, str) else f.type.__name__]
 
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one ``error: ...`` line (not usage + message)."""
+
+    def error(self, message: str):
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def registered_choices() -> dict[str, list[str]]:
+    """The value sets that live with their implementations (imported when a parser is built)."""
+    from core.context_parallel import CP_METHODS
+    from core.pipeline import SCHEDULES
+    from models.parallelize import DP_MODES
+    from models.registry import model_names
+
+    return {"model": model_names(), "dp_mode": list(DP_MODES), "pp_schedule": list(SCHEDULES),
+            "cp_method": list(CP_METHODS)}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m train", description="Meshtron trainer",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--config", type=Path, help="TOML file with any of the options below")
+    registered = registered_choices()
+    parser = OneLineErrorParser(prog="python -m train", usage="%(prog)s [--config FILE] [--option VALUE ...]",
+                                description="Meshtron trainer: train a model on a "
+                                "parallel mesh (python -m train, or torchrun -m train --mesh ...).")
+    parser.add_argument("--config", type=Path, help="a TOML file with any of the options below (flags win)")
     for f in fields(TrainConfig):
-        if f.type in ("bool", bool):
+        help_text = f"{f.metadata['help']} (default: {f.default!r})"
+        choices = registered.get(f.name, f.metadata["choices"])
+        if field_type(f) is bool:
             parser.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=None,
-                                help=f"(default {f.default})")
+                                help=help_text)
         else:
-            kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            parser.add_argument(_flag(f.name), dest=f.name, type=kind, default=None, help=f"(default {f.default!r})")
+            parser.add_argument(_flag(f.name), dest=f.name, type=field_type(f), default=None, choices=choices,
+                                help=help_text, metavar=None if choices else f.name.upper())
     return parser
 
 
 def load_toml(path: Path) -> dict[str, Any]:
-    """A flat TOML table of options; unknown keys are an error that lists the known ones."""
-    with open(path, "rb") as fh:
-        raw = tomllib.load(fh)
-    known = {f.name for f in fields(TrainConfig)}
+    """A flat TOML table of options, each checked against its field's type. ValueError names the
+    file and the problem: unreadable, not TOML, an unknown key, a value of the wrong type."""
+    try:
+        with open(path, "rb") as fh:
+            raw = tomllib.load(fh)
+    except OSError as err:
+        raise ValueError(f"--config {path}: cannot read it ({err.strerror})") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"--config {path} is not valid TOML: {err}") from None
+    by_name = {f.name: f for f in fields(TrainConfig)}
     values = {key.replace("-", "_"): value for key, value in raw.items()}
-    unknown = sorted(set(values) - known)
+    unknown = sorted(set(values) - set(by_name))
     if unknown:
-        raise ValueError(f"{path}: unknown option(s) {unknown}; known: {sorted(known)}")
-    return values
+        raise ValueError(f"{path}: unknown option(s) {unknown}; known: {sorted(by_name)}")
+    return {name: _typed_toml_value(path, by_name[name], value) for name, value in values.items()}
+
+
+def _typed_toml_value(path: Path, f: dataclasses.Field, value: Any) -> Any:
+    """``value`` as the field's type, or ValueError (its value set is checked by ``validate``, as for flags)."""
+    kind = field_type(f)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)  # lr = 1 is a float option written as an integer
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise ValueError(f"{path}: {f.name} = {value!r} should be {kind.__name__}, not {type(value).__name__}")
+    return value
 
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:

@@ -66,12 +66,26 @@ class Source:
     records: Callable[[int], Iterable[dict[str, Any]]]
 
     def texts(self, epoch: int = 0) -> Iterator[str]:
-        for record in self.records(epoch):
+        for record in self._checked_records(epoch):
             if self.text_column not in record:
-                raise KeyError(
+                raise ValueError(
                     f"{self.description}: records have no column {self.text_column!r} (columns: "
                     f"{sorted(record)}); pass text_column= with the name of the text field")
             yield record[self.text_column]
+
+
+    def _checked_records(self, epoch: int) -> Iterator[dict[str, Any]]:
+        """The records, with a read or parse failure (pyarrow's and ``datasets``' are ValueErrors)
+        reported as a ValueError naming this source."""
+        records = iter(self.records(epoch))
+        while True:
+            try:
+                record = next(records)
+            except StopIteration:
+                return
+            except (ValueError, OSError) as err:
+                raise ValueError(f"--dataset {self.description} cannot be read: {err}") from None
+            yield record
 
 
 def open_source(dataset: str, text_column: str = "text", streaming: bool = False,
@@ -81,14 +95,28 @@ def open_source(dataset: str, text_column: str = "text", streaming: bool = False
     ``shuffle_seed``/``shuffle_buffer`` apply only to streamed data (``datasets``' buffered
     shuffle, reseeded each epoch); the cached path shuffles windows itself.
     """
+    local = check_local_dataset(dataset)
+    if local is not None:
+        return _local_source(local, text_column, streaming, shuffle_seed, shuffle_buffer)
+    return _hub_source(dataset, text_column, streaming, shuffle_seed, shuffle_buffer)
+
+
+def check_local_dataset(dataset: str) -> Path | None:
+    """The local path ``dataset`` names (after checking it holds readable file types), or None
+    for a hub name. Reads no data, so the trainer runs it before any collective.
+
+    A missing path is a ValueError when the string looks like a path (a known suffix,
+    ``.``/``/``/``~`` in front, ``/`` at the end); anything else is taken as a hub name.
+    """
     if dataset in ("", "default"):
-        return _local_source(default_corpus_path(), text_column, streaming, shuffle_seed, shuffle_buffer)
+        return default_corpus_path()
     path = Path(dataset).expanduser()
     if path.exists():
-        return _local_source(path, text_column, streaming, shuffle_seed, shuffle_buffer)
-    if Path(dataset).suffix in LOCAL_BUILDERS or dataset.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"dataset {dataset!r} looks like a local path but {path} does not exist")
-    return _hub_source(dataset, text_column, streaming, shuffle_seed, shuffle_buffer)
+        _local_files(path.resolve())
+        return path
+    if Path(dataset).suffix in LOCAL_BUILDERS or dataset.startswith((".", "/", "~")) or dataset.endswith("/"):
+        raise ValueError(f"--dataset {dataset!r} looks like a local path but {path} does not exist")
+    return None
 
 
 def _local_files(path: Path) -> list[Path]:
@@ -98,7 +126,7 @@ def _local_files(path: Path) -> list[Path]:
         return [path]
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in LOCAL_BUILDERS)
     if not files:
-        raise FileNotFoundError(f"folder {path} holds no {'/'.join(sorted(LOCAL_BUILDERS))} files")
+        raise ValueError(f"--dataset folder {path} holds no {'/'.join(sorted(LOCAL_BUILDERS))} files")
     return files
 
 
@@ -129,7 +157,7 @@ def _read_file(datasets, path: Path, column: str):
         return part if column == "text" else part.rename_column("text", column)
     part = datasets.load_dataset(LOCAL_BUILDERS[path.suffix], data_files=[str(path)], split="train", streaming=True)
     if part.column_names is not None and column not in part.column_names:
-        raise KeyError(f"{path}: no column {column!r} (columns: {part.column_names}); pass text_column= with "
+        raise ValueError(f"{path}: no column {column!r} (columns: {part.column_names}); pass text_column= with "
                        f"the name of the text field")
     return part.select_columns([column])
 
@@ -141,7 +169,7 @@ def _hub_source(name: str, text_column: str, streaming: bool, shuffle_seed, shuf
     try:
         ds = datasets.load_dataset(repo, config or None, split="train", streaming=streaming)
     except Exception as error:  # offline, unknown name, no access: say what to do instead
-        raise RuntimeError(
+        raise ValueError(
             f"could not load the Hugging Face hub dataset {name!r}: {type(error).__name__}: {error}. "
             f"If the hub is unreachable (no network, HF_HUB_OFFLINE=1), pass a local .txt/.jsonl/.json/.parquet "
             f"file or folder, or '' for the embedded corpus") from error

@@ -15,14 +15,21 @@ import sys
 import torch
 import torch.distributed as dist
 
+from .config import DEVICES
+
+
+def check_device(choice: str) -> None:
+    """ValueError unless ``--device choice`` can run here (no CUDA call beyond availability)."""
+    if choice not in DEVICES:
+        raise ValueError(f"--device {choice!r}: use one of {', '.join(DEVICES)}")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda but no CUDA device is visible: use --device cpu (or auto)")
+
 
 def resolve_device(choice: str) -> torch.device:
     """``auto`` -> this rank's GPU if CUDA is available, else the CPU."""
-    if choice not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"--device {choice!r}: use auto, cpu or cuda")
+    check_device(choice)
     use_cuda = choice == "cuda" or (choice == "auto" and torch.cuda.is_available())
-    if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda but no CUDA device is visible: use --device cpu (or auto)")
     if use_cuda:
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local_rank)

@@ -45,6 +45,7 @@ from . import checkpointing
 from .config import TrainConfig
 from .data import build_batches
 from .flops import peak_flops, transformer_flops_per_token
+from .optim import build_optimizer, build_scheduler
 from .tracking import MetricsLogger
 from .distributed import init_distributed, resolve_device, world_size_from_env
 from .pipelined import ModelParts, Pipeline, build_pipeline, pipeline_forward_backward
@@ -89,24 +90,6 @@ class Trainer:
             yield from part.named_buffers()
 
 
-def lr_lambda(cfg: TrainConfig):
-    """Linear warmup to ``lr`` over ``warmup_steps``, then cosine decay to ``min_lr_ratio * lr``."""
-    def factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    return factor
-
-
-def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """AdamW; matrices decay, vectors (norm weights) do not."""
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps)
-
-
 def build_trainer(cfg: TrainConfig) -> Trainer:
     """Validate, join the process group, build mesh, model, optimizer, data. Collective."""
     checked = validate(cfg, world_size_from_env())
@@ -129,7 +112,7 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
             load_hf_weights_(part, cfg.init_from)  # each rank copies its own shards; no collective
     set_sequences_per_step(model, cfg.global_batch_size)
     optimizer = build_optimizer(cfg, model)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    scheduler = build_scheduler(cfg, optimizer)
     batches = build_batches(cfg, pm.local_rank("batch"), pm.size("batch"), checked.model_config.vocab_size)
     return Trainer(cfg, pm, device, checked.model_config, model, optimizer, scheduler, batches, flops_per_token,
                    pipeline=pipeline)

@@ -58,7 +58,12 @@ class HFTokenizer:
 
         self.path = Path(path)
         raw = self.path.read_bytes()
-        self._tok = _RustTokenizer.from_str(raw.decode("utf-8"))
+        try:
+            self._tok = _RustTokenizer.from_str(raw.decode("utf-8"))
+        except Exception as err:  # the tokenizers library raises its own (Rust-side) exception types
+            raise ValueError(f"tokenizer {self.path} is not a Hugging Face tokenizer.json ({type(err).__name__}: "
+                             f"{str(err).splitlines()[0] if str(err) else 'unreadable'}); pass --tokenizer byte or "
+                             f"the tokenizer.json of a model") from None
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.eos_id = self._find_eos()
         self.fingerprint = "hf-" + hashlib.sha256(raw).hexdigest()[:16]
@@ -67,7 +72,10 @@ class HFTokenizer:
         config = self.path.with_name("tokenizer_config.json")
         candidates = list(EOS_CANDIDATES)
         if config.exists():
-            eos = json.loads(config.read_text()).get("eos_token")
+            try:
+                eos = json.loads(config.read_text()).get("eos_token")
+            except (ValueError, AttributeError):
+                raise ValueError(f"{config} (next to the tokenizer) is not a JSON object; fix or remove it") from None
             if isinstance(eos, dict):  # {"content": "</s>", ...} in some configs
                 eos = eos.get("content")
             if eos:
@@ -100,8 +108,8 @@ def load_tokenizer(spec: str) -> Tokenizer:
     if path.is_dir():
         path = path / "tokenizer.json"
     if not path.is_file():
-        raise FileNotFoundError(
-            f"tokenizer {spec!r}: expected 'byte' or the path of a Hugging Face tokenizer.json "
+        raise ValueError(
+            f"--tokenizer {spec!r}: expected 'byte' or the path of a Hugging Face tokenizer.json "
             f"(or of a folder holding one); {path} does not exist")
     return HFTokenizer(path)
 

@@ -2,25 +2,31 @@
 
 All ranks run the same checks on the same inputs, so a bad configuration raises the
 same clear error on every rank at once, and no rank is left waiting in a collective
-for a peer that has already failed.
+for a peer that has already failed. Each error is a ValueError (or a subclass) whose
+message names the option, the value and the fix; ``python -m train`` prints it as one
+``error: ...`` line.
 """
 
 from __future__ import annotations
 
+import math
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 from core.context_parallel import cp_attention
 from core.mesh import MeshConfigError, MeshShape, check_divisible
 from core.pipeline import PipelineConfigError, check_pipeline, default_microbatches, schedule_spec
 from models.hf_format import check_hf_config_matches
 from models.moe import MoEConfig, check_expert_parallel
+from models.parallelize import DP_MODES
 from models.plans import check_tensor_parallel
 from models.registry import get_config, parse_model_args
 
-from .config import TrainConfig
+from .config import DTYPES, TrainConfig
+from .data_sources import check_local_dataset
+from .distributed import check_device
 from .tokenizer import load_tokenizer
-
-DTYPES = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -30,28 +36,85 @@ class ValidatedRun:
 
 
 def validate(cfg: TrainConfig, world_size: int) -> ValidatedRun:
-    """Resolve the mesh against ``world_size`` and check that model, batch and sequence fit it."""
+    """Resolve the mesh against ``world_size`` and check options, model, batch, sequence and files."""
+    _check_ranges(cfg)
+    _check_choices(cfg)
     shape = MeshShape.parse(cfg.mesh).resolve(world_size)
     model_config = get_config(cfg.model, **parse_model_args(cfg.model, cfg.model_args))
     _check_model_fits_mesh(model_config, shape)
     _check_batch(cfg, shape)
     _check_pipeline(cfg, model_config, shape)
-    cp_attention(cfg.cp_method)  # a typo fails at once, also where cp = 1
-    if cfg.dtype not in DTYPES:
-        raise ValueError(f"--dtype {cfg.dtype!r}: use one of {DTYPES}")
-    if cfg.steps < 1 or cfg.seq_len < 1:
-        raise ValueError(f"--steps ({cfg.steps}) and --seq-len ({cfg.seq_len}) must be >= 1")
-    if cfg.init_from:
-        check_hf_config_matches(cfg.init_from, model_config)
-    if cfg.dataset != "synthetic":
-        _check_tokenizer_fits_model(cfg.tokenizer, model_config)
     if cfg.seq_len > model_config.max_seq_len:
         raise ValueError(f"--seq-len {cfg.seq_len} exceeds the model's max_seq_len {model_config.max_seq_len}")
+    _check_files(cfg, model_config)
     return ValidatedRun(shape, model_config)
 
 
-def _check_tokenizer_fits_model(tokenizer: str, model_config) -> None:
-    vocab = load_tokenizer(tokenizer).vocab_size
+# (option, test, what it must be): numeric options whose bad values would fail late or silently.
+RANGES = (
+    ("steps", lambda v: v >= 1, ">= 1"),
+    ("global_batch_size", lambda v: v >= 1, ">= 1"),
+    ("grad_accum_steps", lambda v: v >= 1, ">= 1"),
+    ("seq_len", lambda v: v >= 1, ">= 1"),
+    ("microbatches", lambda v: v >= 0, ">= 0 (0: 2 * pp)"),
+    ("lr", lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    ("min_lr_ratio", lambda v: 0 <= v <= 1, "between 0 and 1"),
+    ("warmup_steps", lambda v: v >= 0, ">= 0"),
+    ("weight_decay", lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    ("beta1", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("adam_eps", lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+    ("max_grad_norm", lambda v: v > 0, "> 0 (inf: no clipping)"),
+    ("seed", lambda v: v >= 0, ">= 0"),
+    ("dist_timeout_s", lambda v: v >= 1, ">= 1"),
+    ("checkpoint_every", lambda v: v >= 0, ">= 0 (0: never save)"),
+    ("keep_checkpoints", lambda v: v >= 0, ">= 0 (0: keep all)"),
+)
+
+
+def _check_ranges(cfg: TrainConfig) -> None:
+    for name, ok, requirement in RANGES:
+        value = getattr(cfg, name)
+        if not ok(value):  # NaN fails every comparison, so it lands here too
+            raise ValueError(f"--{name.replace('_', '-')} {value}: must be {requirement}")
+
+
+def _check_choices(cfg: TrainConfig) -> None:
+    """The fixed value sets (argparse checks flags; these also catch TOML values)."""
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"--dtype {cfg.dtype!r}: use one of {', '.join(DTYPES)}")
+    if cfg.dp_mode not in DP_MODES:
+        raise ValueError(f"--dp-mode {cfg.dp_mode!r}: use one of {', '.join(DP_MODES)}")
+    cp_attention(cfg.cp_method)  # a typo fails at once, also where cp = 1
+    schedule_spec(cfg.pp_schedule)  # likewise where pp = 1
+    check_device(cfg.device)
+
+
+def _check_files(cfg: TrainConfig, model_config) -> None:
+    """What the run reads and writes: initial weights, tokenizer, dataset, output folder."""
+    if cfg.init_from:
+        check_hf_config_matches(cfg.init_from, model_config)
+    vocab = load_tokenizer(cfg.tokenizer).vocab_size  # a bad --tokenizer is a mistake even where unused
+    if cfg.dataset != "synthetic":
+        _check_vocab_fits_model(cfg.tokenizer, vocab, model_config)
+        check_local_dataset(cfg.dataset)
+    _check_output_dir(Path(cfg.output_dir))
+
+
+def _check_output_dir(path: Path) -> None:
+    """Create ``--output-dir`` and write a probe file in it. Every rank checks for itself: all of
+    them write checkpoint shards there (and on a cluster the folder may be node-local)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-probe-"):
+            pass
+    except OSError as err:
+        reason = "a file of that name exists" if isinstance(err, FileExistsError) else (err.strerror or str(err))
+        raise ValueError(f"--output-dir {path} cannot be created or written ({reason}): "
+                         f"pick a folder this user can write") from None
+
+
+def _check_vocab_fits_model(tokenizer: str, vocab: int, model_config) -> None:
     if vocab > model_config.vocab_size:
         raise ValueError(f"tokenizer {tokenizer!r} has {vocab} tokens but the model's vocab_size is "
                          f"{model_config.vocab_size}: use a model with vocab_size >= {vocab} or a smaller tokenizer")
@@ -74,7 +137,7 @@ def _check_batch(cfg: TrainConfig, shape: MeshShape) -> None:
     check_divisible("--global-batch-size", cfg.global_batch_size, "dp*ep", batch_ranks,
                     f"use a multiple of {batch_ranks} sequences (every data-parallel rank needs whole sequences)")
     local_batch = cfg.global_batch_size // batch_ranks
-    if cfg.grad_accum_steps < 1 or local_batch % cfg.grad_accum_steps:
+    if local_batch % cfg.grad_accum_steps:
         raise MeshConfigError(f"the per-rank batch ({local_batch} sequences = global {cfg.global_batch_size} / dp*ep "
                               f"{batch_ranks}) is not divisible by --grad-accum-steps {cfg.grad_accum_steps}")
     check_divisible("--seq-len", cfg.seq_len, "2*cp", 2 * shape.cp if shape.cp > 1 else 1,
@@ -87,8 +150,7 @@ def _check_batch(cfg: TrainConfig, shape: MeshShape) -> None:
 
 
 def _check_pipeline(cfg: TrainConfig, model_config, shape: MeshShape) -> None:
-    """Schedule name always (a typo should not pass silently); the rest only when pp > 1."""
-    schedule_spec(cfg.pp_schedule)
+    """Only when pp > 1 (the schedule name is checked with the other choices)."""
     if shape.pp == 1:
         return
     if cfg.grad_accum_steps != 1:
