@@ -18,9 +18,8 @@ import pytest
 import torch
 from torch import nn
 
-from core import checkpoint, checkpoint_layout
-from core.checkpoint import (CheckpointError, find_latest_checkpoint, load_checkpoint, model_tensors,
-                             optimizer_tensors, save_checkpoint)
+from core import checkpoint_layout
+from core.checkpoint import Checkpointer, CheckpointError, find_latest_checkpoint, model_tensors, optimizer_tensors
 from rank_harness import run_on_ranks
 
 VOCAB, DIM, HIDDEN = 16, 8, 16
@@ -91,17 +90,17 @@ def full(tensors):
 # ---- the 4-rank job every other test builds on --------------------------------------------
 
 def _save_on_dp2_tp2(root: str):
-    root = Path(root)
+    root, checkpointer = Path(root), Checkpointer()
     model, opt = build("dp=2,tp=2", tp=True, fsdp=True)
     train_step(model, opt)
     saved = state(model, opt)
-    path = save_checkpoint(root, 1, saved, {"step": 1, "rng": [1, 2, 3]})
+    path = checkpointer.save(root, 1, saved, {"step": 1, "rng": [1, 2, 3]})
     reference = full(saved)  # now: `saved` aliases the live state, which changes below
 
     # Round trip on the same mesh into a fresh model (other seed) and a fresh optimizer.
     model2, opt2 = build("dp=2,tp=2", tp=True, fsdp=True, seed=7)
     loaded = state(model2, opt2)
-    meta = load_checkpoint(path, loaded)
+    meta = checkpointer.load(path, loaded)
     round_trip = (local(saved), local(loaded), meta)
     train_step(model, opt, seed=2)  # continuing must match too: the optimizer state is live
     train_step(model2, opt2, seed=2)
@@ -109,7 +108,7 @@ def _save_on_dp2_tp2(root: str):
 
     # Async: the save snapshots the tensors, so changing them before wait() changes nothing.
     snapshot = local(state(model, opt))
-    handle = save_checkpoint(root, 2, state(model, opt), {"step": 2}, async_save=True)
+    handle = checkpointer.save(root, 2, state(model, opt), {"step": 2}, async_save=True)
     committed_before_wait = find_latest_checkpoint(root)
     with torch.no_grad():
         for p in model.parameters():
@@ -117,7 +116,7 @@ def _save_on_dp2_tp2(root: str):
     handle.wait()
     model3, opt3 = build("dp=2,tp=2", tp=True, fsdp=True, seed=9)
     later = state(model3, opt3)
-    load_checkpoint(root / "step_00000002", later)
+    checkpointer.load(root / "step_00000002", later)
     async_result = (committed_before_wait, snapshot, local(later))
     return {"full": reference, "round_trip": round_trip, "after_step": after_step, "async": async_result,
             "path": path, "handle_path": handle.wait()}
@@ -169,7 +168,7 @@ def _load_on_tp4_and_dp4(path: str):
     for mesh, tp, fsdp in (("tp=4", True, False), ("dp=4", False, True)):
         model, opt = build(mesh, tp=tp, fsdp=fsdp, seed=5)
         tensors = state(model, opt)
-        load_checkpoint(Path(path), tensors)
+        Checkpointer().load(Path(path), tensors)
         out[mesh] = full(tensors)
     return out
 
@@ -190,7 +189,7 @@ def test_reshard_to_one_plain_process(saved):
     reference = results[0]["full"]
     model, opt = build(None, tp=False, fsdp=False, seed=5)
     tensors = state(model, opt)
-    meta = load_checkpoint(root / "step_00000001", tensors)
+    meta = Checkpointer().load(root / "step_00000001", tensors)
     assert meta["step"] == 1
     for key, value in reference.items():
         assert torch.equal(tensors[key], value), key
@@ -203,9 +202,9 @@ def _pipeline_like(root: str):
     """Each rank saves different keys (as pipeline stages do) plus a shared one, then loads them."""
     rank = torch.distributed.get_rank()
     tensors = {f"layers.{rank}.w": torch.full((2, 3), float(rank)), "step": torch.tensor(5.0)}
-    path = save_checkpoint(Path(root), 3, tensors, {"step": 3})
+    path = Checkpointer().save(Path(root), 3, tensors, {"step": 3})
     into = {key: torch.zeros_like(value) for key, value in tensors.items()}
-    load_checkpoint(path, into)
+    Checkpointer().load(path, into)
     return into
 
 
@@ -222,7 +221,7 @@ def _load_damaged(cases: dict):
         if extra_key and torch.distributed.get_rank() == 1:
             tensors["not.in.checkpoint"] = torch.zeros(2)
         try:
-            load_checkpoint(Path(path), tensors)
+            Checkpointer().load(Path(path), tensors)
             messages[case] = None
         except CheckpointError as e:
             messages[case] = str(e)
@@ -292,7 +291,7 @@ CRASHING_SAVE = textwrap.dedent("""
     from core import checkpoint, checkpoint_layout
     root, point = Path(sys.argv[1]), sys.argv[2]
     tensors = {"w": torch.arange(6.0).reshape(2, 3)}
-    checkpoint.save_checkpoint(root, 1, tensors, {"step": 1})
+    checkpoint.Checkpointer().save(root, 1, tensors, {"step": 1})
     die = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)
     if point == "after_shards":
         checkpoint._ShardWriter.finish = die
@@ -302,7 +301,7 @@ CRASHING_SAVE = textwrap.dedent("""
     elif point == "rename":
         os.rename = die
     tensors["w"] += 1
-    checkpoint.save_checkpoint(root, 2, tensors, {"step": 2})
+    checkpoint.Checkpointer().save(root, 2, tensors, {"step": 2})
     print("NOT KILLED")
 """)
 
@@ -316,44 +315,44 @@ def test_sigkill_mid_save_keeps_previous_checkpoint(tmp_path, point):
     latest = find_latest_checkpoint(tmp_path)
     assert latest == tmp_path / "step_00000001"
     tensors = {"w": torch.zeros(2, 3)}
-    assert load_checkpoint(latest, tensors) == {"step": 1}
+    assert Checkpointer().load(latest, tensors) == {"step": 1}
     assert torch.equal(tensors["w"], torch.arange(6.0).reshape(2, 3))
     # The next save clears the leftover and succeeds.
-    save_checkpoint(tmp_path, 2, tensors, {"step": 2})
+    Checkpointer().save(tmp_path, 2, tensors, {"step": 2})
     assert find_latest_checkpoint(tmp_path) == tmp_path / "step_00000002"
     assert not list(tmp_path.glob(".tmp-*"))
 
 
 def test_failure_before_commit_raises_and_is_ignored(tmp_path, monkeypatch):
-    save_checkpoint(tmp_path, 1, {"w": torch.ones(3)}, {"step": 1})
+    Checkpointer().save(tmp_path, 1, {"w": torch.ones(3)}, {"step": 1})
 
     def broken_publish(tmp, final):
         raise OSError("disk full")
 
     monkeypatch.setattr(checkpoint_layout, "publish", broken_publish)
     with pytest.raises(CheckpointError, match="disk full"):
-        save_checkpoint(tmp_path, 2, {"w": torch.ones(3)}, {"step": 2})
+        Checkpointer().save(tmp_path, 2, {"w": torch.ones(3)}, {"step": 2})
     assert find_latest_checkpoint(tmp_path) == tmp_path / "step_00000001"
     with pytest.raises(CheckpointError, match="unfinished save"):
-        load_checkpoint(tmp_path / ".tmp-step_00000002", {"w": torch.ones(3)})
+        Checkpointer().load(tmp_path / ".tmp-step_00000002", {"w": torch.ones(3)})
 
 
 def test_keep_last_prunes_oldest_and_leftovers(tmp_path):
     (tmp_path / ".tmp-step_00000099").mkdir(parents=True)  # a crashed save
     (tmp_path / ".trash-step_00000098").mkdir()  # a crashed prune
     for step in (10, 20, 30, 40):
-        save_checkpoint(tmp_path, step, {"w": torch.full((2,), float(step))}, {"step": step}, keep_last=2)
+        Checkpointer().save(tmp_path, step, {"w": torch.full((2,), float(step))}, {"step": step}, keep_last=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000030", "step_00000040"]
-    save_checkpoint(tmp_path, 40, {"w": torch.zeros(2)}, {"step": 40, "again": True}, keep_last=1)  # re-save a step
+    Checkpointer().save(tmp_path, 40, {"w": torch.zeros(2)}, {"step": 40, "again": True}, keep_last=1)  # re-save a step
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000040"]
-    assert load_checkpoint(tmp_path / "step_00000040", {"w": torch.ones(2)})["again"] is True
+    assert Checkpointer().load(tmp_path / "step_00000040", {"w": torch.ones(2)})["again"] is True
 
 
 def test_bad_arguments_are_rejected_before_writing(tmp_path):
     with pytest.raises(CheckpointError, match="JSON"):
-        save_checkpoint(tmp_path, 1, {"w": torch.ones(1)}, {"rng": torch.get_rng_state()})
+        Checkpointer().save(tmp_path, 1, {"w": torch.ones(1)}, {"rng": torch.get_rng_state()})
     with pytest.raises(CheckpointError, match="flat dict"):
-        save_checkpoint(tmp_path, 1, {"optim": {"state": torch.ones(1)}}, {})
+        Checkpointer().save(tmp_path, 1, {"optim": {"state": torch.ones(1)}}, {})
     assert not tmp_path.exists() or not list(tmp_path.iterdir())
     assert find_latest_checkpoint(tmp_path / "nothing") is None
 
@@ -387,16 +386,16 @@ def test_load_reads_no_pickle(saved, tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "load", refuse)
     model, opt = build(None, tp=False, fsdp=False, seed=5)
     tensors = state(model, opt)
-    load_checkpoint(path, tensors)
+    Checkpointer().load(path, tensors)
     assert not canary.exists()
     assert torch.equal(tensors["emb.weight"], results[0]["full"]["emb.weight"])
 
 
 def test_a_non_finite_state_is_never_saved_and_prunes_nothing(tmp_path):
     """keep_last=1 would prune step 1 in favour of step 2: a NaN at step 2 must not get that far."""
-    save_checkpoint(tmp_path, 1, {"w": torch.ones(3), "step": torch.tensor(1)}, {"step": 1}, keep_last=1)
+    Checkpointer().save(tmp_path, 1, {"w": torch.ones(3), "step": torch.tensor(1)}, {"step": 1}, keep_last=1)
     with pytest.raises(CheckpointError, match=r"refusing to save step 2: 1 tensor\(s\) hold NaN.*\['w'\]"):
-        save_checkpoint(tmp_path, 2, {"w": torch.tensor([1.0, float("nan"), 1.0]), "step": torch.tensor(2)},
+        Checkpointer().save(tmp_path, 2, {"w": torch.tensor([1.0, float("nan"), 1.0]), "step": torch.tensor(2)},
                         {"step": 2}, keep_last=1)
     assert find_latest_checkpoint(tmp_path) == tmp_path / "step_00000001"
     assert not list(tmp_path.glob(".tmp-*"))

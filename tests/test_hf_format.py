@@ -105,9 +105,9 @@ def test_logits_match_transformers(tmp_path):
 
 
 def write_checkpoint(root: Path, step: int, model, meta: dict) -> None:
-    from core.checkpoint import model_tensors, optimizer_tensors, save_checkpoint
+    from core.checkpoint import Checkpointer, model_tensors, optimizer_tensors
     optimizer = torch.optim.AdamW(model.parameters())
-    save_checkpoint(root, step, {**model_tensors(model), **optimizer_tensors(optimizer, model)}, meta)
+    Checkpointer().save(root, step, {**model_tensors(model), **optimizer_tensors(optimizer, model)}, meta)
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # one-process DCP save, on purpose

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import subprocess
 import sys
@@ -101,8 +100,8 @@ def test_logits_match_transformers(tmp_path):
 # ---- CLI export of a real checkpoint ----------------------------------------------------
 
 def write_checkpoint(root: Path, step: int, tensors: dict, meta: dict) -> None:
-    from core.checkpoint import save_checkpoint
-    save_checkpoint(root, step, tensors, meta)
+    from core.checkpoint import Checkpointer
+    Checkpointer().save(root, step, tensors, meta)
 
 
 def export_cli(checkpoint: Path, out: Path) -> subprocess.CompletedProcess:

@@ -6,8 +6,6 @@ gradients and the final weights match the single-process run.
 
 import functools
 
-import torch
-
 import pytest
 
 from rank_harness import run_on_ranks

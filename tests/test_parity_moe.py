@@ -8,7 +8,6 @@ the single-process run. Plus the configuration errors, raised before any collect
 import functools
 
 import pytest
-import torch
 
 from rank_harness import run_on_ranks
 from parity import BASE, LEARNING, assert_same_run, assert_tracks_float32, merge_ranks, run_steps

@@ -28,7 +28,7 @@ sys.path[:0] = [str(ROOT / "packages" / name) for name in ("core", "models", "tr
 
 import torch  # noqa: E402
 
-from core.checkpoint import CheckpointError, find_latest_checkpoint, load_checkpoint  # noqa: E402
+from core.checkpoint import Checkpointer, CheckpointError, find_latest_checkpoint  # noqa: E402
 from core.checkpoint_layout import META, is_complete  # noqa: E402
 from models.hf_format import (DEFAULT_MAX_SHARD_BYTES, check_hf_compatible, config_from_dict,  # noqa: E402
                               expected_shapes, save_hf_folder)
@@ -88,9 +88,9 @@ def export(checkpoint: Path, out: Path, model_name: str | None, dtype: torch.dty
     checkpoint = resolve_checkpoint(checkpoint)
     config = model_config(read_meta(checkpoint), model_name)
     check_hf_compatible(config)  # fail before reading gigabytes
-    # Load into tensors of the export dtype: load_checkpoint casts while copying.
+    # Load into tensors of the export dtype: the load casts while copying.
     state = {name: torch.empty(shape, dtype=dtype) for name, shape in expected_shapes(config).items()}
-    load_checkpoint(checkpoint, state)
+    Checkpointer().load(checkpoint, state)
     files = save_hf_folder(state, config, out, max_shard_bytes=max_shard_bytes)
     print(f"exported {checkpoint} -> {out} ({len(files)} files, {dtype})")
 

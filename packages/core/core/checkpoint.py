@@ -16,10 +16,12 @@ writer does not even create), and our own files are JSON. DCP still exchanges it
 *plans* between ranks with ``all_gather_object`` (pickle over the process group), but that
 is data our own processes create in memory, never bytes from the checkpoint.
 
-Collectives: every public function except ``find_latest_checkpoint`` and the two
-``*_tensors`` helpers is collective: all ranks must call it, in the same order. They run on
-dedicated gloo groups (created on first use), so an async save can talk in a background
-thread without interleaving with the training's collectives, and so NCCL jobs work too.
+Collectives: a ``Checkpointer``'s ``save``, ``load`` and ``wait`` are collective: every rank
+calls them on its own Checkpointer, in the same order. They run on the checkpointer's own
+gloo groups (created on first use), so an async save can talk in a background thread
+without interleaving with the training's collectives, and so NCCL jobs work too. The module
+functions (``find_latest_checkpoint``, ``read_checkpoint_meta``, the ``*_tensors`` views)
+only read and issue none.
 """
 
 from __future__ import annotations
@@ -40,70 +42,20 @@ from core import checkpoint_layout as layout
 from core.checkpoint_layout import CheckpointError, step_dir_name
 from core.checkpoint_state import model_tensors, optimizer_tensors
 
-__all__ = ["CheckpointError", "AsyncCheckpoint", "save_checkpoint", "find_latest_checkpoint",
-           "load_checkpoint", "read_checkpoint_meta", "model_tensors", "optimizer_tensors"]
+__all__ = ["CheckpointError", "Checkpointer", "AsyncCheckpoint", "find_latest_checkpoint", "read_checkpoint_meta",
+           "model_tensors", "optimizer_tensors"]
 
-_groups: dict[str, dist.ProcessGroup] = {}
-_pending: "AsyncCheckpoint | None" = None
-
-
-# ---- collectives ------------------------------------------------------------------------
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
-
-
-def _group(role: str) -> dist.ProcessGroup | None:
-    """A gloo group of all ranks for ``role``: "io" (DCP's own collectives, possibly in the
-    async-save thread) or "control" (our checks, always on the main thread).
-
-    Two groups because a process group needs its collectives in the same order on every
-    rank: with one, an async save's background collectives and our main-thread checks
-    would interleave differently per rank and deadlock. Creating groups is collective, so
-    it happens lazily inside functions every rank calls (save or load).
-    """
-    if not _distributed():
-        return None
-    if not _groups:
-        _groups["io"] = dist.new_group(backend="gloo")
-        _groups["control"] = dist.new_group(backend="gloo")
-    return _groups[role]
 
 
 def _rank() -> int:
     return dist.get_rank() if _distributed() else 0
 
 
-def _raise_together(error: str | None) -> None:
-    """Raise CheckpointError on EVERY rank if ANY rank has an error (message of the lowest such rank).
-
-    Collective (one all_reduce, and two broadcasts if something failed). Checks that some
-    ranks skip or that differ per rank (rank 0 validates files; each rank its own keys) go
-    through here, so either all ranks continue into DCP's collectives or none does.
-    Tensors, not broadcast_object_list, so nothing is unpickled.
-    """
-    if not _distributed():
-        if error is not None:
-            raise CheckpointError(error)
-        return
-    group, world = _group("control"), dist.get_world_size()
-    first = torch.tensor([_rank() if error is not None else world], dtype=torch.int64)
-    dist.all_reduce(first, op=dist.ReduceOp.MIN, group=group)
-    src = int(first.item())
-    if src == world:
-        return
-    payload = (error or "unknown error").encode()  # never empty: frombuffer rejects b""
-    length = torch.tensor([len(payload)], dtype=torch.int64)
-    dist.broadcast(length, src=src, group=group)
-    data = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if _rank() == src else \
-        torch.empty(int(length.item()), dtype=torch.uint8)
-    dist.broadcast(data, src=src, group=group)
-    message = bytes(data.tolist()).decode()
-    raise CheckpointError(message if _rank() == src else f"(reported by rank {src}) {message}")
-
-
 def _attempt(what: str, fn, *args) -> tuple[Any, str | None]:
-    """Run ``fn`` and turn any failure into a message for ``_raise_together``.
+    """Run ``fn`` and turn any failure into a message for ``Checkpointer._raise_together``.
 
     DCP raises ``CheckpointException``, which derives from BaseException (it would slip
     through ``except Exception``); it already carries every rank's failure.
@@ -116,13 +68,171 @@ def _attempt(what: str, fn, *args) -> tuple[Any, str | None]:
         return None, f"{what} failed: {type(e).__name__}: {e}"
 
 
-def _wait_pending() -> None:
-    """Finish an async save still in flight (its commit is collective, as is the caller)."""
-    if _pending is not None:
-        _pending.wait()
+class Checkpointer:
+    """Saves and loads the checkpoints of one job; every rank holds one and makes the same calls.
+
+    It owns what checkpoint I/O needs across calls: two gloo process groups (created on
+    first use; creating groups is collective, so it happens inside calls every rank makes)
+    and the async save still in flight, which the next save or load commits first.
+    """
+
+    def __init__(self):
+        self._groups: dict[str, dist.ProcessGroup] = {}
+        self.pending: AsyncCheckpoint | None = None
+
+    def _group(self, role: str) -> dist.ProcessGroup | None:
+        """A gloo group of all ranks for ``role``: "io" (DCP's own collectives, possibly in the
+        async-save thread) or "control" (our checks, always on the main thread).
+
+        Two groups because a process group needs its collectives in the same order on every
+        rank: with one, an async save's background collectives and our main-thread checks
+        would interleave differently per rank and deadlock.
+        """
+        if not _distributed():
+            return None
+        if not self._groups:
+            self._groups["io"] = dist.new_group(backend="gloo")
+            self._groups["control"] = dist.new_group(backend="gloo")
+        return self._groups[role]
+
+    def _raise_together(self, error: str | None) -> None:
+        """Raise CheckpointError on EVERY rank if ANY rank has an error (message of the lowest such rank).
+
+        Collective (one all_reduce, and two broadcasts if something failed). Checks that some
+        ranks skip or that differ per rank (rank 0 validates files; each rank its own keys) go
+        through here, so either all ranks continue into DCP's collectives or none does.
+        Tensors, not broadcast_object_list, so nothing is unpickled.
+        """
+        if not _distributed():
+            if error is not None:
+                raise CheckpointError(error)
+            return
+        group, world = self._group("control"), dist.get_world_size()
+        first = torch.tensor([_rank() if error is not None else world], dtype=torch.int64)
+        dist.all_reduce(first, op=dist.ReduceOp.MIN, group=group)
+        src = int(first.item())
+        if src == world:
+            return
+        payload = (error or "unknown error").encode()  # never empty: frombuffer rejects b""
+        length = torch.tensor([len(payload)], dtype=torch.int64)
+        dist.broadcast(length, src=src, group=group)
+        data = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if _rank() == src else \
+            torch.empty(int(length.item()), dtype=torch.uint8)
+        dist.broadcast(data, src=src, group=group)
+        message = bytes(data.tolist()).decode()
+        raise CheckpointError(message if _rank() == src else f"(reported by rank {src}) {message}")
+
+    def wait(self) -> Path | None:
+        """Commit the async save in flight, if any (collective); its path, or None."""
+        pending, self.pending = self.pending, None
+        return pending.wait() if pending is not None else None
+
+    def save(self, root: Path, step: int, tensors: dict[str, torch.Tensor], meta: dict,
+             keep_last: int | None = None, async_save: bool = False) -> "Path | AsyncCheckpoint":
+        """Save ``tensors`` and ``meta`` as ``root/step_{step:08d}``; return its path (or a handle).
+
+        Stores each tensor's chunks as safetensors (DTensors: each rank its own shards, any mesh;
+        plain tensors: treated as replicated, written once; with pipeline parallel each rank may
+        pass different keys), ``meta`` as ``meta.json`` (rank 0's), then the manifest. Atomic: the
+        files go to ``root/.tmp-step_...``, rank 0 renames that into place only after every rank's
+        shards are fsynced, so a crash at any point leaves older checkpoints usable and the
+        partial one ignored. Then keeps the newest ``keep_last`` complete checkpoints. A state
+        holding NaN or infinity is refused (CheckpointError on every rank; nothing written or pruned).
+
+        ``async_save=True``: returns after copying the tensors to CPU memory (training may then
+        modify them); the writes run in a background thread; ``.wait()`` (on every rank) commits.
+
+        Collectives: a pre-check all_reduce, barriers, DCP's plan exchange and write gather, the
+        commit's all_reduce. All ranks must call it with the same ``root`` and ``step``.
+        """
+        self.wait()
+        root = Path(root)
+        self._raise_together(_check_save_args(step, tensors, meta, keep_last))
+        group = self._group("io")
+        tmp = layout.tmp_dir(root, step)
+
+        _, error = _attempt("preparing " + str(tmp), _prepare_tmp, root, tmp, meta) if _rank() == 0 else (None, None)
+        self._raise_together(error)  # also the barrier: nobody writes into tmp before it is fresh
+
+        writer = _ShardWriter(str(tmp), save_distributed=True)
+        planner = DefaultSavePlanner()
+        commit = lambda metadata: self._commit(root, tmp, step, writer.written, metadata, keep_last)  # noqa: E731
+        if async_save:
+            future, error = _attempt("dcp.async_save", lambda: dcp.async_save(
+                tensors, storage_writer=writer, planner=planner, process_group=group))
+            self._raise_together(error)
+            self.pending = AsyncCheckpoint(future, commit, self._raise_together)
+            return self.pending
+        # dcp.save returns on every rank only after the coordinator gathered all ranks' write
+        # results, i.e. every shard is written and fsynced (FileSystemWriter sync_files=True).
+        metadata, error = _attempt("dcp.save", lambda: dcp.save(
+            tensors, storage_writer=writer, planner=planner, process_group=group))
+        self._raise_together(error)
+        return commit(metadata)
+
+    def _commit(self, root: Path, tmp: Path, step: int, files: set[str], metadata, keep_last: int | None) -> Path:
+        """Rank 0 writes the manifest, renames tmp into place, prunes; then all ranks agree.
+
+        Collective: one all_reduce (``_raise_together``), which also makes every rank wait
+        until the checkpoint is published before save returns.
+        """
+        final = root / step_dir_name(step)
+
+        def publish():
+            layout.write_json(tmp / layout.MANIFEST, layout.build_manifest(tmp, step, files, metadata))
+            layout.publish(tmp, final)
+            if keep_last is not None:
+                layout.prune(root, keep_last, just_saved=final)
+
+        _, error = _attempt("committing " + str(final), publish) if _rank() == 0 else (None, None)
+        self._raise_together(error)
+        return final
+
+    def load(self, path: Path, tensors: dict[str, torch.Tensor]) -> dict:
+        """Load the checkpoint at ``path`` IN PLACE into ``tensors``; return its meta dict.
+
+        ``tensors`` may be any subset of the saved keys (e.g. the model only), as DTensors on
+        any mesh or plain tensors: DCP reads each rank's chunks from whichever shards hold them.
+        Values are cast to the target dtype by ``copy_``.
+
+        Before any data is read: rank 0 checks every shard (present, size as saved, valid
+        safetensors header); each rank checks meta.json, its keys and global shapes against the
+        manifest. Any failure raises CheckpointError on all ranks.
+
+        Collectives: a pre-check all_reduce, DCP's plan exchange, DCP's final gather.
+        """
+        self.wait()
+        path = Path(path)
+        shapes = {key: tuple(t.shape) for key, t in tensors.items()}  # DTensor.shape is the global shape
+        _, error = _attempt("validating " + str(path), _validate, path, shapes)
+        self._raise_together(error)
+
+        reader = HuggingFaceStorageReader(str(path))
+        _, error = _attempt("dcp.load", lambda: dcp.load(
+            tensors, storage_reader=reader, planner=DefaultLoadPlanner(), process_group=self._group("io")))
+        self._raise_together(error)
+        return layout.read_json(path / layout.META)
 
 
-# ---- save -------------------------------------------------------------------------------
+class AsyncCheckpoint:
+    """Handle of an async save. ``wait()`` (collective: call it on every rank) waits for the
+    shard writes, then commits (rename into place, prune) and returns the checkpoint path.
+    The checkpointer's next save, load or ``wait`` calls it for you if you have not."""
+
+    def __init__(self, future, commit, raise_together):
+        self._future, self._commit, self._raise_together, self._result = future, commit, raise_together, None
+
+    def done(self) -> bool:
+        """True when the shards are written (the commit still needs ``wait()``)."""
+        return self._result is not None or self._future.done()
+
+    def wait(self) -> Path:
+        if self._result is None:
+            metadata, error = _attempt("async checkpoint write", self._future.result)
+            self._raise_together(error)
+            self._result = self._commit(metadata)
+        return self._result
+
 
 class _ShardWriter(HuggingFaceStorageWriter):
     """HuggingFaceStorageWriter that remembers which files all ranks wrote.
@@ -132,79 +242,16 @@ class _ShardWriter(HuggingFaceStorageWriter):
     ``dcp.save`` returns has no storage_data, so this is where the shard list is known.
     """
 
-    written: set[str] = set()
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.written: set[str] = set()
 
     def finish(self, metadata, results) -> None:
         self.written = {result.storage_data.relative_path for rank in results for result in rank}
         return super().finish(metadata, results)
 
 
-class AsyncCheckpoint:
-    """Handle of an async save. ``wait()`` (collective: call it on every rank) waits for the
-    shard writes, then commits (rename into place, prune) and returns the checkpoint path.
-    The next save/load calls it for you if you have not."""
-
-    def __init__(self, future, commit):
-        self._future, self._commit, self._result = future, commit, None
-
-    def done(self) -> bool:
-        """True when the shards are written (the commit still needs ``wait()``)."""
-        return self._result is not None or self._future.done()
-
-    def wait(self) -> Path:
-        global _pending
-        if self._result is None:
-            if _pending is self:
-                _pending = None
-            metadata, error = _attempt("async checkpoint write", self._future.result)
-            _raise_together(error)
-            self._result = self._commit(metadata)
-        return self._result
-
-
-def save_checkpoint(root: Path, step: int, tensors: dict[str, torch.Tensor], meta: dict,
-                    keep_last: int | None = None, async_save: bool = False) -> Path | AsyncCheckpoint:
-    """Save ``tensors`` and ``meta`` as ``root/step_{step:08d}``; return its path (or a handle).
-
-    Stores each tensor's chunks as safetensors (DTensors: each rank its own shards, any mesh;
-    plain tensors: treated as replicated, written once; with pipeline parallel each rank may
-    pass different keys), ``meta`` as ``meta.json`` (rank 0's), then the manifest. Atomic: the
-    files go to ``root/.tmp-step_...``, rank 0 renames that into place only after every rank's
-    shards are fsynced, so a crash at any point leaves older checkpoints usable and the
-    partial one ignored. Then keeps the newest ``keep_last`` complete checkpoints.
-
-    ``async_save=True``: returns after copying the tensors to CPU memory (training may then
-    modify them); the writes run in a background thread; ``.wait()`` (on every rank) commits.
-
-    Collectives: a pre-check all_reduce, barriers, DCP's plan exchange and write gather, the
-    commit's all_reduce. All ranks must call it with the same ``root`` and ``step``.
-    """
-    global _pending
-    _wait_pending()
-    root = Path(root)
-    _raise_together(_check_save_args(step, tensors, meta, keep_last))
-    group = _group("io")
-    tmp = layout.tmp_dir(root, step)
-
-    _, error = _attempt("preparing " + str(tmp), _prepare_tmp, root, tmp, meta) if _rank() == 0 else (None, None)
-    _raise_together(error)  # also the barrier: nobody writes into tmp before it is fresh
-
-    writer = _ShardWriter(str(tmp), save_distributed=True)
-    planner = DefaultSavePlanner()
-    commit = lambda metadata: _commit(root, tmp, step, writer.written, metadata, keep_last)  # noqa: E731
-    if async_save:
-        future, error = _attempt("dcp.async_save", lambda: dcp.async_save(
-            tensors, storage_writer=writer, planner=planner, process_group=group))
-        _raise_together(error)
-        _pending = AsyncCheckpoint(future, commit)
-        return _pending
-    # dcp.save returns on every rank only after the coordinator gathered all ranks' write
-    # results, i.e. every shard is written and fsynced (FileSystemWriter sync_files=True).
-    metadata, error = _attempt("dcp.save", lambda: dcp.save(
-        tensors, storage_writer=writer, planner=planner, process_group=group))
-    _raise_together(error)
-    return commit(metadata)
-
+# ---- checks and reads without collectives --------------------------------------------------
 
 def _check_save_args(step, tensors, meta, keep_last) -> str | None:
     if not isinstance(step, int) or step < 0:
@@ -239,27 +286,6 @@ def _prepare_tmp(root: Path, tmp: Path, meta: dict) -> None:
     layout.write_json(tmp / layout.META, meta)
 
 
-def _commit(root: Path, tmp: Path, step: int, files: set[str], metadata, keep_last: int | None) -> Path:
-    """Rank 0 writes the manifest, renames tmp into place, prunes; then all ranks agree.
-
-    Collective: one all_reduce (``_raise_together``), which also makes every rank wait
-    until the checkpoint is published before save returns.
-    """
-    final = root / step_dir_name(step)
-
-    def publish():
-        layout.write_json(tmp / layout.MANIFEST, layout.build_manifest(tmp, step, files, metadata))
-        layout.publish(tmp, final)
-        if keep_last is not None:
-            layout.prune(root, keep_last, just_saved=final)
-
-    _, error = _attempt("committing " + str(final), publish) if _rank() == 0 else (None, None)
-    _raise_together(error)
-    return final
-
-
-# ---- find / load ------------------------------------------------------------------------
-
 def find_latest_checkpoint(root: Path) -> Path | None:
     """The newest COMPLETE checkpoint under ``root`` (``step_N`` with COMPLETE.json), else None.
 
@@ -268,32 +294,6 @@ def find_latest_checkpoint(root: Path) -> Path | None:
     """
     found = layout.complete_checkpoints(Path(root))
     return found[-1] if found else None
-
-
-def load_checkpoint(path: Path, tensors: dict[str, torch.Tensor]) -> dict:
-    """Load the checkpoint at ``path`` IN PLACE into ``tensors``; return its meta dict.
-
-    ``tensors`` may be any subset of the saved keys (e.g. the model only), as DTensors on
-    any mesh or plain tensors: DCP reads each rank's chunks from whichever shards hold them.
-    Values are cast to the target dtype by ``copy_``.
-
-    Before any data is read: rank 0 checks every shard (present, size as saved, valid
-    safetensors header); each rank checks its keys and global shapes against the manifest.
-    Any failure raises CheckpointError on all ranks.
-
-    Collectives: a pre-check all_reduce, DCP's plan exchange, DCP's final gather.
-    """
-    _wait_pending()
-    path = Path(path)
-    shapes = {key: tuple(t.shape) for key, t in tensors.items()}  # DTensor.shape is the global shape
-    _, error = _attempt("validating " + str(path), _validate, path, shapes)
-    _raise_together(error)
-
-    reader = HuggingFaceStorageReader(str(path))
-    _, error = _attempt("dcp.load", lambda: dcp.load(
-        tensors, storage_reader=reader, planner=DefaultLoadPlanner(), process_group=_group("io")))
-    _raise_together(error)
-    return layout.read_json(path / layout.META)
 
 
 def read_checkpoint_meta(path: Path) -> dict:

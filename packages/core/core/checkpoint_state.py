@@ -11,32 +11,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-# Wrappers insert these module names into parameter FQNs; the checkpoint keeps the names of
-# the plain model so it loads whether or not the next run compiles / checkpoints activations.
-_WRAPPER_PARTS = ("_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module")
-
-
-def clean_fqn(name: str) -> str:
-    return ".".join(part for part in name.split(".") if part not in _WRAPPER_PARTS)
-
-
-def _unwrap_ddp(model: nn.Module) -> nn.Module:
-    # DDP (replicate) puts the whole model under ".module".
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
 
 def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Parameters and persistent buffers by original FQN (as ``state_dict`` would list them).
+    """Parameters and persistent buffers by FQN (as ``state_dict`` would list them).
 
     Built from ``state_dict(keep_vars=True)`` so non-persistent buffers (e.g. RoPE caches)
     are left out, and FSDP2 / TP parameters come back as their sharded DTensors.
     """
-    state = _unwrap_ddp(model).state_dict(keep_vars=True)
-    return {clean_fqn(name): tensor.detach() for name, tensor in state.items()}
+    state = model.state_dict(keep_vars=True)
+    return {name: tensor.detach() for name, tensor in state.items()}
 
 
 def _param_names(model: nn.Module) -> dict[int, str]:
-    return {id(p): clean_fqn(name) for name, p in _unwrap_ddp(model).named_parameters()}
+    return {id(p): name for name, p in model.named_parameters()}
 
 
 def _init_adam_state(optimizer: torch.optim.Optimizer, group: dict, param: torch.Tensor) -> None:

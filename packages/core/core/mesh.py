@@ -13,7 +13,6 @@ with the same message instead of leaving some ranks waiting in a collective.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
 
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -100,7 +99,6 @@ class ParallelMesh:
         summed (FSDP shards dense parameters over it).
       - ``expert_grad`` = flatten(dp, cp): ranks that hold the same experts and sum their
         gradients (ep shards the experts themselves).
-      - ``loss`` = flatten(dp, ep, cp): ranks whose partial losses add up to the global loss.
     Flattened meshes are created once, eagerly, on every rank (creating them is collective).
     """
 
@@ -125,19 +123,6 @@ class ParallelMesh:
     def local_rank(self, name: str) -> int:
         """This rank's coordinate along an axis (or flattened axis)."""
         return self[name].get_local_rank()
-
-    @cached_property
-    def dense_tp_mesh(self) -> DeviceMesh:
-        """2-D (dense_grad, tp) mesh for FSDP+TP: FSDP shards over dim 0, TP over dim 1."""
-        return self.mesh["dp", "ep", "cp", "tp"]
-
-    @property
-    def is_pipeline_last(self) -> bool:
-        return self.local_rank("pp") == self.shape.pp - 1
-
-    @property
-    def is_pipeline_first(self) -> bool:
-        return self.local_rank("pp") == 0
 
     def __repr__(self) -> str:
         return f"ParallelMesh({self.shape}, device={self.device_type})"

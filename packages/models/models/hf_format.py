@@ -31,8 +31,6 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
-from core.checkpoint_state import clean_fqn
-
 from . import hf_llama, hf_mixtral
 from .hf_llama import from_hf_name, to_hf_name  # noqa: F401 - the Llama name map, re-exported
 from .init import copy_full_value_
@@ -364,7 +362,7 @@ def load_hf_weights_(model: nn.Module, folder: Path) -> None:
     """
     check_hf_config_matches(folder, model.config)
     sources = _checked_sources(folder, model.config)
-    params = {clean_fqn(name): p for name, p in model.named_parameters()}
+    params = dict(model.named_parameters())
     for name, full in _read(sources, list(params), model.config):
         copy_full_value_(params[name], full)
     for router in (m for m in model.modules() if isinstance(m, Router)):

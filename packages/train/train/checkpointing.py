@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from core.checkpoint import (CheckpointError, find_latest_checkpoint, load_checkpoint, model_tensors,
-                             optimizer_tensors, read_checkpoint_meta, save_checkpoint)
+from core.checkpoint import (CheckpointError, find_latest_checkpoint, model_tensors, optimizer_tensors,
+                             read_checkpoint_meta)
 from core.checkpoint_layout import is_complete
 
 from .optim import build_scheduler, lr_lambda
@@ -62,14 +62,8 @@ def training_meta(t, wandb_run_id: str | None) -> dict:
 
 def save(t, wandb_run_id: str | None):
     """Save the current state as ``<output_dir>/checkpoints/step_XXXXXXXX`` (collective)."""
-    return save_checkpoint(checkpoint_root(t.cfg), t.step, state_tensors(t), training_meta(t, wandb_run_id),
-                           keep_last=t.cfg.keep_checkpoints or None, async_save=t.cfg.async_checkpoint)
-
-
-def finish(pending) -> None:
-    """Commit an async save still in flight (collective; a sync save returned a Path: nothing to do)."""
-    if pending is not None and hasattr(pending, "wait"):
-        pending.wait()
+    return t.checkpointer.save(checkpoint_root(t.cfg), t.step, state_tensors(t), training_meta(t, wandb_run_id),
+                               keep_last=t.cfg.keep_checkpoints or None, async_save=t.cfg.async_checkpoint)
 
 
 def should_save(t) -> bool:
@@ -136,7 +130,7 @@ def restore(t, path: Path) -> dict:
         raise CheckpointError(f"{path} was trained with {', '.join(changed)}: resuming would silently change the "
                               f"learning-rate schedule; pass the saved values, or --override-lr-schedule to "
                               f"continue on this run's schedule from step {meta['step']} (the LR may jump)")
-    load_checkpoint(path, state_tensors(t))
+    t.checkpointer.load(path, state_tensors(t))
     t.step = int(meta["step"])
     t.skipped_steps = int(meta.get("skipped_steps", 0))
     t.batches.load_state_dict(meta["data"])

@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
+from core.checkpoint import Checkpointer
 from core.data_parallel import all_reduce_gradients
 from core.grad_norm import clip_grad_norm_
 from core.mesh import ParallelMesh, build_mesh
@@ -68,6 +69,7 @@ class Trainer:
     step: int = 0
     history: list[dict] = field(default_factory=list)
     skipped_steps: int = 0               # updates dropped by --skip-nonfinite-steps
+    checkpointer: Checkpointer = field(default_factory=Checkpointer)  # its groups and the async save in flight
     pipeline: Pipeline | None = None     # set when pp > 1
 
     @property
@@ -287,7 +289,6 @@ def train(cfg: TrainConfig) -> Trainer:
     logger = MetricsLogger(Path(cfg.output_dir), cfg.to_dict(), is_logging_rank=dist.get_rank() == 0,
                            wandb=cfg.wandb, wandb_project=cfg.wandb_project,
                            wandb_run_id=meta.get("wandb_run_id"), total_steps=cfg.steps)
-    pending = None
     with logger:
         try:
             while t.step < cfg.steps:
@@ -295,12 +296,12 @@ def train(cfg: TrainConfig) -> Trainer:
                 t.history.append(metrics)
                 logger.log(t.step, {k: v for k, v in metrics.items() if k != "step"})
                 if checkpointing.should_save(t):
-                    pending = checkpointing.save(t, logger.run_id)
+                    checkpointing.save(t, logger.run_id)
         except TrainingDiverged as err:
             # Every rank raised at the same step, so the collective commit below is safe:
             # the last good checkpoint, still being written, must not be lost (and the
             # message should name it).
-            checkpointing.finish(pending)
+            t.checkpointer.wait()
             raise TrainingDiverged(t, err.loss, err.grad_norm) from None
-        checkpointing.finish(pending)
+        t.checkpointer.wait()  # an async save commits only once every rank has waited
     return t
