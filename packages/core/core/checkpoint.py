@@ -299,11 +299,16 @@ def find_latest_checkpoint(root: Path) -> Path | None:
 def read_checkpoint_meta(path: Path) -> dict:
     """The ``meta.json`` of the complete checkpoint at ``path``, read without loading any tensor.
 
-    No collective (every rank may read it). CheckpointError names the file when it is
-    missing or not JSON, so a caller can check a checkpoint before loading it.
+    No collective (every rank may read it). CheckpointError says why ``path`` is not a
+    complete checkpoint, or names the meta file when it is missing or not JSON, so a caller
+    can check a checkpoint before loading it.
     """
     path = Path(path)
     layout.read_manifest(path)  # a complete checkpoint, or a CheckpointError saying why not
+    return _read_meta(path)
+
+
+def _read_meta(path: Path) -> dict:
     meta_file = path / layout.META
     try:
         return layout.read_json(meta_file)
@@ -315,8 +320,8 @@ def read_checkpoint_meta(path: Path) -> dict:
 
 
 def _validate(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
-    read_checkpoint_meta(path)
     manifest = layout.read_manifest(path)
+    _read_meta(path)
     if _rank() == 0:
         layout.check_shard_files(path, manifest)
     layout.check_requested(path, manifest, shapes)
