@@ -98,17 +98,19 @@ def test_epoch_wrap_around_is_deterministic_and_each_epoch_covers_every_window(t
     data = tmp_path / "small.txt"
     data.write_text("abcdefghijklmnopqrstuvwxyz" * 5)  # 131 tokens with EOS -> 13 windows of 10
     a = batches(tmp_path / "c", 1, dataset=str(data), seq=10, batch=4)[0]
-    assert a.num_windows == 13
-    rows = torch.cat([next(a)[0] for _ in range(13)])  # 52 samples: 4 epochs
+    assert a.num_windows == 12 and a.held_out_windows.tolist() == [12]  # the last window is held out
+    rows = torch.cat([next(a)[0] for _ in range(12)])  # 48 samples: 4 epochs
     assert a.epoch == 4
-    epochs = [rows[e * 13:(e + 1) * 13] for e in range(4)]
+    epochs = [rows[e * 12:(e + 1) * 12] for e in range(4)]
     starts = [sorted(e[:, 0].tolist()) for e in epochs]
     assert all(s == starts[0] for s in starts)  # every epoch is a permutation of the same windows
     assert not torch.equal(epochs[0], epochs[1])  # ... in a new order
+    held_out = torch.from_numpy(a.window_tokens(12)[:-1].astype(np.int64))
+    assert not any(torch.equal(row, held_out) for row in rows), "training read the held-out window"
     b = batches(tmp_path / "c", 2, dataset=str(data), seq=10, batch=4)
-    assert torch.equal(rows, torch.cat(global_inputs(b, 13)))  # and the same order on any mesh
+    assert torch.equal(rows, torch.cat(global_inputs(b, 12)))  # and the same order on any mesh
     other_seed = batches(tmp_path / "c", 1, dataset=str(data), seq=10, batch=4, seed=1)[0]
-    assert not torch.equal(rows[:13], torch.cat([next(other_seed)[0] for _ in range(4)])[:13])
+    assert not torch.equal(rows[:12], torch.cat([next(other_seed)[0] for _ in range(3)])[:12])
 
 
 # ---------------------------------------------------------------- inputs and tokenizers

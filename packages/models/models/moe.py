@@ -177,9 +177,10 @@ class MoE(nn.Module):
         scores, expert_ids, weights = self.router(tokens)
         out, _ = expert_parallel_ffn(tokens, expert_ids, weights, self.cfg.n_experts, self.experts, self.ep_group)
         out = out.to(x.dtype)
-        aux = self._balance_loss_share(scores.view(b, s, -1), expert_ids.view(b, s, -1))
-        if aux is not None and torch.is_grad_enabled():
-            out = _AttachAuxLoss.apply(out, aux)
+        if self.training:  # load statistics and the aux loss belong to training steps, not evaluation
+            aux = self._balance_loss_share(scores.view(b, s, -1), expert_ids.view(b, s, -1))
+            if aux is not None and torch.is_grad_enabled():
+                out = _AttachAuxLoss.apply(out, aux)
         if self.shared_expert is not None:
             out = out + self.shared_expert(tokens)
         return out.view(b, s, dim)

@@ -53,6 +53,11 @@ class TrainConfig:
     dtype: str = option("float32", "compute dtype; master weights and optimizer state stay float32", DTYPES)
     skip_nonfinite_steps: bool = option(False, "on a NaN/inf loss or gradient norm, skip that step's update "
                                                "instead of stopping the run")
+    # evaluation
+    eval_every: int = option(0, "evaluate on held-out data every N steps and at the end (0: never)")
+    eval_batches: int = option(4, "global batches in the evaluation set")
+    eval_dataset: str = option("", "evaluate on this dataset (same forms as --dataset) instead of the held-out "
+                                    "1% of the training data")
     # data
     dataset: str = option("default", "default (bundled corpus), synthetic, a local .txt/.jsonl/.json/.parquet "
                                      "file or folder, or a Hugging Face hub name")

@@ -7,10 +7,13 @@ flat token array ``T`` of ``n`` tokens. Window ``w`` is ``T[w*s : w*s + s + 1]``
 ``seq_len``): consecutive windows share one token, so every token after the first is a label
 exactly once. There are ``W = (n - 1) // s`` windows.
 
-Training reads an endless sequence of *samples*. Sample ``g`` lies in epoch ``e = g // W``
-and is window ``perm_e[g % W]``, where ``perm_e`` is a permutation of ``range(W)`` drawn from
-``numpy.random.default_rng([seed, e])``. Step ``k`` trains on the global batch of samples
-``[k*B, (k+1)*B)`` (``B`` = ``global_batch_size``); a batch may straddle two epochs.
+The last ``H = max(1, W // 100)`` windows (1%, none when ``W == 1``) are the held-out split:
+training never reads them, evaluation reads only them (``held_out_windows``). Training reads
+an endless sequence of *samples* over the other ``W' = W - H`` windows. Sample ``g`` lies in
+epoch ``e = g // W'`` and is window ``perm_e[g % W']``, where ``perm_e`` is a permutation of
+``range(W')`` drawn from ``numpy.random.default_rng([seed, e])``. Step ``k`` trains on the
+global batch of samples ``[k*B, (k+1)*B)`` (``B`` = ``global_batch_size``); a batch may
+straddle two epochs.
 
 Sharding over the batch mesh
 ----------------------------
@@ -82,10 +85,13 @@ class TokenBatches:
             return
         source = open_source(dataset, text_column)
         self.tokens, self.fingerprint = load_token_cache(source, tokenizer, cache_dir)
-        self.num_windows = (len(self.tokens) - 1) // seq_len
-        if self.num_windows < 1:
+        all_windows = (len(self.tokens) - 1) // seq_len
+        if all_windows < 1:
             raise ValueError(f"{source.description} has {len(self.tokens)} tokens, fewer than one window of "
                              f"seq_len + 1 = {seq_len + 1}: use a smaller seq_len or more data")
+        held_out = max(1, all_windows // 100) if all_windows > 1 else 0
+        self.num_windows = all_windows - held_out  # the windows training reads
+        self.held_out_windows = np.arange(self.num_windows, all_windows)
 
     @property
     def epoch(self) -> int:
@@ -110,7 +116,11 @@ class TokenBatches:
     def _window(self, sample: int) -> np.ndarray:
         """Tokens of global sample ``sample``: shape ``[seq_len + 1]``."""
         epoch, position = divmod(sample, self.num_windows)
-        start = int(self._permutation(epoch)[position]) * self.seq_len
+        return self.window_tokens(int(self._permutation(epoch)[position]))
+
+    def window_tokens(self, window: int) -> np.ndarray:
+        """Tokens of window ``window`` of the token array: shape ``[seq_len + 1]``."""
+        start = window * self.seq_len
         return np.asarray(self.tokens[start:start + self.seq_len + 1])
 
     def _permutation(self, epoch: int) -> np.ndarray:

@@ -45,6 +45,7 @@ from models.registry import build_model
 from . import checkpointing
 from .config import TrainConfig
 from .data import build_batches
+from .evaluation import build_eval_batches, evaluate
 from .flops import peak_flops, transformer_flops_per_token
 from .optim import build_optimizer, build_scheduler
 from .tracking import MetricsLogger
@@ -71,6 +72,7 @@ class Trainer:
     skipped_steps: int = 0               # updates dropped by --skip-nonfinite-steps
     checkpointer: Checkpointer = field(default_factory=Checkpointer)  # its groups and the async save in flight
     pipeline: Pipeline | None = None     # set when pp > 1
+    eval_batches: object = None          # this rank's evaluation set, with --eval-every
 
     @property
     def params(self) -> list[nn.Parameter]:
@@ -90,6 +92,20 @@ class Trainer:
         """(name, buffer) with the whole model's names, like ``named_parameters``."""
         for part in self.model_parts:
             yield from part.named_buffers()
+
+    def compute_context(self) -> contextlib.AbstractContextManager:
+        """bf16 compute for models FSDP does not manage (FSDP casts parameters itself via its
+        MixedPrecisionPolicy, which also all-gathers them in bf16: half the bytes)."""
+        if self.cfg.dtype == "float32" or all(isinstance(part, FSDPModule) for part in self.model_parts):
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=DTYPE[self.cfg.dtype])
+
+    def local_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a batch on its device: [b, S] -> [b, S/cp], the cp rank's zigzag
+        chunks r and 2cp-1-r (all of S when cp = 1)."""
+        if self.pm.size("cp") > 1:
+            tokens = zigzag_shard(tokens, 1, self.pm.local_rank("cp"), self.pm.size("cp"))
+        return tokens.to(self.device)
 
 
 def build_trainer(cfg: TrainConfig) -> Trainer:
@@ -115,9 +131,12 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     set_sequences_per_step(model, cfg.global_batch_size)
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer)
-    batches = build_batches(cfg, pm.local_rank("batch"), pm.size("batch"), checked.model_config.vocab_size)
+    vocab_size = checked.model_config.vocab_size
+    batches = build_batches(cfg, pm.local_rank("batch"), pm.size("batch"), vocab_size)
+    eval_batches = build_eval_batches(cfg, batches, pm.local_rank("batch"), pm.size("batch"), vocab_size) \
+        if cfg.eval_every else None
     return Trainer(cfg, pm, device, checked.model_config, model, optimizer, scheduler, batches, flops_per_token,
-                   pipeline=pipeline)
+                   pipeline=pipeline, eval_batches=eval_batches)
 
 
 def model_flops_per_token(model: nn.Module, model_config, seq_len: int) -> float:
@@ -143,20 +162,12 @@ def forward_backward(t: Trainer, inputs: torch.Tensor, labels: torch.Tensor) -> 
     tokens_in_global_batch = t.cfg.global_batch_size * t.cfg.seq_len
     loss_share = torch.zeros((), device=t.device)
     for micro_inputs, micro_labels in zip(inputs.chunk(t.cfg.grad_accum_steps), labels.chunk(t.cfg.grad_accum_steps)):
-        with loss_context(t.pm.size("tp") > 1), autocast_context(t):
+        with loss_context(t.pm.size("tp") > 1), t.compute_context():
             logits = t.model(micro_inputs)
             loss = token_loss_sum(logits, micro_labels) / tokens_in_global_batch
             loss.backward()
         loss_share += to_local_scalar(loss).detach()
     return loss_share
-
-
-def autocast_context(t: Trainer) -> contextlib.AbstractContextManager:
-    """bf16 compute for models FSDP does not manage (FSDP casts parameters itself via its
-    MixedPrecisionPolicy, which also all-gathers them in bf16: half the bytes)."""
-    if t.cfg.dtype == "float32" or all(isinstance(part, FSDPModule) for part in t.model_parts):
-        return contextlib.nullcontext()
-    return torch.autocast(t.device.type, dtype=DTYPE[t.cfg.dtype])
 
 
 def compute_gradients(t: Trainer) -> tuple[torch.Tensor, float]:
@@ -167,10 +178,10 @@ def compute_gradients(t: Trainer) -> tuple[torch.Tensor, float]:
     """
     start = time.perf_counter()
     inputs, labels = next(t.batches)
-    inputs, labels = context_parallel_slice(t, inputs).to(t.device), context_parallel_slice(t, labels).to(t.device)
+    inputs, labels = t.local_tokens(inputs), t.local_tokens(labels)
     data_time = time.perf_counter() - start
     if t.pipeline:
-        loss = pipeline_forward_backward(t, inputs, labels, autocast_context(t))
+        loss = pipeline_forward_backward(t, inputs, labels, t.compute_context())
     else:
         loss = forward_backward(t, inputs, labels)
     reduce_partial_gradients(t.params)
@@ -179,13 +190,6 @@ def compute_gradients(t: Trainer) -> tuple[torch.Tensor, float]:
         all_reduce_gradients(dense, t.pm["dense_grad"].get_group())
         all_reduce_gradients(experts, t.pm["expert_grad"].get_group())
     return loss, data_time
-
-
-def context_parallel_slice(t: Trainer, tokens: torch.Tensor) -> torch.Tensor:
-    """This cp rank's zigzag part of the sequence: [b, S] -> [b, S/cp] (chunks r and 2cp-1-r)."""
-    if t.pm.size("cp") == 1:
-        return tokens
-    return zigzag_shard(tokens, 1, t.pm.local_rank("cp"), t.pm.size("cp"))
 
 
 class TrainingDiverged(RuntimeError):
@@ -293,6 +297,8 @@ def train(cfg: TrainConfig) -> Trainer:
         try:
             while t.step < cfg.steps:
                 metrics = train_step(t)
+                if cfg.eval_every and (t.step % cfg.eval_every == 0 or t.step == cfg.steps):
+                    metrics.update(evaluate(t, t.eval_batches))
                 t.history.append(metrics)
                 logger.log(t.step, {k: v for k, v in metrics.items() if k != "step"})
                 if checkpointing.should_save(t):

@@ -69,6 +69,8 @@ RANGES = (
     ("dist_timeout_s", lambda v: v >= 1, ">= 1"),
     ("checkpoint_every", lambda v: v >= 0, ">= 0 (0: never save)"),
     ("keep_checkpoints", lambda v: v >= 0, ">= 0 (0: keep all)"),
+    ("eval_every", lambda v: v >= 0, ">= 0 (0: never evaluate)"),
+    ("eval_batches", lambda v: v >= 1, ">= 1"),
 )
 
 
@@ -98,6 +100,10 @@ def _check_files(cfg: TrainConfig, model_config) -> None:
     if cfg.dataset != "synthetic":
         _check_vocab_fits_model(cfg.tokenizer, vocab, model_config)
         check_local_dataset(cfg.dataset)
+    if cfg.eval_dataset:
+        check_local_dataset(cfg.eval_dataset)
+    if cfg.eval_every and cfg.streaming and not cfg.eval_dataset:
+        raise ValueError("--eval-every with --streaming data: a stream has no held-out split; pass --eval-dataset")
     _check_output_dir(Path(cfg.output_dir))
 
 
