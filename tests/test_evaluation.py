@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ import torch
 from parity import BASE, full
 from rank_harness import run_on_ranks
 
+ROOT = Path(__file__).resolve().parents[1]
 EVAL = {**BASE, "dataset": "default", "eval_every": 1, "eval_batches": 2}
 
 
@@ -95,3 +97,25 @@ def test_cli_logs_eval_loss_every_k_steps_and_at_the_end(tmp_path):
     assert [("eval_loss" in r) for r in rows] == [False, True, True]
     assert rows[1]["eval_perplexity"] == pytest.approx(2.718281828 ** rows[1]["eval_loss"], rel=1e-9)
     assert "eval_loss" in proc.stdout
+
+
+def test_evaluate_tool_reproduces_the_logged_eval_loss(tmp_path):
+    """tools/evaluate.py on the checkpoint (1 process and tp=2) and on its HF export gives the eval
+    loss the run logged at that step."""
+    def run(*cmd):
+        proc = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, timeout=240, cwd=ROOT)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    small = ["--global-batch-size", "4", "--seq-len", "32", "--eval-batches", "2"]
+    run("-m", "train", *small, "--steps", "2", "--eval-every", "2", "--checkpoint-every", "2",
+        "--output-dir", str(tmp_path / "run"))
+    logged = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])["eval_loss"]
+    checkpoints = str(tmp_path / "run" / "checkpoints")
+    run("tools/hf_convert.py", "export", checkpoints, str(tmp_path / "hf"))
+    run("tools/evaluate.py", checkpoints, "--json", str(tmp_path / "one.json"))
+    run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "tools/evaluate.py", checkpoints,
+        "--mesh", "tp=2", "--json", str(tmp_path / "tp.json"))
+    run("tools/evaluate.py", str(tmp_path / "hf"), *small, "--json", str(tmp_path / "hf.json"))
+    for name in ("one", "tp", "hf"):
+        result = json.loads((tmp_path / f"{name}.json").read_text())
+        assert result["eval_loss"] == pytest.approx(logged, rel=1e-5), name
