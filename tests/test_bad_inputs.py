@@ -72,10 +72,25 @@ def files(tmp_path):
     (["--steps", "ten"], "argument --steps: invalid int value: 'ten'"),
     (["--dtype", "fp16"], "argument --dtype: invalid choice: 'fp16'"),
     (["--pp-schedule", "1F1B"], "argument --pp-schedule: invalid choice: '1F1B'"),
+    (["--profile-steps", "3-2"], "--profile-steps '3-2': need 1 <= A <= B"),
+    (["--profile-steps", "two"], "--profile-steps 'two': expected A-B (e.g. 3-5) or one step number"),
+    (["--profile-steps", "2-9"], "--profile-steps 2-9: the run ends at --steps 2"),
+    (["--memory-snapshot"], "--memory-snapshot records the --profile-steps window"),
+    (["--memory-snapshot", "--profile-steps", "1"], "--memory-snapshot needs CUDA"),
+    (["--eval-every", "-1"], "--eval-every -1: must be >= 0"),
+    (["--eval-batches", "0"], "--eval-batches 0: must be >= 1"),
+    (["--eval-dataset", "{d}/missing.jsonl"], "--dataset '{d}/missing.jsonl' looks like a local path"),
+    (["--eval-every", "1", "--streaming", "--dataset", "default"], "--eval-every with --streaming data"),
 ])
 def test_bad_input_is_one_line(files, capsys, flags, message):
     argv = [*FAST, "--output-dir", str(files / "out"), *(f.format(d=files) for f in flags)]
     assert message.format(d=files) in error_of(argv, capsys)
+
+
+def test_tensorboard_without_its_package_is_one_line(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr("train.validation.importlib.util.find_spec", lambda name: None)
+    assert "--tensorboard needs the tensorboard package: pip install 'meshtron[tensorboard]'" in error_of(
+        [*FAST, "--tensorboard", "--output-dir", str(tmp_path)], capsys)
 
 
 def test_help_lists_every_option_once_with_its_default(capsys):

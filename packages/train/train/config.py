@@ -58,6 +58,10 @@ class TrainConfig:
     eval_batches: int = option(4, "global batches in the evaluation set")
     eval_dataset: str = option("", "evaluate on this dataset (same forms as --dataset) instead of the held-out "
                                     "1% of the training data")
+    # profiling
+    profile_steps: str = option("", "write a torch.profiler trace per rank of steps A-B (e.g. 3-5) under "
+                                     "<output-dir>/profile/")
+    memory_snapshot: bool = option(False, "with --profile-steps on CUDA: also a CUDA memory snapshot of those steps")
     # data
     dataset: str = option("default", "default (bundled corpus), synthetic, a local .txt/.jsonl/.json/.parquet "
                                      "file or folder, or a Hugging Face hub name")
@@ -70,6 +74,8 @@ class TrainConfig:
     # tracking
     wandb: bool = option(False, "log to Weights & Biases (offline unless WANDB_API_KEY is set)")
     wandb_project: str = option("meshtron", "W&B project name")
+    tensorboard: bool = option(False, "also write the metrics as TensorBoard scalars under <output-dir>/tensorboard "
+                                      "(needs the tensorboard package)")
     # checkpoints
     checkpoint_every: int = option(0, "save every N steps and at the end (0: never)")
     keep_checkpoints: int = option(3, "keep the newest N checkpoints (0: keep all)")
@@ -120,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "parallel mesh (python -m train, or torchrun -m train --mesh ...).")
     parser.add_argument("--config", type=Path, help="a TOML file with any of the options below (flags win)")
     for f in fields(TrainConfig):
-        help_text = f"{f.metadata['help']} (default: {f.default!r})"
+        help_text = f"{f.metadata['help']} (default: {f.default!r})".replace("%", "%%")  # argparse formats with %
         choices = registered.get(f.name, f.metadata["choices"])
         if field_type(f) is bool:
             parser.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=None,

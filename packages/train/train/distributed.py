@@ -26,11 +26,15 @@ def check_device(choice: str) -> None:
         raise ValueError("--device cuda but no CUDA device is visible: use --device cpu (or auto)")
 
 
+def device_type(choice: str) -> str:
+    """``"cuda"`` or ``"cpu"``: what ``--device choice`` runs on here."""
+    check_device(choice)
+    return "cuda" if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()) else "cpu"
+
+
 def resolve_device(choice: str) -> torch.device:
     """``auto`` -> this rank's GPU if CUDA is available, else the CPU."""
-    check_device(choice)
-    use_cuda = choice == "cuda" or (choice == "auto" and torch.cuda.is_available())
-    if use_cuda:
+    if device_type(choice) == "cuda":
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)

@@ -48,6 +48,7 @@ from .data import build_batches
 from .evaluation import build_eval_batches, evaluate
 from .flops import peak_flops, transformer_flops_per_token
 from .optim import build_optimizer, build_scheduler
+from .profiling import StepProfiler
 from .tracking import MetricsLogger
 from .distributed import init_distributed, resolve_device, world_size_from_env
 from .pipelined import ModelParts, Pipeline, build_pipeline, pipeline_forward_backward
@@ -292,11 +293,15 @@ def train(cfg: TrainConfig) -> Trainer:
         print(f"resumed from {resume_from} at step {t.step}", flush=True)
     logger = MetricsLogger(Path(cfg.output_dir), cfg.to_dict(), is_logging_rank=dist.get_rank() == 0,
                            wandb=cfg.wandb, wandb_project=cfg.wandb_project,
-                           wandb_run_id=meta.get("wandb_run_id"), total_steps=cfg.steps)
+                           wandb_run_id=meta.get("wandb_run_id"), total_steps=cfg.steps,
+                           tensorboard=cfg.tensorboard, first_step=t.step + 1)
+    profiler = StepProfiler(cfg.profile_steps, cfg.memory_snapshot, Path(cfg.output_dir), dist.get_rank(), t.device)
     with logger:
         try:
             while t.step < cfg.steps:
+                profiler.before_step(t.step + 1)
                 metrics = train_step(t)
+                profiler.after_step(t.step)
                 if cfg.eval_every and (t.step % cfg.eval_every == 0 or t.step == cfg.steps):
                     metrics.update(evaluate(t, t.eval_batches))
                 t.history.append(metrics)

@@ -1,8 +1,9 @@
-"""Experiment tracking: one JSON line per step, one readable console line, and Weights & Biases.
+"""Experiment tracking: one JSON line per step, one readable console line, Weights & Biases, TensorBoard.
 
 Only the logging rank (usually global rank 0) writes anything. W&B is optional and can never
 stop training: if it cannot be imported, started or written to, the logger warns once and
-keeps writing ``metrics.jsonl``.
+keeps writing ``metrics.jsonl``. TensorBoard (``tensorboard=True``) gets the same scalars
+under ``output_dir/tensorboard``; a resumed run continues the same event stream.
 
 Metric names the console line knows how to format (others are printed as ``name value``):
 ``loss``, ``grad_norm``, ``lr``, ``tokens_per_sec``, ``mfu`` (a fraction), ``mem_peak_mib``.
@@ -40,11 +41,13 @@ class MetricsLogger:
     """
 
     def __init__(self, output_dir: Path, config: dict, is_logging_rank: bool, wandb: bool = False,
-                 wandb_project: str = "meshtron", wandb_run_id: str | None = None, total_steps: int | None = None):
+                 wandb_project: str = "meshtron", wandb_run_id: str | None = None, total_steps: int | None = None,
+                 tensorboard: bool = False, first_step: int = 1):
         self.output_dir, self.is_logging_rank, self.total_steps = Path(output_dir), is_logging_rank, total_steps
         self._run_id = wandb_run_id
         self._run = None  # the wandb Run, while it works
         self._file = None
+        self._tensorboard = None
         self._first: tuple[int, float] | None = None  # (step, time) of the first log: the ETA's origin
         if not is_logging_rank:
             return
@@ -53,6 +56,12 @@ class MetricsLogger:
         self._file = open(self.output_dir / "metrics.jsonl", "a", encoding="utf-8")
         if wandb:
             self._guard("start", self._start_wandb, config, wandb_project)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step: a resumed run drops what the stopped one logged after its checkpoint,
+            # so the event stream reads as one run, like metrics.jsonl's "last record wins".
+            self._tensorboard = SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=first_step)
 
     @property
     def run_id(self) -> str | None:
@@ -71,6 +80,10 @@ class MetricsLogger:
         print(self.console_line(step, values, now), flush=True)
         if self._run is not None:
             self._guard("log", self._run.log, values, step=step)
+        if self._tensorboard is not None:
+            for name, value in values.items():
+                if _is_number(value):
+                    self._tensorboard.add_scalar(name, value, step)
 
     def console_line(self, step: int, values: dict[str, Any], now: float) -> str:
         """``step 120/1000 | loss 2.3140 | ... | eta 5m12s``; the ETA extrapolates the rate since the first log."""
@@ -91,6 +104,9 @@ class MetricsLogger:
         if self._file is not None:
             self._file.close()
             self._file = None
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
         if self._run is not None:
             run, self._run_id = self._run, self._run.id
             self._run = None

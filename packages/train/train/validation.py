@@ -9,6 +9,7 @@ message names the option, the value and the fix; ``python -m train`` prints it a
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import tempfile
 from dataclasses import dataclass
@@ -25,7 +26,8 @@ from models.registry import get_config, parse_model_args
 
 from .config import DTYPES, TrainConfig
 from .data_sources import check_local_dataset
-from .distributed import check_device
+from .distributed import device_type
+from .profiling import check_profiling
 from .tokenizer import load_tokenizer
 
 
@@ -89,7 +91,7 @@ def _check_choices(cfg: TrainConfig) -> None:
         raise ValueError(f"--dp-mode {cfg.dp_mode!r}: use one of {', '.join(DP_MODES)}")
     cp_attention(cfg.cp_method)  # a typo fails at once, also where cp = 1
     schedule_spec(cfg.pp_schedule)  # likewise where pp = 1
-    check_device(cfg.device)
+    check_profiling(cfg.profile_steps, cfg.memory_snapshot, device_type(cfg.device), cfg.steps)
 
 
 def _check_files(cfg: TrainConfig, model_config) -> None:
@@ -105,6 +107,9 @@ def _check_files(cfg: TrainConfig, model_config) -> None:
     if cfg.eval_every and cfg.streaming and not cfg.eval_dataset:
         raise ValueError("--eval-every with --streaming data: a stream has no held-out split; pass --eval-dataset")
     _check_output_dir(Path(cfg.output_dir))
+    if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ValueError("--tensorboard needs the tensorboard package: pip install 'meshtron[tensorboard]' "
+                         "(or pip install tensorboard)")
 
 
 def _check_output_dir(path: Path) -> None:
