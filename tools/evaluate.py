@@ -85,7 +85,7 @@ def parse_args(argv: list[str] | None) -> tuple[Path, dict, Path | None]:
     types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
     for name in DATA_OPTIONS:
         kind = {"int": int, "str": str}[types[name] if isinstance(types[name], str) else types[name].__name__]
-        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, help=f"as for python -m train")
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, help="as for python -m train")
     args = parser.parse_args(argv)
     options = {name: getattr(args, name) for name in DATA_OPTIONS if getattr(args, name) is not None}
     return args.path, options, args.json
