@@ -129,8 +129,11 @@ def test_bfloat16_expert_parallel_tracks_float32(mesh, world):
     gradient mesh (dp x cp) has one rank: they are still an FSDP unit there, so FSDP's mixed
     precision casts them like the rest of the block (they once stayed fp32 and met bf16 inputs).
 
-    Gradients within 10%: bf16 rounding flips some near-tie routing choices, which moves those
-    tokens' gradients to other experts (measured: 3-6% in the routed experts of layers 1-3,
-    under 1.2% elsewhere; another seed is off by more than 100%)."""
+    MoE in bf16 is noisier than dense: rounding flips near-tie routing choices, which moves those
+    tokens' gradients to other experts and lets the loss curve wander. Measured on these meshes:
+    first-step gradients 11-13% off in the routers and routed experts, up to 4.6% in the norms
+    that feed them, up to 1.5% elsewhere; losses up to 5.5% of fp32's loss drop over 8 steps at
+    lr 1e-2. Hence 25% and 10%: a run that does not learn is ~100% off in the losses, another
+    seed's gradients more than 100%."""
     bf16 = on_mesh(mesh, world, dtype="bfloat16", **LEARNING)
-    assert_tracks_float32(bf16, single_process(**LEARNING), grad_rtol=0.1)
+    assert_tracks_float32(bf16, single_process(**LEARNING), grad_rtol=0.25, loss_share_of_drop=0.1)
