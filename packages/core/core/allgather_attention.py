@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .attention_kernels import (
-    AttentionSetup, merge_block, merge_dtype, prepare_attention, seq_rows,
+    AttentionSetup, block_backward, block_forward, merge_block, merge_dtype, prepare_attention, seq_rows,
 )
 from .attention_stats import AttentionStats, count_work, maybe_timed
 from .zigzag import zigzag_chunk_ids
@@ -107,12 +107,20 @@ def _local_chunks(rank: int, size: int, chunk: int) -> list[tuple[slice, int]]:
     return [(slice(i * chunk, (i + 1) * chunk), chunk_id) for i, chunk_id in enumerate(zigzag_chunk_ids(rank, size))]
 
 
+def _block_ids(setup: AttentionSetup, chunk_id: int, chunk: int, keys: slice) -> tuple[Tensor, Tensor] | None:
+    """Document ids of global chunk ``chunk_id``'s queries and of the keys at global rows ``keys``, or None."""
+    if setup.document_ids is None:
+        return None
+    ids = setup.document_ids
+    return ids[:, chunk_id * chunk:(chunk_id + 1) * chunk], ids[:, keys]
+
+
 class _AllGatherAttention(torch.autograd.Function):
     """Causal attention of local zigzag queries over all-gathered K/V."""
 
     @staticmethod
     def forward(ctx, q, k, v, setup: AttentionSetup):
-        group, scale, kernel, stats = setup.group, setup.scale, setup.kernel, setup.stats
+        group, stats = setup.group, setup.stats
         size, rank = dist.get_world_size(group), dist.get_rank(group)
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         chunk = q.size(2) // 2
@@ -121,8 +129,10 @@ class _AllGatherAttention(torch.autograd.Function):
         out = torch.empty(q.shape, dtype=acc, device=q.device)
         lse = torch.empty(q.shape[:3], dtype=acc, device=q.device)
         with maybe_timed(stats, "compute_s", q.device):  # overlaps the all-gather
-            for rows, _ in _local_chunks(rank, size, chunk):
-                block_out, block_lse = kernel.forward(seq_rows(q, rows), seq_rows(k, rows), seq_rows(v, rows), True, scale)
+            for rows, chunk_id in _local_chunks(rank, size, chunk):
+                diagonal = slice(chunk_id * chunk, (chunk_id + 1) * chunk)
+                block_out, block_lse = block_forward(setup, seq_rows(q, rows), seq_rows(k, rows), seq_rows(v, rows),
+                                                     True, _block_ids(setup, chunk_id, chunk, diagonal))
                 seq_rows(out, rows).copy_(block_out)
                 seq_rows(lse, rows).copy_(block_lse)
                 count_work(stats, chunk, chunk)
@@ -132,8 +142,8 @@ class _AllGatherAttention(torch.autograd.Function):
                 if chunk_id == 0:
                     continue  # the first chunk of the sequence has no past
                 past = slice(0, chunk_id * chunk)
-                block_out, block_lse = kernel.forward(seq_rows(q, rows), seq_rows(k_all, past), seq_rows(v_all, past),
-                                                      False, scale)
+                block_out, block_lse = block_forward(setup, seq_rows(q, rows), seq_rows(k_all, past),
+                                                     seq_rows(v_all, past), False, _block_ids(setup, chunk_id, chunk, past))
                 merge_block(seq_rows(out, rows), seq_rows(lse, rows), block_out, block_lse)
                 count_work(stats, chunk, chunk_id * chunk)
         out = out.to(q.dtype)
@@ -144,7 +154,7 @@ class _AllGatherAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        group, scale, kernel, stats = ctx.setup.group, ctx.setup.scale, ctx.setup.kernel, ctx.setup.stats
+        group, stats = ctx.setup.group, ctx.setup.stats
         size, rank = dist.get_world_size(group), dist.get_rank(group)
         acc, chunk = merge_dtype(q.dtype), q.size(2) // 2
         dout = dout.contiguous()
@@ -153,10 +163,12 @@ class _AllGatherAttention(torch.autograd.Function):
         # every rank's share of every rank's dK/dV, laid out for the reduce-scatter
         dkv_by_rank = torch.zeros((size, 2, *k.shape), dtype=acc, device=k.device)
         with maybe_timed(stats, "compute_s", q.device):  # diagonal blocks overlap the all-gather
-            for rows, _ in _local_chunks(rank, size, chunk):
-                dq_blk, dk_blk, dv_blk = kernel.backward(seq_rows(dout, rows), seq_rows(q, rows), seq_rows(k, rows),
-                                                         seq_rows(v, rows), seq_rows(out, rows), seq_rows(lse, rows),
-                                                         True, scale)
+            for rows, chunk_id in _local_chunks(rank, size, chunk):
+                diagonal = slice(chunk_id * chunk, (chunk_id + 1) * chunk)
+                dq_blk, dk_blk, dv_blk = block_backward(ctx.setup, seq_rows(dout, rows), seq_rows(q, rows),
+                                                        seq_rows(k, rows), seq_rows(v, rows), seq_rows(out, rows),
+                                                        seq_rows(lse, rows), True,
+                                                        _block_ids(ctx.setup, chunk_id, chunk, diagonal))
                 seq_rows(dq, rows).copy_(dq_blk)
                 seq_rows(dkv_by_rank[rank, 0], rows).add_(dk_blk)
                 seq_rows(dkv_by_rank[rank, 1], rows).add_(dv_blk)
@@ -167,9 +179,10 @@ class _AllGatherAttention(torch.autograd.Function):
                 if chunk_id == 0:
                     continue
                 past = slice(0, chunk_id * chunk)
-                dq_blk, dk_blk, dv_blk = kernel.backward(seq_rows(dout, rows), seq_rows(q, rows), seq_rows(k_all, past),
-                                                         seq_rows(v_all, past), seq_rows(out, rows), seq_rows(lse, rows),
-                                                         False, scale)
+                dq_blk, dk_blk, dv_blk = block_backward(ctx.setup, seq_rows(dout, rows), seq_rows(q, rows),
+                                                        seq_rows(k_all, past), seq_rows(v_all, past),
+                                                        seq_rows(out, rows), seq_rows(lse, rows), False,
+                                                        _block_ids(ctx.setup, chunk_id, chunk, past))
                 seq_rows(dq, rows).add_(dq_blk)
                 _add_past_grads(dkv_by_rank, dk_blk, dv_blk, chunk_id, chunk)
                 count_work(stats, chunk, chunk_id * chunk)
@@ -179,7 +192,8 @@ class _AllGatherAttention(torch.autograd.Function):
 
 
 def allgather_attention(q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup | None,
-                        scale: float | None = None, stats: AttentionStats | None = None) -> Tensor:
+                        scale: float | None = None, stats: AttentionStats | None = None,
+                        document_ids: Tensor | None = None) -> Tensor:
     """Causal attention over the global sequence from zigzag parts, by all-gathering K/V.
 
     Same contract as :func:`core.ring_attention.ring_attention`: q ``[b, h, s_local, d]``,
@@ -187,6 +201,7 @@ def allgather_attention(q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGrou
     in q's dtype, merged in fp32 (fp64 for fp64).
 
     Collectives: forward one all-gather of K/V; backward one more, then one
-    reduce-scatter (sum) of dK/dV in fp32. None for a group of one rank.
+    reduce-scatter (sum) of dK/dV in fp32. None for a group of one rank. ``document_ids`` as
+    for ring attention.
     """
-    return _AllGatherAttention.apply(q, k, v, prepare_attention(q, k, v, group, scale, stats))
+    return _AllGatherAttention.apply(q, k, v, prepare_attention(q, k, v, group, scale, stats, document_ids))

@@ -34,9 +34,11 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from .documents import document_bias
+
 __all__ = [
     "BlockKernel", "AttentionSetup", "prepare_attention", "select_block_kernel", "merge_dtype", "merge_block",
-    "seq_rows", "check_attention_inputs",
+    "block_forward", "block_backward", "seq_rows", "check_attention_inputs",
 ]
 
 aten = torch.ops.aten
@@ -50,25 +52,28 @@ _EFFICIENT_LSE_ALIGN = 32
 class BlockKernel:
     """One device's fused attention block: ``forward`` -> (out, lse); ``backward`` -> (dq, dk, dv).
 
-    ``forward(q, k, v, causal, scale)``; ``backward(dout, q, k, v, out, lse, causal, scale)``.
+    ``forward(q, k, v, causal, scale, bias)``; ``backward(dout, q, k, v, out, lse, causal, scale, bias)``.
     ``causal`` is only used on square blocks (top-left and bottom-right alignment agree there).
-    Outputs are in q's dtype except lse, which is in the merge dtype.
+    ``bias`` (document masking, ``core.documents``): an additive ``[b, 1, s_q, s_k]`` bias in
+    q's dtype, or None; only kernels with ``takes_bias`` accept one. Outputs are in q's dtype
+    except lse, which is in the merge dtype.
     """
 
     name: str
     forward: Callable[..., tuple[Tensor, Tensor]]
     backward: Callable[..., tuple[Tensor, Tensor, Tensor]]
+    takes_bias: bool = False
 
 
 # --------------------------------------------------------------------------- CPU flash
 
-def _cpu_flash_forward(q, k, v, causal, scale):
-    return aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+def _cpu_flash_forward(q, k, v, causal, scale, bias=None):
+    return aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=bias, scale=scale)
 
 
-def _cpu_flash_backward(dout, q, k, v, out, lse, causal, scale):
+def _cpu_flash_backward(dout, q, k, v, out, lse, causal, scale, bias=None):
     return aten._scaled_dot_product_flash_attention_for_cpu_backward(dout, q, k, v, out, lse, 0.0, causal,
-                                                                     scale=scale)
+                                                                     attn_mask=bias, scale=scale)
 
 
 # --------------------------------------------------------------------------- CUDA flash (FlashAttention-2)
@@ -160,14 +165,14 @@ def _cuda_efficient_backward(dout, q, k, v, out, lse, causal, scale):
     return dq.reshape(q.shape), dk.sum(1).reshape(k.shape), dv.sum(1).reshape(v.shape)
 
 
-CPU_FLASH = BlockKernel("cpu-flash", _cpu_flash_forward, _cpu_flash_backward)
+CPU_FLASH = BlockKernel("cpu-flash", _cpu_flash_forward, _cpu_flash_backward, takes_bias=True)
 CUDA_FLASH = BlockKernel("cuda-flash", _cuda_flash_forward, _cuda_flash_backward)
 CUDA_CUDNN = BlockKernel("cuda-cudnn", _cuda_cudnn_forward, _cuda_cudnn_backward)
 CUDA_EFFICIENT = BlockKernel("cuda-efficient", _in_fp32(_cuda_efficient_forward), _in_fp32(_cuda_efficient_backward))
 
 
-def select_block_kernel(device: torch.device, dtype: torch.dtype, head_dim: int) -> BlockKernel:
-    """The fused kernel for this device and dtype; ValueError where none applies.
+def select_block_kernel(device: torch.device, dtype: torch.dtype, head_dim: int, bias: bool = False) -> BlockKernel:
+    """The fused kernel for this device and dtype (and a ``bias``: document masking); ValueError where none applies.
 
     CUDA in half precision takes cuDNN attention on Hopper (sm90+, head_dim a multiple of
     8 up to 128: on an H100 it ran causal fwd+bwd ~1.7x faster than FlashAttention-2, and
@@ -176,6 +181,9 @@ def select_block_kernel(device: torch.device, dtype: torch.dtype, head_dim: int)
     """
     if device.type == "cpu":
         return CPU_FLASH
+    if bias:
+        raise ValueError("document masking runs on the CPU flash kernel in this version; the CUDA block kernels "
+                         "here take no attention bias yet: train without --document-masking on CUDA")
     if device.type == "cuda":
         half = dtype in (torch.float16, torch.bfloat16)
         capability = torch.cuda.get_device_capability(device)
@@ -219,6 +227,29 @@ def merge_block(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tensor) 
     lse.copy_(new_lse)
 
 
+# --------------------------------------------------------------------------- one block, maybe masked
+
+def block_forward(setup: "AttentionSetup", q: Tensor, k: Tensor, v: Tensor, causal: bool,
+                  ids: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """(out, lse) of one block. ``ids``: the document ids ``([b, s_q], [b, s_k])`` of its queries
+    and keys, for document masking (``core.documents``); a query with no key of its document
+    in the block gets lse = -inf, so ``merge_block`` gives it no weight (the kernel says 0)."""
+    if ids is None:
+        return setup.kernel.forward(q, k, v, causal, setup.scale)
+    bias, empty = document_bias(*ids, causal, q.dtype)
+    out, lse = setup.kernel.forward(q, k, v, False, setup.scale, bias)
+    return out, lse.masked_fill(empty, float("-inf"))
+
+
+def block_backward(setup: "AttentionSetup", dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+                   lse: Tensor, causal: bool, ids: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) of one block, given the final out and lse; ``ids`` as in ``block_forward``."""
+    if ids is None:
+        return setup.kernel.backward(dout, q, k, v, out, lse, causal, setup.scale)
+    bias, _ = document_bias(*ids, causal, q.dtype)
+    return setup.kernel.backward(dout, q, k, v, out, lse, False, setup.scale, bias)
+
+
 # --------------------------------------------------------------------------- entry
 
 @dataclass(frozen=True)
@@ -229,16 +260,21 @@ class AttentionSetup:
     scale: float
     kernel: BlockKernel
     stats: Any                # core.attention_stats.AttentionStats or None
+    document_ids: Tensor | None = None  # [b, S] of the whole sequence: document masking (core.documents)
 
 
-def prepare_attention(q: Tensor, k: Tensor, v: Tensor, group, scale: float | None, stats) -> AttentionSetup:
+def prepare_attention(q: Tensor, k: Tensor, v: Tensor, group, scale: float | None, stats,
+                      document_ids: Tensor | None = None) -> AttentionSetup:
     """Check shapes (before any communication), default the scale to head_dim**-0.5, pick the kernel."""
     check_attention_inputs(q, k, v)
     if q.size(2) % 2:
         raise ValueError(f"local sequence length {q.size(2)} is odd: a zigzag part is two equal chunks "
                          f"(the global length must be divisible by 2*cp)")
+    if document_ids is not None and (document_ids.dim() != 2 or document_ids.size(0) != q.size(0)):
+        raise ValueError(f"document_ids must be [batch, global_seq], got shape {tuple(document_ids.shape)}")
     scale = 1.0 / math.sqrt(q.size(-1)) if scale is None else scale
-    return AttentionSetup(group, scale, select_block_kernel(q.device, q.dtype, q.size(-1)), stats)
+    kernel = select_block_kernel(q.device, q.dtype, q.size(-1), bias=document_ids is not None)
+    return AttentionSetup(group, scale, kernel, stats, document_ids)
 
 
 def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:

@@ -35,9 +35,10 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .attention_kernels import (
-    AttentionSetup, merge_block, merge_dtype, prepare_attention, seq_rows,
+    AttentionSetup, block_backward, block_forward, merge_block, merge_dtype, prepare_attention, seq_rows,
 )
 from .attention_stats import AttentionStats, count_work, maybe_timed
+from .zigzag import zigzag_shard
 
 __all__ = ["ring_attention"]
 
@@ -86,12 +87,26 @@ def _block_plan(step: int, rank: int, size: int, chunk: int) -> tuple[slice, sli
     return slice(chunk, None), slice(None), False
 
 
+def _block_ids(setup: AttentionSetup, step: int, rank: int, size: int, q_rows: slice,
+               kv_rows: slice) -> tuple[Tensor, Tensor] | None:
+    """Document ids of a step's queries and keys (document masking), or None.
+
+    The keys at step ``i`` are rank ``(rank - i) mod size``'s zigzag part; every rank has the
+    whole sequence's ids, so none travel with the K/V.
+    """
+    if setup.document_ids is None:
+        return None
+    src = (rank - step) % size
+    q_ids = zigzag_shard(setup.document_ids, 1, rank, size)[:, q_rows]
+    return q_ids, zigzag_shard(setup.document_ids, 1, src, size)[:, kv_rows]
+
+
 class _RingAttention(torch.autograd.Function):
     """Causal ring attention over zigzag shards. Forward and backward both walk the ring."""
 
     @staticmethod
     def forward(ctx, q, k, v, setup: AttentionSetup):
-        group, scale, kernel, stats = setup.group, setup.scale, setup.kernel, setup.stats
+        group, stats = setup.group, setup.stats
         size, rank = dist.get_world_size(group), dist.get_rank(group)
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         chunk = q.size(2) // 2
@@ -102,7 +117,8 @@ class _RingAttention(torch.autograd.Function):
             q_rows, kv_rows, causal = _block_plan(step, rank, size, chunk)
             with maybe_timed(stats, "compute_s", q.device):
                 k_blk, v_blk = seq_rows(kv[0], kv_rows), seq_rows(kv[1], kv_rows)
-                block_out, block_lse = kernel.forward(seq_rows(q, q_rows), k_blk, v_blk, causal, scale)
+                block_out, block_lse = block_forward(setup, seq_rows(q, q_rows), k_blk, v_blk, causal,
+                                                     _block_ids(setup, step, rank, size, q_rows, kv_rows))
                 count_work(stats, seq_rows(q, q_rows).size(2), k_blk.size(2))
                 if step == 0:  # the causal local block covers every query: it becomes the accumulator
                     out, lse = block_out.to(merge_dtype(q.dtype)), block_lse.to(merge_dtype(q.dtype))
@@ -118,7 +134,7 @@ class _RingAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        group, scale, kernel, stats = ctx.setup.group, ctx.setup.scale, ctx.setup.kernel, ctx.setup.stats
+        group, stats = ctx.setup.group, ctx.setup.stats
         size, rank = dist.get_world_size(group), dist.get_rank(group)
         acc = merge_dtype(q.dtype)
         chunk = q.size(2) // 2
@@ -129,9 +145,10 @@ class _RingAttention(torch.autograd.Function):
             q_rows, kv_rows, causal = _block_plan(step, rank, size, chunk)
             with maybe_timed(stats, "compute_s", q.device):
                 k_blk, v_blk = seq_rows(kv[0], kv_rows), seq_rows(kv[1], kv_rows)
-                dq_blk, dk_blk, dv_blk = kernel.backward(
-                    seq_rows(dout, q_rows), seq_rows(q, q_rows), k_blk, v_blk,
-                    seq_rows(out, q_rows), seq_rows(lse, q_rows), causal, scale)
+                dq_blk, dk_blk, dv_blk = block_backward(
+                    ctx.setup, seq_rows(dout, q_rows), seq_rows(q, q_rows), k_blk, v_blk,
+                    seq_rows(out, q_rows), seq_rows(lse, q_rows), causal,
+                    _block_ids(ctx.setup, step, rank, size, q_rows, kv_rows))
                 count_work(stats, seq_rows(q, q_rows).size(2), k_blk.size(2))
             # The dK/dV accumulators of the block we hold arrive from rank-1 (which added its
             # share one step earlier); add ours and pass them on, one hop behind their K/V.
@@ -152,7 +169,8 @@ class _RingAttention(torch.autograd.Function):
 
 
 def ring_attention(q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup | None,
-                   scale: float | None = None, stats: AttentionStats | None = None) -> Tensor:
+                   scale: float | None = None, stats: AttentionStats | None = None,
+                   document_ids: Tensor | None = None) -> Tensor:
     """Causal attention over the global sequence; each rank of ``group`` holds its zigzag part.
 
     Shapes (local): q ``[batch, n_heads, s_local, head_dim]``, k and v
@@ -169,5 +187,8 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup | N
     Collectives: forward issues ``cp - 1`` ring hops, backward ``cp - 1`` K/V hops plus
     ``cp`` dK/dV hops; each hop is one ``dist.batch_isend_irecv`` (isend to group rank+1,
     irecv from rank-1). All ranks of ``group`` must call this with equal shapes and dtypes.
+
+    ``document_ids`` ``[batch, global_seq]`` (the whole sequence's, on every rank) turns on
+    document masking: queries attend only within their document (``core.documents``).
     """
-    return _RingAttention.apply(q, k, v, prepare_attention(q, k, v, group, scale, stats))
+    return _RingAttention.apply(q, k, v, prepare_attention(q, k, v, group, scale, stats, document_ids))

@@ -1,0 +1,86 @@
+"""Document masking: ids and positions from EOS, masked ring and all-gather attention against a
+masked full-sequence reference, and the model: tokens attend across documents without it and
+not with it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from core.context_parallel import CP_METHODS
+from core.documents import document_ids, document_positions
+from core.zigzag import zigzag_shard, zigzag_unshard
+from rank_harness import run_on_ranks
+
+EOS = 9
+
+
+def test_ids_and_positions_restart_after_each_eos():
+    tokens = torch.tensor([[1, 2, EOS, 3, 4, 5, EOS, 6], [EOS, EOS, 1, 1, 1, 1, 1, 1]])
+    ids = document_ids(tokens, EOS)
+    assert ids.tolist() == [[0, 0, 0, 1, 1, 1, 1, 2], [0, 1, 2, 2, 2, 2, 2, 2]]
+    assert document_positions(ids).tolist() == [[0, 1, 2, 0, 1, 2, 3, 0], [0, 0, 0, 1, 2, 3, 4, 5]]
+
+
+# A sequence of 24 tokens (cp=2: chunks of 6, cp=3: chunks of 4) cut into documents whose
+# boundaries fall inside chunks, on chunk edges, and a one-token document.
+BOUNDARIES = [[3, 6, 7, 15], [11]]  # EOS positions per batch row
+CASE = (2, 4, 2, 24, 8)  # batch, heads, kv heads, sequence, head_dim
+
+
+def _inputs(dtype):
+    b, h, hkv, s, d = CASE
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(b, h, s, d), (b, hkv, s, d), (b, hkv, s, d), (b, h, s, d)]
+    tensors = [torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype) for shape in shapes]
+    tokens = torch.zeros(b, s, dtype=torch.long)
+    for row, ends in enumerate(BOUNDARIES):
+        tokens[row, ends] = EOS
+    return tensors, document_ids(tokens, EOS)
+
+
+def _reference(q, k, v, dout, ids):
+    """SDPA on the whole sequence in fp64 with the mask spelled out: same document and causal."""
+    q, k, v = (t.detach().double().requires_grad_() for t in (q, k, v))
+    group = q.size(1) // k.size(1)
+    allowed = (ids[:, None, :, None] == ids[:, None, None, :]) & torch.ones(ids.size(1), ids.size(1)).tril().bool()
+    out = F.scaled_dot_product_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1),
+                                         attn_mask=allowed)
+    out.backward(dout.double())
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+def _masked_attention_on_ranks():
+    """Every rank: each method at cp = world size and cp = 1, fp64 and fp32; local out and grads."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    single = [dist.new_group([r]) for r in range(world)][rank]
+    results = {}
+    for method, attention in CP_METHODS.items():
+        for cp, group in ((world, dist.group.WORLD), (1, single)):
+            for dtype in (torch.float64, torch.float32):
+                (q, k, v, dout), ids = _inputs(dtype)
+                me = dist.get_rank(group)
+                q, k, v, dout = (zigzag_shard(t, 2, me, cp) for t in (q, k, v, dout))
+                q, k, v = (t.requires_grad_() for t in (q, k, v))
+                out = attention(q, k, v, group, document_ids=ids)
+                out.backward(dout)
+                results[(method, cp, dtype)] = (out.detach(), q.grad, k.grad, v.grad)
+    return results
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_masked_context_parallel_attention_matches_the_masked_reference(world):
+    per_rank = run_on_ranks(_masked_attention_on_ranks, world, timeout=120)
+    tolerance = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=1e-5, rtol=1e-5)}
+    for method in CP_METHODS:
+        for cp in (world, 1):
+            for dtype in (torch.float64, torch.float32):
+                tensors, ids = _inputs(dtype)
+                expected = _reference(*tensors, ids)
+                parts = [r[(method, cp, dtype)] for r in per_rank] if cp > 1 else None
+                for j, name in enumerate(("out", "dq", "dk", "dv")):
+                    got = zigzag_unshard([p[j] for p in parts], 2) if parts else per_rank[0][(method, 1, dtype)][j]
+                    torch.testing.assert_close(got.double(), expected[j], **tolerance[dtype],
+                                               msg=lambda m: f"{method} cp={cp} {dtype} {name}: {m}")
