@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.documents import Documents, document_bias
+
 
 @dataclass(frozen=True)
 class LlamaConfig:
@@ -54,9 +56,18 @@ class LlamaConfig:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal SDPA. q: [b, h, s, d]; k, v: [b, h_kv, s, d] (GQA when h_kv < h). Returns [b, h, s, d]."""
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     document_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal SDPA. q: [b, h, s, d]; k, v: [b, h_kv, s, d] (GQA when h_kv < h). Returns [b, h, s, d].
+
+    ``document_ids`` [b, s] (document masking) also keeps each query inside its document,
+    with an additive [b, 1, s, s] bias.
+    """
+    gqa = k.shape[1] != q.shape[1]
+    if document_ids is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    bias, _ = document_bias(document_ids, document_ids, True, q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=gqa)
 
 
 def sequential_positions(seq_len: int, device: torch.device) -> torch.Tensor:
@@ -65,16 +76,17 @@ def sequential_positions(seq_len: int, device: torch.device) -> torch.Tensor:
 
 
 def rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotate ``x`` [b, s, h, d] by its positions [s] (the "rotate half" convention of HF Llama).
+    """Rotate ``x`` [b, s, h, d] by its positions, [s] or per row [b, s] (the "rotate half"
+    convention of HF Llama).
 
     Computed in float32 from the positions each call: cheap next to attention, and it leaves
     no buffer that meta-device initialization or pipeline splitting would have to rebuild.
     """
     d = x.shape[-1]
     inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)
-    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # [s, d/2]
-    cos = torch.cat([angles.cos(), angles.cos()], dim=-1)[None, :, None, :]
-    sin = torch.cat([angles.sin(), angles.sin()], dim=-1)[None, :, None, :]
+    angles = positions.to(torch.float32)[..., None] * inv_freq  # [(b,) s, d/2]
+    cos = torch.cat([angles.cos(), angles.cos()], dim=-1)[..., None, :]  # [(b,) s, 1, d]
+    sin = torch.cat([angles.sin(), angles.sin()], dim=-1)[..., None, :]
     x1, x2 = x.float().chunk(2, dim=-1)
     rotated_half = torch.cat([-x2, x1], dim=-1)
     return (x.float() * cos + rotated_half * sin).to(x.dtype)
@@ -106,15 +118,17 @@ class Attention(nn.Module):
         self.attention_fn: Callable[..., torch.Tensor] = causal_attention
         self.position_fn: Callable[[int, torch.device], torch.Tensor] = sequential_positions
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, documents: Documents | None = None) -> torch.Tensor:
+        """``documents`` (document masking): attend within documents, positions from each one's start."""
         b, s, _ = x.shape
         # "-1" heads: under tensor parallel the projections hold n_heads/tp heads.
         q = self.wq(x).view(b, s, -1, self.head_dim)
         k = self.wk(x).view(b, s, -1, self.head_dim)
         v = self.wv(x).view(b, s, -1, self.head_dim)
-        positions = self.position_fn(s, x.device)
+        positions = self.position_fn(s, x.device) if documents is None else documents.positions
         q, k = rotary(q, positions, self.rope_theta), rotary(k, positions, self.rope_theta)
-        out = self.attention_fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        extra = {} if documents is None else {"document_ids": documents.ids}
+        out = self.attention_fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), **extra)
         return self.wo(out.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -141,8 +155,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = feed_forward if feed_forward is not None else FeedForward(cfg.dim, cfg.ffn_dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x))
+    def forward(self, x: torch.Tensor, documents: Documents | None = None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), documents=documents)  # a kwarg: TP plans map positional inputs
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -161,9 +175,10 @@ class Transformer(nn.Module):
     def build_block(self, layer_index: int) -> TransformerBlock:
         return TransformerBlock(self.config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, documents: Documents | None = None) -> torch.Tensor:
+        """``documents``: document masking for packed sequences (``core.documents``); None: plain causal."""
         h = self.tok_embeddings(x) if self.tok_embeddings is not None else x
         for layer in self.layers.values():
-            h = layer(h)
+            h = layer(h, documents)
         h = self.norm(h) if self.norm is not None else h
         return self.output(h) if self.output is not None else h

@@ -66,6 +66,8 @@ class TrainConfig:
     dataset: str = option("default", "default (bundled corpus), synthetic, a local .txt/.jsonl/.json/.parquet "
                                      "file or folder, or a Hugging Face hub name")
     tokenizer: str = option("byte", "byte, or the path of a Hugging Face tokenizer.json (or its folder)")
+    document_masking: bool = option(False, "tokens attend only within their own document (EOS-separated) and "
+                                           "rotary positions restart at each document")
     streaming: bool = option(False, "stream the dataset instead of tokenizing it into a cache first")
     # runtime
     device: str = option("auto", "auto picks CUDA when a GPU is visible", DEVICES)

@@ -86,8 +86,10 @@ def evaluate(t, batches) -> dict[str, float]:
     loss_share = torch.zeros((), device=t.device)
     try:
         for inputs, labels in batches:
+            documents = t.documents_of(inputs)
             with loss_context(t.pm.size("tp") > 1), t.compute_context():
-                loss_share += _forward_loss_share(t, t.local_tokens(inputs), t.local_tokens(labels), tokens_per_batch)
+                loss_share += _forward_loss_share(t, t.local_tokens(inputs), t.local_tokens(labels), documents,
+                                                  tokens_per_batch)
     finally:
         for part in t.model_parts:
             part.train()
@@ -98,10 +100,11 @@ def evaluate(t, batches) -> dict[str, float]:
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700.0))}
 
 
-def _forward_loss_share(t, inputs: torch.Tensor, labels: torch.Tensor, tokens_per_batch: int) -> torch.Tensor:
+def _forward_loss_share(t, inputs: torch.Tensor, labels: torch.Tensor, documents, tokens_per_batch: int) -> torch.Tensor:
     """This rank's share of one batch's mean token loss; under pp, the last stage's (0 elsewhere)."""
     if t.pipeline is None:
-        return to_local_scalar(token_loss_sum(t.model(inputs), labels)).float() / tokens_per_batch
+        logits = t.model(inputs, documents=documents)
+        return to_local_scalar(token_loss_sum(logits, labels)).float() / tokens_per_batch
     pipe, losses = t.pipeline, []
     args = (inputs.contiguous(),) if pipe.has_first else ()
     pipe.schedule.eval(*args, target=labels if pipe.has_last else None, losses=losses)

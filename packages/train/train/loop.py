@@ -33,6 +33,7 @@ from torch.distributed.fsdp import FSDPModule
 
 from core.checkpoint import Checkpointer
 from core.data_parallel import all_reduce_gradients
+from core.documents import Documents, document_ids, document_positions
 from core.grad_norm import clip_grad_norm_
 from core.mesh import ParallelMesh, build_mesh
 from core.zigzag import zigzag_shard
@@ -44,7 +45,7 @@ from models.registry import build_model
 
 from . import checkpointing
 from .config import TrainConfig
-from .data import build_batches
+from .data import build_batches, load_tokenizer
 from .evaluation import build_eval_batches, evaluate
 from .flops import peak_flops, transformer_flops_per_token
 from .optim import build_optimizer, build_scheduler
@@ -74,6 +75,7 @@ class Trainer:
     checkpointer: Checkpointer = field(default_factory=Checkpointer)  # its groups and the async save in flight
     pipeline: Pipeline | None = None     # set when pp > 1
     eval_batches: object = None          # this rank's evaluation set, with --eval-every
+    eos_id: int = 0                      # the tokenizer's end-of-text id: documents end there
 
     @property
     def params(self) -> list[nn.Parameter]:
@@ -100,6 +102,14 @@ class Trainer:
         if self.cfg.dtype == "float32" or all(isinstance(part, FSDPModule) for part in self.model_parts):
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=DTYPE[self.cfg.dtype])
+
+    def documents_of(self, inputs: torch.Tensor) -> Documents | None:
+        """With --document-masking: the document ids of whole sequences ``inputs`` [b, S] and the
+        rotary positions of this rank's tokens (its zigzag slice under cp); else None."""
+        if not self.cfg.document_masking:
+            return None
+        ids = document_ids(inputs, self.eos_id)
+        return Documents(ids.to(self.device), self.local_tokens(document_positions(ids)))
 
     def local_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """This rank's part of a batch on its device: [b, S] -> [b, S/cp], the cp rank's zigzag
@@ -137,7 +147,7 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     eval_batches = build_eval_batches(cfg, batches, pm.local_rank("batch"), pm.size("batch"), vocab_size) \
         if cfg.eval_every else None
     return Trainer(cfg, pm, device, checked.model_config, model, optimizer, scheduler, batches, flops_per_token,
-                   pipeline=pipeline, eval_batches=eval_batches)
+                   pipeline=pipeline, eval_batches=eval_batches, eos_id=load_tokenizer(cfg.tokenizer).eos_id)
 
 
 def model_flops_per_token(model: nn.Module, model_config, seq_len: int) -> float:
@@ -155,16 +165,20 @@ def model_flops_utilization(t: Trainer, tokens_per_sec: float) -> float | None:
     return None if peak is None else t.flops_per_token * tokens_per_sec / (peak * dist.get_world_size())
 
 
-def forward_backward(t: Trainer, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def forward_backward(t: Trainer, inputs: torch.Tensor, labels: torch.Tensor,
+                     documents: Documents | None) -> torch.Tensor:
     """Run the micro-batches of one step; return this rank's share of the global mean loss.
 
-    inputs, labels: [local_batch, local_seq] on ``t.device``.
+    inputs, labels: [local_batch, local_seq] on ``t.device``; ``documents`` for their rows, or None.
     """
     tokens_in_global_batch = t.cfg.global_batch_size * t.cfg.seq_len
     loss_share = torch.zeros((), device=t.device)
-    for micro_inputs, micro_labels in zip(inputs.chunk(t.cfg.grad_accum_steps), labels.chunk(t.cfg.grad_accum_steps)):
+    micro = t.cfg.grad_accum_steps
+    micro_documents = [None] * micro if documents is None else \
+        [Documents(ids, pos) for ids, pos in zip(documents.ids.chunk(micro), documents.positions.chunk(micro))]
+    for micro_inputs, micro_labels, micro_docs in zip(inputs.chunk(micro), labels.chunk(micro), micro_documents):
         with loss_context(t.pm.size("tp") > 1), t.compute_context():
-            logits = t.model(micro_inputs)
+            logits = t.model(micro_inputs, documents=micro_docs)
             loss = token_loss_sum(logits, micro_labels) / tokens_in_global_batch
             loss.backward()
         loss_share += to_local_scalar(loss).detach()
@@ -179,12 +193,13 @@ def compute_gradients(t: Trainer) -> tuple[torch.Tensor, float]:
     """
     start = time.perf_counter()
     inputs, labels = next(t.batches)
+    documents = t.documents_of(inputs)
     inputs, labels = t.local_tokens(inputs), t.local_tokens(labels)
     data_time = time.perf_counter() - start
     if t.pipeline:
         loss = pipeline_forward_backward(t, inputs, labels, t.compute_context())
     else:
-        loss = forward_backward(t, inputs, labels)
+        loss = forward_backward(t, inputs, labels, documents)
     reduce_partial_gradients(t.params)
     if t.cfg.dp_mode == "replicate":
         dense, experts = dense_and_expert_parameters(t.model)

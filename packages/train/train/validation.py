@@ -46,6 +46,9 @@ def validate(cfg: TrainConfig, world_size: int) -> ValidatedRun:
     _check_model_fits_mesh(model_config, shape)
     _check_batch(cfg, shape)
     _check_pipeline(cfg, model_config, shape)
+    if cfg.document_masking and shape.cp > 1 and device_type(cfg.device) == "cuda":
+        raise ValueError("--document-masking with cp > 1 runs on the CPU flash kernel in this version (the CUDA "
+                         "block kernels here take no attention bias yet): use cp=1 on CUDA")
     if cfg.seq_len > model_config.max_seq_len:
         raise ValueError(f"--seq-len {cfg.seq_len} exceeds the model's max_seq_len {model_config.max_seq_len}")
     _check_files(cfg, model_config)
@@ -164,6 +167,9 @@ def _check_pipeline(cfg: TrainConfig, model_config, shape: MeshShape) -> None:
     """Only when pp > 1 (the schedule name is checked with the other choices)."""
     if shape.pp == 1:
         return
+    if cfg.document_masking:
+        raise PipelineConfigError(f"--document-masking with pp={shape.pp}: pipeline stages pass only hidden "
+                                  f"states between them, not the documents; use a mesh without pp")
     if cfg.grad_accum_steps != 1:
         raise PipelineConfigError(f"--grad-accum-steps {cfg.grad_accum_steps} with pp={shape.pp}: a pipeline "
                                   f"already accumulates over its microbatches; use --microbatches instead")
