@@ -76,6 +76,7 @@ def test_toml_config_with_cli_override(tmp_path):
     (dict(model_args="n_heads=3"), 1, "dim=128 is not divisible by n_heads=3"),
     (dict(seq_len=4096), 1, "--seq-len 4096 exceeds the model's max_seq_len 2048"),
     (dict(mesh="pp=2", document_masking=True), 2, "--document-masking with pp=2: pipeline stages pass only"),
+    (dict(mesh="pp=2", pp_schedule="zbv", eval_every=1), 2, "--eval-every with --pp-schedule zbv: torch's"),
 ])
 def test_bad_configurations_name_the_problem(overrides, world, message):
     with pytest.raises((MeshConfigError, ValueError), match=message):

@@ -170,6 +170,10 @@ def _check_pipeline(cfg: TrainConfig, model_config, shape: MeshShape) -> None:
     if cfg.document_masking:
         raise PipelineConfigError(f"--document-masking with pp={shape.pp}: pipeline stages pass only hidden "
                                   f"states between them, not the documents; use a mesh without pp")
+    if cfg.eval_every and cfg.pp_schedule == "zbv":
+        raise PipelineConfigError("--eval-every with --pp-schedule zbv: torch's zero-bubble V schedule has no "
+                                  "forward-only mode (its eval runs backward actions); use 1f1b, gpipe or "
+                                  "interleaved-1f1b for runs that evaluate")
     if cfg.grad_accum_steps != 1:
         raise PipelineConfigError(f"--grad-accum-steps {cfg.grad_accum_steps} with pp={shape.pp}: a pipeline "
                                   f"already accumulates over its microbatches; use --microbatches instead")
