@@ -56,3 +56,35 @@ def test_bfloat16_comparison_catches_a_broken_run(broken):
     """Negative controls: a bf16 run that does not learn, and an fp32 run from other weights, both fail it."""
     with pytest.raises(AssertionError):
         assert_tracks_float32(single_process(**LEARNING, **broken), single_process(**LEARNING))
+
+
+def reduce_scatters_in_one_step(mesh: str, overrides: dict) -> int:
+    """How many reduce-scatters FSDP issues while computing one step's gradients."""
+    import tempfile
+
+    import torch.distributed as dist
+
+    from parity import BASE
+    from train.config import TrainConfig
+    from train.loop import build_trainer, compute_gradients
+
+    calls = []
+    issue = dist.reduce_scatter_single
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return issue(*args, **kwargs)
+
+    with tempfile.TemporaryDirectory() as out:
+        t = build_trainer(TrainConfig(**{**BASE, "mesh": mesh, "output_dir": out, **overrides}))
+        dist.reduce_scatter_single = counted
+        compute_gradients(t)
+        dist.reduce_scatter_single = issue
+    return len(calls)
+
+
+def test_gradient_accumulation_reduce_scatters_once_per_step():
+    """FSDP syncs gradients after the last of 4 micro-batches only, as often as with 1."""
+    once = run_on_ranks(reduce_scatters_in_one_step, 2, "dp=2", {})[0]
+    accumulated = run_on_ranks(reduce_scatters_in_one_step, 2, "dp=2", {"grad_accum_steps": 4})[0]
+    assert once > 0 and accumulated == once, (once, accumulated)

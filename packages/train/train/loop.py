@@ -6,8 +6,9 @@ One step on one rank (no pipeline):
     context parallel: keep this cp rank's zigzag slice of S          [B/(dp*ep), S/cp]
     for each of grad_accum_steps micro-batches:
         loss = sum of token losses / tokens in the GLOBAL batch      (so summed grads = grad of the mean)
-        loss.backward()                                              (FSDP reduce-scatters grads, summing;
-                                                                      MoE: + the aux loss, via its backward)
+        loss.backward()                                              (MoE: + the aux loss, via its backward;
+                                                                      FSDP reduce-scatters, summing, after
+                                                                      the last micro-batch only)
     clip by the norm over the whole mesh, AdamW step, LR schedule step
     MoE: move expert biases by the step's global load
     report: loss summed over dp x ep x cp                           (= global mean token loss)
@@ -176,13 +177,23 @@ def forward_backward(t: Trainer, inputs: torch.Tensor, labels: torch.Tensor,
     micro = t.cfg.grad_accum_steps
     micro_documents = [None] * micro if documents is None else \
         [Documents(ids, pos) for ids, pos in zip(documents.ids.chunk(micro), documents.positions.chunk(micro))]
-    for micro_inputs, micro_labels, micro_docs in zip(inputs.chunk(micro), labels.chunk(micro), micro_documents):
+    batches = zip(inputs.chunk(micro), labels.chunk(micro), micro_documents)
+    for index, (micro_inputs, micro_labels, micro_docs) in enumerate(batches):
+        # FSDP reduce-scatters only after the last micro-batch; before it, gradients accumulate unsharded
+        set_gradient_sync(t, index == micro - 1)
         with loss_context(t.pm.size("tp") > 1), t.compute_context():
             logits = t.model(micro_inputs, documents=micro_docs)
             loss = token_loss_sum(logits, micro_labels) / tokens_in_global_batch
             loss.backward()
         loss_share += to_local_scalar(loss).detach()
     return loss_share
+
+
+def set_gradient_sync(t: Trainer, enabled: bool) -> None:
+    """Whether FSDP reduce-scatters gradients in the next backward (no-op without FSDP)."""
+    for part in t.model_parts:
+        if isinstance(part, FSDPModule):
+            part.set_requires_gradient_sync(enabled)
 
 
 def compute_gradients(t: Trainer) -> tuple[torch.Tensor, float]:

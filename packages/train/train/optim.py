@@ -11,6 +11,7 @@ import math
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 
 def lr_lambda(cfg):
@@ -24,11 +25,18 @@ def lr_lambda(cfg):
 
 
 def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
-    """AdamW; matrices decay, vectors (norm weights) do not."""
+    """AdamW; matrices decay, vectors (norm weights) do not.
+
+    With sharded (DTensor) parameters the update runs as multi-tensor ``foreach`` ops: each
+    DTensor op pays a dispatch cost that a per-parameter loop pays ~10 times per parameter
+    (measured on the debug model, 2 CPU ranks: 5.6 -> 2.1 ms per step at dp=2, 11.3 -> 3.3 ms at
+    dp=2,tp=2). Plain tensors keep the loop, which was faster there (2.1 vs 3.2 ms). Same math.
+    """
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps)
+    sharded = any(isinstance(p, DTensor) for p in model.parameters())
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, foreach=sharded)
 
 
 def build_scheduler(cfg, optimizer: torch.optim.Optimizer, step: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
