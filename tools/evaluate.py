@@ -33,7 +33,7 @@ from hf_convert import resolve_checkpoint  # noqa: E402
 from models.hf_format import CONFIG_FILE, read_hf_config  # noqa: E402
 from models.moe import MoEConfig  # noqa: E402
 from train import checkpointing  # noqa: E402
-from train.config import TrainConfig  # noqa: E402
+from train.config import TrainConfig, field_type  # noqa: E402
 from train.distributed import shutdown_and_exit  # noqa: E402
 from train.evaluation import evaluate  # noqa: E402
 from train.loop import build_trainer  # noqa: E402
@@ -82,10 +82,10 @@ def parse_args(argv: list[str] | None) -> tuple[Path, dict, Path | None]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("path", type=Path, help="a step_N checkpoint, a checkpoint root (its newest), or an HF folder")
     parser.add_argument("--json", type=Path, help="also write the result to this file")
-    types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     for name in DATA_OPTIONS:
-        kind = {"int": int, "str": str}[types[name] if isinstance(types[name], str) else types[name].__name__]
-        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, help="as for python -m train")
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=field_type(fields[name]),
+                            help="as for python -m train")
     args = parser.parse_args(argv)
     options = {name: getattr(args, name) for name in DATA_OPTIONS if getattr(args, name) is not None}
     return args.path, options, args.json

@@ -198,9 +198,9 @@ class SyntheticBatches:
         self.position = int(state["position"])
 
 
-def build_batches(cfg, batch_rank: int, batch_world: int, vocab_size: int):
+def build_batches(cfg, tokenizer: Tokenizer, batch_rank: int, batch_world: int, vocab_size: int):
     """The trainer's batches: this batch rank's (dp x ep coordinate's) rows of every global batch."""
     if cfg.dataset == "synthetic":
         return SyntheticBatches(vocab_size, cfg.seq_len, cfg.global_batch_size, batch_rank, batch_world, cfg.seed)
-    return TokenBatches(cfg.dataset, load_tokenizer(cfg.tokenizer), cfg.seq_len, cfg.global_batch_size,
+    return TokenBatches(cfg.dataset, tokenizer, cfg.seq_len, cfg.global_batch_size,
                         batch_rank, batch_world, cfg.seed, streaming=cfg.streaming)

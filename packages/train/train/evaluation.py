@@ -26,7 +26,6 @@ from core.pipeline import broadcast_from_last_stage
 from core.tensor_parallel import loss_context, to_local_scalar, token_loss_sum
 
 from .data import SyntheticBatches, TokenBatches
-from .tokenizer import load_tokenizer
 
 # Synthetic evaluation batches come from generator seeds training never draws (see SyntheticBatches).
 SYNTHETIC_EVAL_SEED_OFFSET = 2**32
@@ -51,12 +50,12 @@ class HeldOutBatches:
             yield tokens[:, :-1], tokens[:, 1:]
 
 
-def build_eval_batches(cfg, train_batches, batch_rank: int, batch_world: int, vocab_size: int):
+def build_eval_batches(cfg, tokenizer, train_batches, batch_rank: int, batch_world: int, vocab_size: int):
     """This batch rank's evaluation set (module docstring); iterable any number of times."""
     if (cfg.eval_dataset or cfg.dataset) == "synthetic":
         return _SyntheticEvalBatches(vocab_size, cfg, batch_rank, batch_world)
     if cfg.eval_dataset:  # a dataset of its own: every window of it is evaluation data
-        data = TokenBatches(cfg.eval_dataset, load_tokenizer(cfg.tokenizer), cfg.seq_len, cfg.global_batch_size,
+        data = TokenBatches(cfg.eval_dataset, tokenizer, cfg.seq_len, cfg.global_batch_size,
                             batch_rank, batch_world, cfg.seed)
         return HeldOutBatches(data, np.arange(data.num_windows + len(data.held_out_windows)), cfg.eval_batches)
     return HeldOutBatches(train_batches, train_batches.held_out_windows, cfg.eval_batches)

@@ -46,7 +46,7 @@ from models.registry import build_model
 
 from . import checkpointing
 from .config import TrainConfig
-from .data import build_batches, load_tokenizer
+from .data import build_batches
 from .evaluation import build_eval_batches, evaluate
 from .flops import peak_flops, transformer_flops_per_token
 from .optim import build_optimizer, build_scheduler
@@ -143,12 +143,12 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     set_sequences_per_step(model, cfg.global_batch_size)
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer)
-    vocab_size = checked.model_config.vocab_size
-    batches = build_batches(cfg, pm.local_rank("batch"), pm.size("batch"), vocab_size)
-    eval_batches = build_eval_batches(cfg, batches, pm.local_rank("batch"), pm.size("batch"), vocab_size) \
-        if cfg.eval_every else None
+    vocab_size, tokenizer = checked.model_config.vocab_size, checked.tokenizer
+    batches = build_batches(cfg, tokenizer, pm.local_rank("batch"), pm.size("batch"), vocab_size)
+    eval_batches = build_eval_batches(cfg, tokenizer, batches, pm.local_rank("batch"), pm.size("batch"),
+                                      vocab_size) if cfg.eval_every else None
     return Trainer(cfg, pm, device, checked.model_config, model, optimizer, scheduler, batches, flops_per_token,
-                   pipeline=pipeline, eval_batches=eval_batches, eos_id=load_tokenizer(cfg.tokenizer).eos_id)
+                   pipeline=pipeline, eval_batches=eval_batches, eos_id=tokenizer.eos_id)
 
 
 def model_flops_per_token(model: nn.Module, model_config, seq_len: int) -> float:
@@ -179,8 +179,8 @@ def forward_backward(t: Trainer, inputs: torch.Tensor, labels: torch.Tensor,
         [Documents(ids, pos) for ids, pos in zip(documents.ids.chunk(micro), documents.positions.chunk(micro))]
     batches = zip(inputs.chunk(micro), labels.chunk(micro), micro_documents)
     for index, (micro_inputs, micro_labels, micro_docs) in enumerate(batches):
-        # FSDP reduce-scatters only after the last micro-batch; before it, gradients accumulate unsharded
-        set_gradient_sync(t, index == micro - 1)
+        if micro > 1:  # FSDP reduce-scatters only after the last micro-batch; before it, grads accumulate unsharded
+            set_gradient_sync(t, index == micro - 1)
         with loss_context(t.pm.size("tp") > 1), t.compute_context():
             logits = t.model(micro_inputs, documents=micro_docs)
             loss = token_loss_sum(logits, micro_labels) / tokens_in_global_batch

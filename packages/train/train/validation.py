@@ -35,6 +35,7 @@ from .tokenizer import load_tokenizer
 class ValidatedRun:
     shape: MeshShape
     model_config: object
+    tokenizer: object       # loaded once here; the data and document masking use this one
 
 
 def validate(cfg: TrainConfig, world_size: int) -> ValidatedRun:
@@ -51,8 +52,8 @@ def validate(cfg: TrainConfig, world_size: int) -> ValidatedRun:
                          "block kernels here take no attention bias yet): use cp=1 on CUDA")
     if cfg.seq_len > model_config.max_seq_len:
         raise ValueError(f"--seq-len {cfg.seq_len} exceeds the model's max_seq_len {model_config.max_seq_len}")
-    _check_files(cfg, model_config)
-    return ValidatedRun(shape, model_config)
+    tokenizer = _check_files(cfg, model_config)
+    return ValidatedRun(shape, model_config, tokenizer)
 
 
 # (option, test, what it must be): numeric options whose bad values would fail late or silently.
@@ -97,13 +98,13 @@ def _check_choices(cfg: TrainConfig) -> None:
     check_profiling(cfg.profile_steps, cfg.memory_snapshot, device_type(cfg.device), cfg.steps)
 
 
-def _check_files(cfg: TrainConfig, model_config) -> None:
-    """What the run reads and writes: initial weights, tokenizer, dataset, output folder."""
+def _check_files(cfg: TrainConfig, model_config):
+    """What the run reads and writes: initial weights, tokenizer, dataset, output folder. Returns the tokenizer."""
     if cfg.init_from:
         check_hf_config_matches(cfg.init_from, model_config)
-    vocab = load_tokenizer(cfg.tokenizer).vocab_size  # a bad --tokenizer is a mistake even where unused
+    tokenizer = load_tokenizer(cfg.tokenizer)  # a bad --tokenizer is a mistake even where unused
     if cfg.dataset != "synthetic":
-        _check_vocab_fits_model(cfg.tokenizer, vocab, model_config)
+        _check_vocab_fits_model(cfg.tokenizer, tokenizer.vocab_size, model_config)
         check_local_dataset(cfg.dataset)
     if cfg.eval_dataset:
         check_local_dataset(cfg.eval_dataset)
@@ -113,6 +114,7 @@ def _check_files(cfg: TrainConfig, model_config) -> None:
     if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise ValueError("--tensorboard needs the tensorboard package: pip install 'meshtron[tensorboard]' "
                          "(or pip install tensorboard)")
+    return tokenizer
 
 
 def _check_output_dir(path: Path) -> None:
