@@ -13,6 +13,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
     ("bench_context_parallel.py", ["--smoke"], ["attention op", "ring block", "training step"]),
     ("bench_meshes.py", ["--steps", "2", "--seq-len", "32", "--global-batch-size", "4", "--meshes", "dp=2"], ["dp=2"]),
     ("bench_moe_mesh.py", ["--mesh", "ep=2"], ["same run"]),
+    ("bench_step.py", ["--smoke"], ["dp=2 fsdp", "selective", "x eager", "grouped ms"]),
 ])
 def test_benchmark_runs(script, args, expect):
     result = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], capture_output=True, text=True,
@@ -21,4 +22,5 @@ def test_benchmark_runs(script, args, expect):
     for text in expect:
         assert text in result.stdout, result.stdout[-3000:]
     assert sorted(p.name for p in BENCHMARKS.glob("*.py")) == ["bench_context_parallel.py", "bench_meshes.py",
-                                                                "bench_moe_mesh.py"], "a new benchmark needs a row here"
+                                                                "bench_moe_mesh.py", "bench_step.py"], \
+        "a new benchmark needs a row here"

@@ -111,7 +111,7 @@ def moe_layer_step(split: str = "batch", share_sequence_counts: bool = True) -> 
     from torch.distributed.device_mesh import init_device_mesh
 
     from models.init import init_weights
-    from models.moe import MoE
+    from models.moe import MoE, sum_step_load
     from models.registry import get_config
 
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -129,6 +129,7 @@ def moe_layer_step(split: str = "batch", share_sequence_counts: bool = True) -> 
     part = (slice(rank * 4 // world, (rank + 1) * 4 // world), slice(None)) if split == "batch" else \
         (slice(None), slice(rank * 16 // world, (rank + 1) * 16 // world))
     (layer(x[part]) * upstream[part]).sum().backward()
+    sum_step_load(layer)
     return {"grads": {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad)
                       for n, p in layer.named_parameters()},
             "load": layer.tokens_per_expert.clone(), "aux": layer.aux_loss_sum.clone()}

@@ -22,8 +22,12 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, blocks: list[nn.Module], para
                reshard_after_forward: bool = True, inner_units: list[tuple[nn.Module, DeviceMesh]] = ()) -> None:
     """ZeRO-3: shard every parameter of ``model`` over ``mesh``, one FSDP unit per block + the root.
 
-    Each unit all-gathers its parameters before its forward (and again before its backward
-    when ``reshard_after_forward``) and reduce-scatters gradients after its backward.
+    Each unit all-gathers its parameters before its forward and reduce-scatters gradients
+    after its backward. With ``reshard_after_forward`` a block frees its gathered
+    parameters after its forward and gathers them again for its backward, except where
+    that buys nothing: the last block and the root (embedding, final norm, output), whose
+    backward starts right after their forward. Each block's forward prefetches the next
+    block's all-gather, and each backward the previous one's, so the gathers overlap compute.
     ``param_dtype`` (e.g. bf16) is the compute dtype; gradients are reduced in float32.
     ``inner_units``: (module, mesh) pairs sharded first over their own mesh (MoE experts
     over the expert-gradient mesh, which may have one rank).
@@ -31,14 +35,23 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, blocks: list[nn.Module], para
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for unit, unit_mesh in inner_units:
         fully_shard(unit, mesh=unit_mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
-    for block in blocks:
-        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    for index, block in enumerate(blocks):
+        last = index == len(blocks) - 1
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward and not last)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)  # sum, see module docstring
             # gloo has no PREMUL_SUM; this setting is not recursive, hence every module.
             module.set_force_sum_reduction_for_comms(True)
+    _prefetch_neighbours(blocks)
+
+
+def _prefetch_neighbours(blocks: list[nn.Module]) -> None:
+    """Issue block i+1's all-gather when block i's forward starts, and block i-1's when its backward does."""
+    for earlier, later in zip(blocks, blocks[1:]):
+        earlier.set_modules_to_forward_prefetch([later])
+        later.set_modules_to_backward_prefetch([earlier])
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ lives elsewhere. One MoE layer then runs:
     count exchange all_to_all_single of per-expert counts             who sends how many to whom
     dispatch       all_to_all_single with uneven splits                rows for my experts, [N, dim]
     regroup        order received rows by local expert                (they arrive by source rank)
-    experts        one grouped SwiGLU per local expert                 [N, dim]
+    experts        grouped-GEMM SwiGLU over the local experts           [N, dim]
     ungroup        back to source-rank order
     combine        the reverse all_to_all_single                       [T*k, dim] in permuted order
     unpermute      back to (token, choice) order, weight, sum over k   [T, dim]
@@ -21,7 +21,9 @@ by the exchanged counts, never by a capacity factor. Both all-to-alls are differ
 with the split sizes swapped), so gradients reach the router and the tokens' ranks.
 
 Everything here works on plain local tensors and any ProcessGroup (gloo or NCCL); with
-``group=None`` (one process, or ep=1) it runs the same permutation without communication.
+``group=None`` (one process, or ep=1) it runs the same permutation without communication
+and without reading anything on the host. With ep > 1 the split sizes are read once per
+layer (``dispatch``); the backward reuses them.
 """
 
 from __future__ import annotations
@@ -110,14 +112,17 @@ def dispatch(x: Tensor, expert_ids: Tensor, n_experts: int,
     if ep == 1:
         return rows, Dispatch(order, None, [rows.shape[0]], [rows.shape[0]], counts)
     received_counts = exchange_counts(counts, group)                  # [ep, E/ep]
-    send_splits = counts.view(ep, -1).sum(1).tolist()                 # rows to each rank
-    recv_splits = received_counts.sum(1).tolist()                     # rows from each rank
+    # The one host sync of an MoE layer: all_to_all_single takes its split sizes as Python
+    # ints (the receive buffer is allocated by them). Both lists come back in one read.
+    splits = torch.cat([counts.view(ep, -1).sum(1), received_counts.sum(1)]).tolist()
+    send_splits, recv_splits = splits[:ep], splits[ep:]               # rows to / from each rank
     received = _exchange(rows, recv_splits, send_splits, group)
     # Received rows are ordered (source rank, local expert); the experts want them
     # contiguous per expert: a stable sort by local expert id, keeping source order inside.
     local_experts = received_counts.shape[1]
     segment_expert = torch.arange(received_counts.numel(), device=x.device) % local_experts
-    row_expert = torch.repeat_interleave(segment_expert, received_counts.reshape(-1))
+    row_expert = torch.repeat_interleave(segment_expert, received_counts.reshape(-1),
+                                         output_size=sum(recv_splits))  # sized on the host: no second sync
     regroup = torch.argsort(row_expert, stable=True)
     plan = Dispatch(order, regroup, send_splits, recv_splits, received_counts.sum(0))
     return received[regroup], plan

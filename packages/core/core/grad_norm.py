@@ -28,7 +28,7 @@ def _reduced_square_sum(grads: list[torch.Tensor]) -> torch.Tensor:
     Collective: one all-reduce per sharded mesh dim; none for plain tensors.
     """
     local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
-    square_sum = torch.stack([t.float().pow(2).sum() for t in local]).sum()
+    square_sum = torch.nn.utils.get_total_norm([t.float() for t in local], foreach=True).pow(2)
     first = grads[0]
     if not isinstance(first, DTensor):
         return square_sum
@@ -69,8 +69,8 @@ def clip_grad_norm_(params: list[nn.Parameter], max_norm: float, pp_group: dist.
     """Scale all gradients so their global norm is at most ``max_norm``; return the norm before clipping."""
     norm = global_grad_norm(params, pp_group)
     if max_norm > 0:
-        scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-        for p in params:
-            if p.grad is not None:
-                (p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad).mul_(scale)
+        scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)  # stays on the device: no host sync
+        grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in params if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, scale)
     return norm

@@ -99,6 +99,9 @@ class ParallelMesh:
         summed (FSDP shards dense parameters over it).
       - ``expert_grad`` = flatten(dp, cp): ranks that hold the same experts and sum their
         gradients (ep shards the experts themselves).
+      - ``sequence`` = flatten(cp, tp): ranks holding parts of the same sequences between
+        MoE layers (cp splits the sequence, sequence parallel splits it again over tp).
+      - ``tokens`` = flatten(dp, ep, cp, tp): ranks whose MoE layers route different tokens.
     Flattened meshes are created once, eagerly, on every rank (creating them is collective).
     """
 
@@ -110,6 +113,8 @@ class ParallelMesh:
         self._flat["batch"] = self.mesh["dp", "ep"]._flatten("dp_ep")
         self._flat["dense_grad"] = self.mesh["dp", "ep", "cp"]._flatten("dp_ep_cp")
         self._flat["expert_grad"] = self.mesh["dp", "cp"]._flatten("dp_cp")
+        self._flat["sequence"] = self.mesh["cp", "tp"]._flatten("cp_tp")
+        self._flat["tokens"] = self.mesh["dp", "ep", "cp", "tp"]._flatten("dp_ep_cp_tp")
 
     def __getitem__(self, name: str) -> DeviceMesh:
         """``pm["tp"]`` or ``pm["dense_grad"]``: a 1-D submesh by axis or flattened name."""

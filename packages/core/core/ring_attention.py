@@ -120,8 +120,11 @@ class _RingAttention(torch.autograd.Function):
                 block_out, block_lse = block_forward(setup, seq_rows(q, q_rows), k_blk, v_blk, causal,
                                                      _block_ids(setup, step, rank, size, q_rows, kv_rows))
                 count_work(stats, seq_rows(q, q_rows).size(2), k_blk.size(2))
-                if step == 0:  # the causal local block covers every query: it becomes the accumulator
-                    out, lse = block_out.to(merge_dtype(q.dtype)), block_lse.to(merge_dtype(q.dtype))
+                if step == 0:  # the causal local block covers every query: a copy of it becomes the accumulator
+                    # (a copy even in fp32: selective activation checkpointing keeps the kernel's own
+                    # outputs for the recompute, so they must not be merged into in place)
+                    dtype = merge_dtype(q.dtype)
+                    out, lse = block_out.to(dtype, copy=True), block_lse.to(dtype, copy=True)
                 else:
                     merge_block(seq_rows(out, q_rows), seq_rows(lse, q_rows), block_out, block_lse)
             if pending is not None:

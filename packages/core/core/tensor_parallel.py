@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -54,14 +55,36 @@ def to_local_scalar(value: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def reduce_partial_gradients(params: list[nn.Parameter]) -> None:
-    """Turn ``Partial`` gradients into the parameter's own layout.
+    """Turn ``Partial`` gradients into the parameter's own layout, with one all-reduce per layout.
 
     Under sequence parallel a replicated weight (the RMSNorm scales) sees only its rank's
     slice of the sequence, so autograd leaves its gradient as a ``Partial`` DTensor: a
-    per-rank partial sum. Clipping and the optimizer need the real gradient, so each is
-    all-reduced over tp here (one all-reduce per such parameter).
+    per-rank partial sum. Clipping and the optimizer need the real gradient. Gradients
+    with the same mesh and placements are summed together in one flat buffer (one
+    all-reduce per partial mesh dim) instead of one collective per parameter.
     """
+    groups: dict[tuple, list[nn.Parameter]] = {}
     for p in params:
-        grad = p.grad
-        if isinstance(grad, DTensor) and any(pl.is_partial() for pl in grad.placements):
-            p.grad = grad.redistribute(grad.device_mesh, p.placements)
+        if _summed_into_replicate(p):
+            groups.setdefault((p.grad.device_mesh, p.grad.placements), []).append(p)
+        elif isinstance(p.grad, DTensor) and any(pl.is_partial() for pl in p.grad.placements):
+            p.grad = p.grad.redistribute(p.grad.device_mesh, p.placements)  # a rarer layout: DTensor's own way
+    for (mesh, placements), group in groups.items():
+        locals_ = [p.grad.to_local() for p in group]
+        flat = torch.cat([g.reshape(-1) for g in locals_])
+        for dim, placement in enumerate(placements):
+            if placement.is_partial():
+                dist.all_reduce(flat, group=mesh.get_group(dim))
+        for p, local, summed in zip(group, locals_, flat.split([g.numel() for g in locals_])):
+            p.grad = DTensor.from_local(summed.view_as(local), mesh, p.placements, run_check=False,
+                                        shape=p.grad.shape, stride=p.grad.stride())
+
+
+def _summed_into_replicate(p: nn.Parameter) -> bool:
+    """The gradient is a partial sum (Partial("sum")) on mesh dims where the parameter is Replicate,
+    and matches the parameter's placements elsewhere: a plain all-reduce of the local tensor fixes it."""
+    grad = p.grad
+    if not isinstance(grad, DTensor) or not isinstance(p, DTensor) or not any(pl.is_partial() for pl in grad.placements):
+        return False
+    return all((g.is_partial() and g.reduce_op == "sum" and t.is_replicate()) or (not g.is_partial() and g == t)
+               for g, t in zip(grad.placements, p.placements))

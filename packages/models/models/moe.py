@@ -28,10 +28,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
+from core.activation_checkpoint import is_recomputing
 from core.expert_parallel import expert_parallel_ffn
 
 from .llama import FeedForward, LlamaConfig, Transformer, TransformerBlock
-from .plans import replicated_feed_forward_plan
+from .plans import token_split_plan
 
 SCORE_FUNCS = ("softmax", "sigmoid")
 
@@ -110,17 +111,49 @@ class GroupedExperts(nn.Module):
             full = getattr(self, name)
             setattr(self, name, nn.Parameter(distribute_tensor(full, ep_mesh, [Shard(0)], src_data_rank=None)))
 
+    @torch.compiler.disable  # grouped_mm's compile-time shape check accepts bf16 only; inductor adds nothing here
     def forward(self, rows: Tensor, tokens_per_expert: Tensor) -> Tensor:
         """rows [N, dim] grouped by local expert, ``tokens_per_expert[e]`` rows each -> [N, dim].
 
-        A loop of small matmuls keeps it readable and runs anywhere; on GPUs a grouped GEMM
-        (``torch._grouped_mm``) does the same in one kernel.
+        Each projection is one grouped GEMM over all local experts: group e multiplies its
+        rows by expert e's weight. The group boundaries are cumulative counts on the device,
+        so no count is read on the host (no sync).
         """
-        w1, w2, w3 = (w.to_local() if isinstance(w, DTensor) else w for w in (self.w1, self.w2, self.w3))
-        outputs = []
-        for e, chunk in enumerate(rows.split(tokens_per_expert.tolist())):
-            outputs.append((F.silu(chunk @ w1[e]) * (chunk @ w3[e])) @ w2[e])
-        return torch.cat(outputs) if outputs else rows
+        dtype = _matmul_dtype(self.w1)
+        rows, w1, w2, w3 = (_local(t).to(dtype) for t in (rows, self.w1, self.w2, self.w3))
+        ends = tokens_per_expert.cumsum(0).to(torch.int32)
+        hidden = F.silu(grouped_matmul(rows, w1, ends)) * grouped_matmul(rows, w3, ends)
+        return grouped_matmul(hidden, w2, ends)
+
+
+def grouped_matmul(rows: Tensor, weights: Tensor, ends: Tensor) -> Tensor:
+    """rows [N, k] in groups ending at ``ends`` [E] (int32, cumulative) @ weights [E, k, n] -> [N, n].
+
+    ``F.grouped_mm``: one kernel for all groups, on the CPU in any float dtype and on CUDA in
+    bf16 (SM >= 80), for rows of whole 16-byte units. Otherwise (a float32 debugging run on
+    CUDA, an odd width) a loop over the groups, which reads the group sizes on the host once.
+    """
+    aligned = all(t.shape[-1] * t.element_size() % 16 == 0 for t in (rows, weights))
+    if aligned and (rows.device.type == "cpu" or rows.dtype == torch.bfloat16):
+        return F.grouped_mm(rows, weights, offs=ends)
+    return looped_matmul(rows, weights, ends)
+
+
+def looped_matmul(rows: Tensor, weights: Tensor, ends: Tensor) -> Tensor:
+    """``grouped_matmul`` as one matmul per group (host sync: the group sizes)."""
+    sizes = torch.diff(ends, prepend=ends.new_zeros(1)).tolist()
+    return torch.cat([chunk @ weights[e] for e, chunk in enumerate(rows.split(sizes))])
+
+
+def _local(t: Tensor) -> Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _matmul_dtype(weight: Tensor) -> torch.dtype:
+    """The dtype a matmul with ``weight`` computes in: autocast's (grouped_mm is not on autocast's
+    list, so it is cast by hand), else the weight's own (bf16 when FSDP's mixed precision cast it)."""
+    device = weight.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
 
 
 class _AttachAuxLoss(torch.autograd.Function):
@@ -145,9 +178,9 @@ class MoE(nn.Module):
 
     Set by ``models.parallelize`` (None = no communication):
       ``ep_group``: the expert-parallel group the tokens are exchanged over;
-      ``seq_group``: the context-parallel group holding the other parts of our sequences;
-      ``stats_group``: every rank holding different tokens (dp x ep x cp), over which the
-      load (for the expert bias and the metrics) is summed.
+      ``seq_group``: the ranks holding the other parts of our sequences (cp x tp);
+      ``stats_group``: every rank holding different tokens (dp x ep x cp x tp), over which
+      the step's load (for the expert bias and the metrics) is summed by ``sum_step_load``.
     Set by the trainer: ``sequences_per_step``, the global batch size, so that the aux loss
     is the mean over all sequences of the optimizer step.
     """
@@ -163,13 +196,19 @@ class MoE(nn.Module):
         self.seq_group: dist.ProcessGroup | None = None
         self.stats_group: dist.ProcessGroup | None = None
         self.sequences_per_step = 1
-        # Global load of the current optimizer step (all forwards), for the bias update and metrics.
+        # Load of the current optimizer step (all forwards): this rank's until sum_step_load
+        # makes it global, for the bias update and the metrics.
         self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_experts, dtype=torch.float64), persistent=False)
         self.register_buffer("aux_loss_sum", torch.zeros((), dtype=torch.float64), persistent=False)
 
     def tensor_parallel_plan(self, prefix: str) -> dict:
-        """Under tp, every tp rank runs the whole MoE on the whole sequence (experts are split by ep, not tp)."""
-        return replicated_feed_forward_plan(prefix)
+        """Under tp, each tp rank runs the MoE on its own sequence-parallel slice of the tokens.
+
+        Tokens, not experts, are split over tp: a routed expert is a small matmul that
+        splitting again would make smaller and add a collective to, while the tokens are
+        already split by sequence parallel for free. Experts are split by ep.
+        """
+        return token_split_plan(prefix)
 
     def forward(self, x: Tensor) -> Tensor:
         b, s, dim = x.shape
@@ -196,8 +235,7 @@ class MoE(nn.Module):
         splits a sequence, so f (data, no gradient) is summed over ``seq_group``, and each
         rank returns its own tokens' term of P; the trainer's summed gradients are exact.
 
-        Collectives: an all-reduce of [b, E] counts over ``seq_group`` (cp > 1), and one of
-        E + 1 float64 (load, aux value for the metrics) over ``stats_group``.
+        Collective: an all-reduce of [b, E] counts over ``seq_group`` (cp x tp > 1).
         """
         cfg = self.cfg
         probs = scores if cfg.score_func == "softmax" else scores / scores.sum(-1, keepdim=True)
@@ -211,17 +249,15 @@ class MoE(nn.Module):
         fraction = counts / (seq_len * k)                                    # [b, E], rows sum to 1
         coef = cfg.aux_loss_coef * cfg.n_experts / self.sequences_per_step
         share = coef * (fraction * probs.sum(1) / seq_len).sum()             # sum over our sequences
-        self._record_load(local_load, share.detach())
+        if not is_recomputing():  # activation checkpointing replays this forward in backward: count once
+            self._record_load(local_load, share.detach())
         return share if cfg.aux_loss_coef > 0 else None
 
     @torch.no_grad()
     def _record_load(self, load: Tensor, aux_share: Tensor) -> None:
-        """Add this forward's tokens per expert and aux loss, summed over ``stats_group``, to the step's totals."""
-        stats = torch.cat([load.double(), aux_share.double().view(1)])
-        if self.stats_group is not None:
-            dist.all_reduce(stats, group=self.stats_group)
-        self.tokens_per_expert += stats[:-1]
-        self.aux_loss_sum += stats[-1]
+        """Add this forward's tokens per expert and aux loss share to the step's (still local) totals."""
+        self.tokens_per_expert += load.double()
+        self.aux_loss_sum += aux_share.double()
 
 
 def moe_layers(model: nn.Module) -> list[MoE]:
@@ -236,17 +272,35 @@ def set_sequences_per_step(model: nn.Module, global_batch_size: int) -> None:
 
 
 @torch.no_grad()
+def sum_step_load(model: nn.Module) -> None:
+    """After a step's forwards: make every MoE layer's load and aux loss global.
+
+    Collective: one all-reduce of [layers, E + 1] float64 over the layers' ``stats_group``
+    (all MoE layers of a rank share it), once per step rather than once per layer and
+    micro-batch. Every rank of the group must call it.
+    """
+    layers = [moe for moe in moe_layers(model) if moe.stats_group is not None]
+    if not layers:
+        return
+    stats = torch.stack([torch.cat([moe.tokens_per_expert, moe.aux_loss_sum.view(1)]) for moe in layers])
+    dist.all_reduce(stats, group=layers[0].stats_group)
+    for moe, row in zip(layers, stats):
+        moe.tokens_per_expert.copy_(row[:-1])
+        moe.aux_loss_sum.copy_(row[-1])
+
+
+@torch.no_grad()
 def update_expert_bias(model: nn.Module, apply: bool = True) -> None:
     """After an optimizer step: nudge each expert's bias toward balance, then clear the step's load.
 
     bias_e += rate * sign(mean load - load_e) (DeepSeek-V3): overloaded experts get chosen
-    less. The load is already global (summed over stats_group), so every rank makes the
+    less. The load is already global (``sum_step_load``), so every rank makes the
     same update and the biases never diverge. ``apply=False`` (a step whose update is
     skipped) only clears the load. No communication.
     """
     for moe in moe_layers(model):
         rate = moe.cfg.bias_update_rate
-        if apply and rate > 0 and moe.tokens_per_expert.sum() > 0:
+        if apply and rate > 0:  # a step with no load moves nothing: sign(0) = 0
             load = moe.tokens_per_expert
             moe.router.expert_bias += (rate * torch.sign(load.mean() - load)).to(moe.router.expert_bias.dtype)
         moe.tokens_per_expert.zero_()
@@ -254,7 +308,8 @@ def update_expert_bias(model: nn.Module, apply: bool = True) -> None:
 
 
 def expert_load_metrics(model: nn.Module, n_experts: int, pp_group: dist.ProcessGroup | None) -> dict:
-    """This step's global load, summed over all MoE layers (call before ``update_expert_bias``).
+    """This step's global load, summed over all MoE layers (call after ``sum_step_load`` and before
+    ``update_expert_bias``).
 
     Returns ``moe_tokens_per_expert`` (list of E routed pairs), ``moe_load_max_over_mean``
     (1.0 = perfectly balanced) and ``moe_aux_loss`` (summed over layers). Collective: one

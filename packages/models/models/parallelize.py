@@ -10,16 +10,20 @@ Order matters and follows what each API expects:
   3. context parallel needs no parameter change: attention modules get ring (or
      all-gather) attention and zigzag RoPE positions, and the trainer feeds each cp rank
      its zigzag slice.
+  4. activation checkpointing, then torch.compile, wrap each block's forward (before FSDP,
+     so FSDP's gathers and reduce-scatters stay outside the checkpointed, compiled region).
 The model may still be on the meta device: nothing is allocated until ``to_empty``.
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from core.activation_checkpoint import apply_activation_checkpointing
 from core.data_parallel import apply_fsdp
 from core.mesh import ParallelMesh
 from core.context_parallel import cp_attention
@@ -35,26 +39,64 @@ from .plans import tensor_parallel_plan
 DP_MODES = ("fsdp", "replicate")
 
 
-def parallelize(model: Transformer, pm: ParallelMesh, dp_mode: str = "fsdp", param_dtype: torch.dtype | None = None,
-                reshard_after_forward: bool = True, cp_method: str = "ring") -> None:
-    """Shard ``model`` in place over ``pm``: EP on ``pm["ep"]``, TP/SP on ``pm["tp"]``, then FSDP on
-    ``pm["dense_grad"]`` (experts on ``pm["expert_grad"]``).
+@dataclass(frozen=True)
+class ParallelOptions:
+    """How ``parallelize`` applies each technique (the mesh says how far).
 
+    ``dp_mode``: "fsdp" shards parameters (ZeRO-3); "replicate" keeps them whole and the
+    trainer sums gradients itself (``core.data_parallel.all_reduce_gradients``).
+    ``param_dtype``: FSDP's compute dtype (None: float32).
     ``reshard_after_forward=False`` keeps FSDP parameters gathered from the forward to the
     backward (a pipeline stage runs many microbatches per step; see ``train.pipelined``).
-    With ``dp_mode="replicate"`` parameters stay whole on every data-parallel rank and the
-    trainer sums gradients itself (``core.data_parallel.all_reduce_gradients``).
-    ``cp_method`` picks the context-parallel attention (``core.context_parallel``).
+    ``cp_method``: the context-parallel attention (``core.context_parallel``).
+    ``activation_checkpoint``: none | full | selective (``core.activation_checkpoint``).
+    ``compile``: torch.compile each block.
     """
-    if dp_mode not in DP_MODES:
-        raise ValueError(f"unknown dp_mode {dp_mode!r}: use 'fsdp' or 'replicate'")
+
+    dp_mode: str = "fsdp"
+    param_dtype: torch.dtype | None = None
+    reshard_after_forward: bool = True
+    cp_method: str = "ring"
+    activation_checkpoint: str = "none"
+    compile: bool = False
+
+
+def parallelize(model: Transformer, pm: ParallelMesh, options: ParallelOptions = ParallelOptions()) -> None:
+    """Shard ``model`` in place over ``pm``: EP on ``pm["ep"]``, TP/SP on ``pm["tp"]``, context
+    parallel attention on ``pm["cp"]``, checkpointing/compile per block, then FSDP on
+    ``pm["dense_grad"]`` (experts on ``pm["expert_grad"]``).
+    """
+    if options.dp_mode not in DP_MODES:
+        raise ValueError(f"unknown dp_mode {options.dp_mode!r}: use 'fsdp' or 'replicate'")
+    blocks = list(model.layers.values())
     apply_expert_parallel(model, pm)
     apply_tensor_parallel(model, pm["tp"], tensor_parallel_plan(model))
     if pm.size("cp") > 1:
-        apply_context_parallel(model, pm["cp"].get_group(), pm.local_rank("cp"), pm.size("cp"), cp_method)
-    if uses_fsdp(pm, dp_mode):
-        apply_fsdp(model, pm["dense_grad"], list(model.layers.values()), param_dtype=param_dtype,
-                   reshard_after_forward=reshard_after_forward, inner_units=expert_fsdp_units(model, pm))
+        apply_context_parallel(model, pm["cp"].get_group(), pm.local_rank("cp"), pm.size("cp"), options.cp_method)
+    inner_units = expert_fsdp_units(model, pm) if uses_fsdp(pm, options.dp_mode) else []
+    apply_activation_checkpointing(blocks, options.activation_checkpoint,
+                                   fully=[block for block in blocks if _holds_any(block, inner_units)])
+    if options.compile:
+        compile_blocks(blocks)
+    if uses_fsdp(pm, options.dp_mode):
+        apply_fsdp(model, pm["dense_grad"], blocks, param_dtype=options.param_dtype,
+                   reshard_after_forward=options.reshard_after_forward, inner_units=inner_units)
+
+
+def _holds_any(block: nn.Module, units: list[tuple[nn.Module, object]]) -> bool:
+    return any(unit is sub for unit, _ in units for sub in block.modules())
+
+
+def compile_blocks(blocks: list[nn.Module]) -> None:
+    """``torch.compile`` each block in place (``nn.Module.compile``: names and hooks unchanged).
+
+    Per block rather than the whole model: every block runs the same code, so dynamo traces
+    one graph and reuses it for every layer (parameters are graph inputs); compile time does
+    not grow with depth, and FSDP's per-block hooks and the pipeline cuts stay outside the
+    graphs. What dynamo cannot trace (e.g. ring attention's point-to-point sends) runs eagerly.
+    """
+    for block in blocks:
+        block.compile()
 
 
 def uses_fsdp(pm: ParallelMesh, dp_mode: str) -> bool:
@@ -66,10 +108,17 @@ def apply_expert_parallel(model: nn.Module, pm: ParallelMesh) -> None:
     """Give every MoE layer its groups and (ep > 1) only its ep rank's experts. No communication."""
     for moe in moe_layers(model):
         moe.ep_group = pm["ep"].get_group() if pm.size("ep") > 1 else None
-        moe.seq_group = pm["cp"].get_group() if pm.size("cp") > 1 else None
-        moe.stats_group = pm["dense_grad"].get_group() if pm.size("dense_grad") > 1 else None
+        moe.seq_group = pm["sequence"].get_group() if pm.size("sequence") > 1 else None
+        moe.stats_group = pm["tokens"].get_group() if pm.size("tokens") > 1 else None
         if pm.size("ep") > 1:
             moe.experts.shard(pm["ep"])
+
+
+def token_split_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters that each tp rank applies to its own slice of the tokens (the MoE layers':
+    router, experts, shared expert; see ``MoE.tensor_parallel_plan``). Their gradients are
+    partial sums over tp, which the trainer adds up (``core.data_parallel.all_reduce_gradients``)."""
+    return [p for moe in moe_layers(model) for p in moe.parameters() if p.requires_grad]
 
 
 def expert_fsdp_units(model: nn.Module, pm: ParallelMesh) -> list[tuple[nn.Module, object]]:
@@ -99,15 +148,13 @@ def materialize(model: nn.Module, device: torch.device) -> None:
 
 
 def parallelize_and_initialize(model: Transformer, pm: ParallelMesh, device: torch.device, seed: int,
-                               dp_mode: str = "fsdp", param_dtype: torch.dtype | None = None,
-                               reshard_after_forward: bool = True, cp_method: str = "ring") -> None:
+                               options: ParallelOptions = ParallelOptions()) -> None:
     """Shard a meta-device model (or pipeline stage) over ``pm``, allocate this rank's shards on
     ``device`` and fill them with the mesh-invariant initial values (``models.init``).
 
     Collective only where ``parallelize`` is (FSDP setup); initialization issues none.
     """
-    parallelize(model, pm, dp_mode=dp_mode, param_dtype=param_dtype, reshard_after_forward=reshard_after_forward,
-                cp_method=cp_method)
+    parallelize(model, pm, options)
     materialize(model, device)
     init_weights(model, model.config.n_layers, seed)
 

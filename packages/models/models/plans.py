@@ -67,18 +67,20 @@ def block_plan(prefix: str, block: nn.Module) -> dict[str, ParallelStyle]:
     return plan
 
 
-def replicated_feed_forward_plan(prefix: str) -> dict[str, ParallelStyle]:
-    """Run the module at ``prefix`` whole on every tp rank, on plain local tensors (used by MoE).
+def token_split_plan(prefix: str) -> dict[str, ParallelStyle]:
+    """Run the module at ``prefix`` on this tp rank's sequence slice, with plain local tensors (MoE).
 
-    Input: all-gather the sequence slices (Shard(1) -> Replicate), hand the module a plain
-    [b, s, dim] tensor; its parameters stay plain and identical on every tp rank. Output:
-    keep this rank's sequence slice (Replicate -> Shard(1), no communication). In backward
-    the slice's gradient is all-gathered, so every tp rank computes the full, identical
-    parameter gradients (no reduction over tp needed), at the price of tp-fold redundant work.
+    Sequence parallel already leaves each tp rank its own [b, s/tp, dim] slice of the
+    residual stream; the module takes that slice as a plain tensor and returns its output
+    for the same slice, as the residual stream holds it (a plain local tensor): no
+    communication in or out. Its parameters stay plain and whole on
+    every tp rank, so their gradients are per-rank partial sums, added up over tp by the
+    trainer (``models.parallelize.token_split_parameters``). Every token is computed once,
+    on one tp rank: no tp-fold redundant expert compute or all-to-all.
     """
     return {prefix: PrepareModuleInputOutput(
-        input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_input=True,
-        output_layouts=(Replicate(),), desired_output_layouts=(Shard(1),), use_local_output=True)}
+        input_layouts=(Shard(1),), desired_input_layouts=(Shard(1),), use_local_input=True,
+        output_layouts=(Shard(1),), desired_output_layouts=(Shard(1),), use_local_output=True)}
 
 
 def tensor_parallel_plan(model: Transformer) -> dict[str, ParallelStyle]:

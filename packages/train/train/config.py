@@ -36,6 +36,11 @@ class TrainConfig:
     pp_schedule: str = option("1f1b", "pipeline schedule")
     microbatches: int = option(0, "pipeline microbatches per step (0: 2 * pp)")
     cp_method: str = option("ring", "context-parallel attention: ring (P2P) or allgather (K/V all-gather)")
+    activation_checkpoint: str = option("none", "recompute activations in backward to save memory: none, full "
+                                                "(keep only block inputs) or selective (keep matmul, attention "
+                                                "and collective outputs; recompute element-wise ops)")
+    compile: bool = option(False, "torch.compile each transformer block (inductor; the first step includes "
+                                  "compile time)")
     # optimization
     steps: int = option(300, "optimizer steps to train for (the LR schedule's length)")
     global_batch_size: int = option(16, "sequences per optimizer step, over the whole mesh")
@@ -112,13 +117,14 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 def registered_choices() -> dict[str, list[str]]:
     """The value sets that live with their implementations (imported when a parser is built)."""
+    from core.activation_checkpoint import AC_MODES
     from core.context_parallel import CP_METHODS
     from core.pipeline import SCHEDULES
     from models.parallelize import DP_MODES
     from models.registry import model_names
 
     return {"model": model_names(), "dp_mode": list(DP_MODES), "pp_schedule": list(SCHEDULES),
-            "cp_method": list(CP_METHODS)}
+            "cp_method": list(CP_METHODS), "activation_checkpoint": list(AC_MODES)}
 
 
 def build_parser() -> argparse.ArgumentParser:

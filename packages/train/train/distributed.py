@@ -56,6 +56,16 @@ def _single_process_env() -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
 
 
+def cpu_threads_per_rank() -> int:
+    """Intra-op threads for a CPU rank: ``OMP_NUM_THREADS`` when set, else this machine's usable
+    cores shared evenly by the ranks on it (torchrun's LOCAL_WORLD_SIZE), so one process uses
+    every core and N ranks do not oversubscribe them."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 def init_distributed(device: torch.device, timeout_s: int) -> None:
     """Join the default process group (no-op if already joined, e.g. inside tests).
 
@@ -66,7 +76,7 @@ def init_distributed(device: torch.device, timeout_s: int) -> None:
         return
     _single_process_env()
     if device.type == "cpu":
-        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+        torch.set_num_threads(cpu_threads_per_rank())
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
                             device_id=device if device.type == "cuda" else None)

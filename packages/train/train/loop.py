@@ -40,8 +40,10 @@ from core.mesh import ParallelMesh, build_mesh
 from core.zigzag import zigzag_shard
 from core.tensor_parallel import loss_context, reduce_partial_gradients, to_local_scalar, token_loss_sum
 from models.hf_format import load_hf_weights_
-from models.moe import MoEConfig, expert_load_metrics, moe_layers, set_sequences_per_step, update_expert_bias
-from models.parallelize import dense_and_expert_parameters, parallelize_and_initialize
+from models.moe import (MoEConfig, expert_load_metrics, moe_layers, set_sequences_per_step, sum_step_load,
+                        update_expert_bias)
+from models.parallelize import (ParallelOptions, dense_and_expert_parameters, parallelize_and_initialize,
+                                token_split_parameters)
 from models.registry import build_model
 
 from . import checkpointing
@@ -130,13 +132,12 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     with torch.device("meta"):
         model = build_model(checked.model_config)
     flops_per_token = model_flops_per_token(model, checked.model_config, cfg.seq_len)
-    param_dtype = DTYPE[cfg.dtype] if cfg.dtype != "float32" else None
+    options = parallel_options(cfg)
     pipeline = None
     if pm.size("pp") > 1:  # this rank's stage(s) replace the whole meta model
-        model, pipeline = build_pipeline(cfg, pm, checked.model_config, device, param_dtype)
+        model, pipeline = build_pipeline(cfg, pm, checked.model_config, device, options)
     else:
-        parallelize_and_initialize(model, pm, device, cfg.seed, dp_mode=cfg.dp_mode, param_dtype=param_dtype,
-                                   cp_method=cfg.cp_method)
+        parallelize_and_initialize(model, pm, device, cfg.seed, options)
     if cfg.init_from:
         for part in (model if pipeline else [model]):
             load_hf_weights_(part, cfg.init_from)  # each rank copies its own shards; no collective
@@ -149,6 +150,13 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
                                       vocab_size) if cfg.eval_every else None
     return Trainer(cfg, pm, device, checked.model_config, model, optimizer, scheduler, batches, flops_per_token,
                    pipeline=pipeline, eval_batches=eval_batches, eos_id=tokenizer.eos_id)
+
+
+def parallel_options(cfg: TrainConfig) -> ParallelOptions:
+    """The run's flags as ``models.parallelize`` takes them."""
+    return ParallelOptions(dp_mode=cfg.dp_mode, param_dtype=DTYPE[cfg.dtype] if cfg.dtype != "float32" else None,
+                           cp_method=cfg.cp_method, activation_checkpoint=cfg.activation_checkpoint,
+                           compile=cfg.compile)
 
 
 def model_flops_per_token(model: nn.Module, model_config, seq_len: int) -> float:
@@ -211,7 +219,10 @@ def compute_gradients(t: Trainer) -> tuple[torch.Tensor, float]:
         loss = pipeline_forward_backward(t, inputs, labels, t.compute_context())
     else:
         loss = forward_backward(t, inputs, labels, documents)
+    sum_step_load(t.model)  # MoE: the step's expert load over every rank's tokens
     reduce_partial_gradients(t.params)
+    if t.pm.size("tp") > 1:  # MoE layers run on each tp rank's own tokens: add up their gradients
+        all_reduce_gradients(token_split_parameters(t.model), t.pm["tp"].get_group())
     if t.cfg.dp_mode == "replicate":
         dense, experts = dense_and_expert_parameters(t.model)
         all_reduce_gradients(dense, t.pm["dense_grad"].get_group())

@@ -17,6 +17,7 @@ One step on one rank:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -34,7 +35,7 @@ from core.pipeline import (
     stages_of_rank,
 )
 from core.tensor_parallel import loss_context, to_local_scalar, token_loss_sum
-from models.parallelize import parallelize_and_initialize, uses_fsdp
+from models.parallelize import ParallelOptions, parallelize_and_initialize, uses_fsdp
 from models.pipeline_split import split_stage
 from models.registry import build_model
 
@@ -70,7 +71,7 @@ class Pipeline:
 
 
 def build_stage_module(model_config, layer_ids: list[int], first: bool, last: bool, pm: ParallelMesh,
-                       device: torch.device, dp_mode: str, param_dtype, seed: int, cp_method: str) -> nn.Module:
+                       device: torch.device, options: ParallelOptions, seed: int) -> nn.Module:
     """One stage: cut on the meta device, parallelized on this rank's submesh, initialized by name.
 
     FSDP keeps parameters gathered after the forward (``reshard_after_forward=False``):
@@ -80,23 +81,22 @@ def build_stage_module(model_config, layer_ids: list[int], first: bool, last: bo
     """
     with torch.device("meta"):
         model = split_stage(build_model(model_config), layer_ids, first, last)
-    parallelize_and_initialize(model, pm, device, seed, dp_mode=dp_mode, param_dtype=param_dtype,
-                               reshard_after_forward=False, cp_method=cp_method)
+    parallelize_and_initialize(model, pm, device, seed, dataclasses.replace(options, reshard_after_forward=False))
     return model
 
 
-def build_pipeline(cfg, pm: ParallelMesh, model_config, device: torch.device, param_dtype) -> tuple[ModelParts, Pipeline]:
+def build_pipeline(cfg, pm: ParallelMesh, model_config, device: torch.device,
+                   options: ParallelOptions) -> tuple[ModelParts, Pipeline]:
     """This rank's stage modules and the schedule that drives them. Collective (process groups, FSDP)."""
     pp = pm.size("pp")
     stage_ids = stages_of_rank(pm.local_rank("pp"), pp, cfg.pp_schedule)
     n_stages = pp * SCHEDULES[cfg.pp_schedule].stages_per_rank
     layer_split = layers_per_stage(model_config.n_layers, n_stages)
     parts = ModelParts(
-        build_stage_module(model_config, layer_split[s], s == 0, s == n_stages - 1, pm, device, cfg.dp_mode,
-                           param_dtype, cfg.seed, cfg.cp_method)
+        build_stage_module(model_config, layer_split[s], s == 0, s == n_stages - 1, pm, device, options, cfg.seed)
         for s in stage_ids)
     microbatches = default_microbatches(pp, cfg.microbatches)
-    io = stage_io(cfg, pm, model_config, microbatches, param_dtype)
+    io = stage_io(cfg, pm, model_config, microbatches, options.param_dtype)
     stages = build_stages(list(parts), stage_ids, n_stages, device, pm["pp"].get_group(), io)
     tokens_in_global_batch = cfg.global_batch_size * cfg.seq_len
 

@@ -15,6 +15,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from core.activation_checkpoint import AC_MODES
 from core.context_parallel import cp_attention
 from core.mesh import MeshConfigError, MeshShape, check_divisible
 from core.pipeline import PipelineConfigError, check_pipeline, default_microbatches, schedule_spec
@@ -50,6 +51,10 @@ def validate(cfg: TrainConfig, world_size: int) -> ValidatedRun:
     if cfg.document_masking and shape.cp > 1 and device_type(cfg.device) == "cuda":
         raise ValueError("--document-masking with cp > 1 runs on the CPU flash kernel in this version (the CUDA "
                          "block kernels here take no attention bias yet): use cp=1 on CUDA")
+    if cfg.compile and shape.tp > 1:
+        raise ValueError(f"--compile with tp={shape.tp}: in torch 2.13 a compiled tensor-parallel block hands "
+                         f"DTensor's backward a plain gradient and fails; drop --compile or use tp=1 (FSDP, cp, "
+                         f"ep and pp all compile)")
     if cfg.seq_len > model_config.max_seq_len:
         raise ValueError(f"--seq-len {cfg.seq_len} exceeds the model's max_seq_len {model_config.max_seq_len}")
     tokenizer = _check_files(cfg, model_config)
@@ -93,6 +98,8 @@ def _check_choices(cfg: TrainConfig) -> None:
         raise ValueError(f"--dtype {cfg.dtype!r}: use one of {', '.join(DTYPES)}")
     if cfg.dp_mode not in DP_MODES:
         raise ValueError(f"--dp-mode {cfg.dp_mode!r}: use one of {', '.join(DP_MODES)}")
+    if cfg.activation_checkpoint not in AC_MODES:
+        raise ValueError(f"--activation-checkpoint {cfg.activation_checkpoint!r}: use one of {', '.join(AC_MODES)}")
     cp_attention(cfg.cp_method)  # a typo fails at once, also where cp = 1
     schedule_spec(cfg.pp_schedule)  # likewise where pp = 1
     check_profiling(cfg.profile_steps, cfg.memory_snapshot, device_type(cfg.device), cfg.steps)

@@ -1,0 +1,146 @@
+"""The lean step, measured side by side in one run: data parallel, activation checkpointing,
+compile and grouped-GEMM experts, each as a ratio to its honest baseline.
+
+    python benchmarks/bench_step.py            # about 6 minutes on 2 CPU cores
+    python benchmarks/bench_step.py --smoke    # every row once, tiny (the test suite runs this)
+
+Every training row is the real CLI (``python -m train`` / ``torchrun -m train``) on synthetic
+tokens, so thread counts are the trainer's own: one process uses every core, N ranks on one
+machine share them. Throughput is the median tokens/s over the steps after the first few
+(warm-up, and compile time on the first step); memory is the peak resident set of rank 0
+(``mem_peak_mib``: weights, optimizer state, activations and the runtime itself).
+
+  1. data parallel: dp=2 (FSDP, and plain replication) vs 1 process, default debug config;
+  2. activation checkpointing none / full / selective: peak memory and tokens/s, 8 layers at seq 1024;
+  3. torch.compile per block vs eager, 1 process, the debug config and a wider model
+     (the compile time is the first step's time minus a steady step's);
+  4. MoE experts: one grouped GEMM per projection vs a matmul per expert, forward + backward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = [str(ROOT / "packages" / name) for name in ("core", "models", "train")]
+sys.path[:0] = PACKAGES
+
+
+def train_run(args: list[str], ranks: int, steps: int, threads: int | None = None) -> dict:
+    """Train via the CLI; return median tokens/s (after warm-up), first-step seconds, peak MiB.
+    ``threads`` per rank: None lets the trainer share the cores among the ranks."""
+    with tempfile.TemporaryDirectory() as out:
+        launcher = [sys.executable, "-m", "train"] if ranks == 1 else \
+            [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "-m", "train"]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(PACKAGES)}
+        env.pop("OMP_NUM_THREADS", None)  # the trainer picks cores / ranks (torchrun would force 1)
+        if threads or ranks > 1:
+            env["OMP_NUM_THREADS"] = str(threads or max(1, (os.cpu_count() or 1) // ranks))
+        command = launcher + ["--dataset", "synthetic", "--steps", str(steps), "--output-dir", out,
+                              "--resume", "none", "--warmup-steps", "1", *args]
+        subprocess.run(command, check=True, env=env, capture_output=True, text=True)
+        rows = [json.loads(line) for line in open(Path(out) / "metrics.jsonl")]
+    steady = rows[min(3, len(rows) - 1):]
+    return {"tps": statistics.median(r["tokens_per_sec"] for r in steady),
+            "first_s": rows[0]["step_time_s"], "step_s": statistics.median(r["step_time_s"] for r in steady),
+            "mem": max(r["mem_peak_mib"] for r in rows)}
+
+
+def table(title: str, header: tuple[str, ...], rows: list[tuple]) -> None:
+    print(f"\n{title}")
+    print("".join(f"{h:>14}" if i else f"{h:<34}" for i, h in enumerate(header)))
+    for row in rows:
+        print("".join(f"{v:>14.2f}" if isinstance(v, float) else (f"{v:>14}" if i else f"{v:<34}")
+                      for i, v in enumerate(row)))
+
+
+def data_parallel(steps: int) -> None:
+    base = train_run([], 1, steps)
+    single_thread = train_run([], 1, steps, threads=1)
+    rows = [("1 process (all cores)", base["tps"], 1.0),
+            ("1 process, 1 thread", single_thread["tps"], single_thread["tps"] / base["tps"])]
+    for name, args in (("dp=2 fsdp", ["--mesh", "dp=2"]), ("dp=2 replicate", ["--mesh", "dp=2", "--dp-mode",
+                                                                                 "replicate"])):
+        run = train_run(args, 2, steps)
+        rows.append((name, run["tps"], run["tps"] / base["tps"]))
+    table("1. data parallel (debug model, global batch 16, seq 128)", ("run", "tokens/s", "x 1 proc"), rows)
+
+
+def checkpointing(steps: int, model_args: str, seq_len: int, batch: int) -> None:
+    common = ["--model-args", model_args, "--seq-len", str(seq_len), "--global-batch-size", str(batch)]
+    runs = {mode: train_run(common + ["--activation-checkpoint", mode], 1, steps)
+            for mode in ("none", "full", "selective")}
+    none = runs["none"]
+    rows = [(mode, r["mem"], r["mem"] / none["mem"], r["tps"], r["tps"] / none["tps"]) for mode, r in runs.items()]
+    table(f"2. activation checkpointing ({model_args}, seq {seq_len}, batch {batch})",
+          ("mode", "peak MiB", "x none", "tokens/s", "x none"), rows)
+
+
+def compiling(steps: int, configs: list[tuple[str, list[str]]]) -> None:
+    rows = []
+    for name, args in configs:
+        eager, compiled = train_run(args, 1, steps), train_run(args + ["--compile"], 1, steps)
+        rows.append((name, eager["tps"], compiled["tps"], compiled["tps"] / eager["tps"],
+                     compiled["first_s"] - compiled["step_s"]))
+    table("3. torch.compile per block, 1 process", ("config", "eager tok/s", "compiled", "x eager", "compile s"),
+          rows)
+
+
+def experts(repeats: int, sizes: list[tuple[int, int, int, int]]) -> None:
+    from models.moe import grouped_matmul, looped_matmul
+
+    rows = []
+    for n_experts, dim, hidden, tokens in sizes:
+        generator = torch.Generator().manual_seed(0)
+        counts = torch.bincount(torch.randint(0, n_experts, (tokens,), generator=generator), minlength=n_experts)
+        ends = counts.cumsum(0).to(torch.int32)
+        x = torch.randn(tokens, dim, generator=generator, requires_grad=True)
+        w1, w3 = (torch.randn(n_experts, dim, hidden, generator=generator, requires_grad=True) for _ in range(2))
+        w2 = torch.randn(n_experts, hidden, dim, generator=generator, requires_grad=True)
+        times = {}
+        for name, matmul in (("loop", looped_matmul), ("grouped", grouped_matmul)):
+            samples = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                out = matmul(torch.nn.functional.silu(matmul(x, w1, ends)) * matmul(x, w3, ends), w2, ends)
+                out.backward(torch.ones_like(out))
+                samples.append(time.perf_counter() - start)
+            times[name] = statistics.median(samples) * 1e3
+        rows.append((f"E={n_experts} dim={dim} hidden={hidden} T={tokens}", times["loop"], times["grouped"],
+                     times["loop"] / times["grouped"]))
+    table("4. MoE experts forward+backward (SwiGLU, 3 projections)", ("size", "loop ms", "grouped ms", "speedup"),
+          rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="every row once with tiny sizes (seconds, not minutes)")
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPU cores")
+    if args.smoke:
+        data_parallel(steps=4)
+        checkpointing(4, "n_layers=2,max_seq_len=128", 64, 4)
+        compiling(4, [("debug", [])])
+        experts(2, [(4, 32, 32, 64)])
+        return
+    data_parallel(steps=30)
+    checkpointing(8, "dim=256,n_layers=8,ffn_dim=768,max_seq_len=1024", 1024, 4)
+    compiling(20, [("debug (dim 128, seq 128, batch 16)", []),
+                   ("dim 256, 8 layers, seq 512, batch 8",
+                    ["--model-args", "dim=256,n_layers=8,ffn_dim=768,max_seq_len=512", "--seq-len", "512",
+                     "--global-batch-size", "8"])])
+    experts(20, [(8, 128, 128, 4096), (8, 512, 1024, 8192), (64, 512, 256, 8192)])
+
+
+if __name__ == "__main__":
+    main()

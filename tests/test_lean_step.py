@@ -1,0 +1,141 @@
+"""The fast, memory-lean step: activation checkpointing, torch.compile, grouped-GEMM experts,
+fewer collectives. Each is checked against the run without it on the same mesh.
+
+Activation checkpointing must not change a single bit (the recompute runs the same ops in
+the same order); compile must match eager within float noise (inductor fuses reductions).
+"""
+
+import functools
+
+import pytest
+import torch
+
+from rank_harness import run_on_ranks
+from parity import BASE, assert_same_run, merge_ranks, run_steps
+
+
+@functools.lru_cache(maxsize=None)
+def on_mesh(mesh: str, world: int, **overrides) -> dict:
+    return merge_ranks(run_on_ranks(run_steps, world, mesh, overrides))
+
+
+def assert_bitwise_equal(reference: dict, other: dict) -> None:
+    assert other["losses"] == reference["losses"], (other["losses"], reference["losses"])
+    assert other["expert_loads"] == reference["expert_loads"], "MoE load differs (counted twice by a recompute?)"
+    for kind in ("grads", "weights"):
+        assert other[kind].keys() == reference[kind].keys()
+        for name, ref in reference[kind].items():
+            assert torch.equal(other[kind][name], ref), f"{kind} of {name} differ"
+
+
+@pytest.mark.parametrize("mesh, world, mode, model", [
+    ("dp=2,tp=2", 4, "full", "debug"),
+    ("dp=2,tp=2", 4, "selective", "debug"),
+    ("cp=2", 2, "selective", "debug"),              # ring attention inside the checkpoint
+    ("pp=2,dp=2", 4, "selective", "debug"),
+    ("dp=2", 2, "selective", "debug-moe-v3"),       # MoE load recorded once per forward, not per recompute
+    ("ep=2,tp=2", 4, "selective", "debug-moe-v3"),  # experts as an inner FSDP unit: full recompute for them
+])
+def test_activation_checkpointing_changes_nothing(mesh, world, mode, model):
+    assert_bitwise_equal(on_mesh(mesh, world, model=model), on_mesh(mesh, world, model=model,
+                                                                    activation_checkpoint=mode))
+
+
+def test_bitwise_comparison_can_fail():
+    """Negative control: one more step of training moves the weights, and the check sees it."""
+    with pytest.raises(AssertionError):
+        assert_bitwise_equal(on_mesh("", 1), on_mesh("", 1, lr=1.1e-2))
+
+
+@pytest.mark.parametrize("mesh, world, extra", [
+    ("", 1, {}),
+    ("dp=2", 2, {"activation_checkpoint": "selective"}),  # compile + FSDP2 + checkpointing
+    ("pp=2", 2, {}),
+    ("ep=2", 2, {"model": "debug-moe-v3"}),
+])
+def test_compiled_blocks_match_eager(mesh, world, extra):
+    assert_same_run(on_mesh(mesh, world, **extra), on_mesh(mesh, world, compile=True, **extra))
+
+
+def test_compile_with_tensor_parallel_is_refused_with_a_reason():
+    from train.config import TrainConfig
+    from train.validation import validate
+
+    with pytest.raises(ValueError, match="--compile with tp=2"):
+        validate(TrainConfig(**BASE, mesh="tp=2", compile=True), world_size=2)
+
+
+def test_grouped_gemm_experts_match_a_loop_and_read_nothing_on_the_host(monkeypatch):
+    """One MoE layer forward/backward: grouped GEMM == per-expert matmuls (the CUDA float32
+    fallback), and no tensor is read on the host (``.tolist()``/``.item()`` would raise here)."""
+    from models.init import init_weights
+    from models.moe import MoE, grouped_matmul, looped_matmul
+    from models.registry import get_config
+
+    cfg = get_config("debug-moe")
+    layer = MoE(cfg)
+    init_weights(layer, cfg.n_layers, seed=0)
+    x = torch.randn(2, 16, cfg.dim, generator=torch.Generator().manual_seed(1), requires_grad=True)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("host sync in the MoE layer")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.Tensor, "tolist", forbidden)
+        patch.setattr(torch.Tensor, "item", forbidden)
+        patch.setattr(torch.Tensor, "__bool__", forbidden)
+        out = layer(x)
+        out.square().sum().backward()
+    ends = torch.tensor([4, 4, 11], dtype=torch.int32)  # expert 1 gets no rows
+    for width in (8, 5):  # 8 floats: grouped_mm; 5 (not 16-byte rows): the loop
+        rows, weights = torch.randn(11, 8), torch.randn(3, 8, width)
+        expected = torch.cat([rows[:4] @ weights[0], rows[4:11] @ weights[2]])
+        torch.testing.assert_close(grouped_matmul(rows, weights, ends), expected)
+        torch.testing.assert_close(looped_matmul(rows, weights, ends), expected)
+    assert x.grad is not None and layer.experts.w1.grad.abs().sum() > 0
+
+
+def partial_gradient_all_reduces(mesh: str) -> tuple[int, int]:
+    """(sequence-parallel norm weights with a Partial gradient, all-reduces issued to fix them)."""
+    import tempfile
+
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    from train.config import TrainConfig
+    from train.loop import build_trainer, forward_backward
+    from core.tensor_parallel import reduce_partial_gradients
+
+    with tempfile.TemporaryDirectory() as out:
+        t = build_trainer(TrainConfig(**{**BASE, "mesh": mesh, "output_dir": out}))
+        inputs, labels = next(t.batches)
+        forward_backward(t, inputs, labels, None)
+        partial = sum(isinstance(p.grad, DTensor) and any(pl.is_partial() for pl in p.grad.placements)
+                      for p in t.params)
+        calls, issue = [], dist.all_reduce
+        dist.all_reduce = lambda *args, **kwargs: calls.append(1) or issue(*args, **kwargs)
+        try:
+            reduce_partial_gradients(t.params)
+        finally:
+            dist.all_reduce = issue
+    return partial, len(calls)
+
+
+def test_partial_norm_gradients_are_summed_in_one_all_reduce():
+    """tp=2: the 9 RMSNorm weights of the debug model (2 per block + final) take one all-reduce, not 9
+    (their values are checked by every tp parity test)."""
+    partial, all_reduces = run_on_ranks(partial_gradient_all_reduces, 2, "tp=2")[0]
+    assert (partial, all_reduces) == (9, 1)
+
+
+def test_cpu_threads_share_the_cores(monkeypatch):
+    from train.distributed import cpu_threads_per_rank
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert cpu_threads_per_rank() == 8          # python -m train: every core
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert cpu_threads_per_rank() == 2          # torchrun --nproc-per-node 4
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert cpu_threads_per_rank() == 3          # the user's choice wins
