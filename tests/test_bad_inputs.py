@@ -61,6 +61,8 @@ def files(tmp_path):
     (["--init-from", "{d}/broken_hf", "--dataset", "default"], "{d}/broken_hf/config.json cannot be read as JSON"),
     (["--init-from", "{d}/partial_hf"], "{d}/partial_hf/config.json lacks the field 'hidden_size'"),
     (["--warmup-steps", "-3"], "--warmup-steps -3: must be >= 0"),
+    (["--dp-shard", "2"], "--dp-shard 2 applies to --dp-mode hsdp only (now fsdp)"),
+    (["--activation-checkpoint", "some"], "argument --activation-checkpoint: invalid choice: 'some'"),
     (["--checkpoint-every", "-1"], "--checkpoint-every -1: must be >= 0"),
     (["--keep-checkpoints", "-1"], "--keep-checkpoints -1: must be >= 0 (0: keep all)"),
     (["--lr", "-0.1"], "--lr -0.1: must be a finite number >= 0"),
@@ -97,7 +99,7 @@ def test_help_lists_every_option_once_with_its_default(capsys):
     assert run(["--help"]) == 0
     text = capsys.readouterr().out
     assert "(default: None)" not in text and "(default '" not in text
-    assert "--dtype {float32,bfloat16}" in text and "--dp-mode {fsdp,replicate}" in text
+    assert "--dtype {float32,bfloat16}" in text and "--dp-mode {fsdp,hsdp,replicate}" in text
     assert "--device {auto,cpu,cuda}" in text and "--pp-schedule {1f1b,gpipe,interleaved-1f1b,zbv}" in text
     assert "--model {debug," in text and "--lr LR               peak learning rate (AdamW) (default: 0.003)" in text
 

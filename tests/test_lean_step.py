@@ -139,3 +139,44 @@ def test_cpu_threads_share_the_cores(monkeypatch):
     assert cpu_threads_per_rank() == 2          # torchrun --nproc-per-node 4
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert cpu_threads_per_rank() == 3          # the user's choice wins
+
+
+@pytest.mark.parametrize("mesh, world, extra", [
+    ("dp=4", 4, {"dp_shard": 2}),                                 # 2 replicas of a 2-way shard group
+    ("dp=2,ep=2", 4, {"dp_shard": 1, "model": "debug-moe-v3"}),   # experts replicate over dp too
+])
+def test_hybrid_sharded_data_parallel_matches_single_process(mesh, world, extra):
+    assert_same_run(on_mesh("", 1, **{k: v for k, v in extra.items() if k == "model"}),
+                    on_mesh(mesh, world, dp_mode="hsdp", **extra))
+
+
+def hsdp_layout(mesh: str, dp_shard: int) -> tuple:
+    """(mesh dim names, placements, local rows / full rows) of one block weight under HSDP."""
+    import tempfile
+
+    from train.config import TrainConfig
+    from train.loop import build_trainer
+
+    with tempfile.TemporaryDirectory() as out:
+        t = build_trainer(TrainConfig(**{**BASE, "mesh": mesh, "output_dir": out, "dp_mode": "hsdp",
+                                         "dp_shard": dp_shard}))
+        weight = t.model.layers["0"].attention.wq.weight
+        return (weight.device_mesh.mesh_dim_names, tuple(str(p) for p in weight.placements),
+                weight.to_local().shape[0] / weight.shape[0])
+
+
+def test_hsdp_shards_within_groups_and_replicates_across_them():
+    names, placements, fraction = run_on_ranks(hsdp_layout, 4, "dp=4", 2)[0]
+    assert names == ("dp_replicate", "dp_shard_ep_cp") and placements == ("R", "S(0)")
+    assert fraction == 0.5
+
+
+def test_hsdp_shard_size_defaults_to_one_node():
+    from core.mesh import MeshConfigError, MeshShape, hsdp_shard_size
+
+    assert hsdp_shard_size(MeshShape(dp=8), 0, ranks_per_node=4) == 4          # 2 nodes: replicate across them
+    assert hsdp_shard_size(MeshShape(dp=4, tp=2), 0, ranks_per_node=8) == 4    # one node holds it all
+    assert hsdp_shard_size(MeshShape(dp=4, tp=4), 0, ranks_per_node=8) == 2
+    assert hsdp_shard_size(MeshShape(dp=4), 2, ranks_per_node=8) == 2          # asked for
+    with pytest.raises(MeshConfigError, match="--dp-shard 3 does not divide dp=4"):
+        hsdp_shard_size(MeshShape(dp=4), 3, ranks_per_node=8)

@@ -17,7 +17,10 @@ from dataclasses import dataclass
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-MESH_DIMS = ("pp", "dp", "ep", "cp", "tp")  # outermost first: the order of the DeviceMesh axes
+MESH_DIMS = ("pp", "dp", "ep", "cp", "tp")  # outermost first: the order of the mesh axes users name
+# The DeviceMesh itself splits dp in two (replicate outer, shard inner) for HSDP; without
+# HSDP dp_replicate is 1 and the rank layout is the same.
+DEVICE_MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "ep", "cp", "tp")
 
 
 class MeshConfigError(ValueError):
@@ -90,10 +93,12 @@ class MeshShape:
 
 
 class ParallelMesh:
-    """One 5-D ``DeviceMesh`` and the named (and flattened) submeshes the parallelisms use.
+    """One ``DeviceMesh`` and the named (and flattened) submeshes the parallelisms use.
 
-    Submeshes, each a 1-D ``DeviceMesh`` over the ranks that share all *other* coordinates:
-      - ``tp``, ``cp``, ``ep``, ``pp``, ``dp``: the plain axes.
+    The DeviceMesh has the five user-facing dims, with dp split into ``dp_replicate`` x
+    ``dp_shard`` (``dp_shard`` = dp, i.e. no split, unless HSDP asks for one). Submeshes,
+    each a 1-D ``DeviceMesh`` over the ranks that share all *other* coordinates:
+      - ``tp``, ``cp``, ``ep``, ``pp``: the plain axes; ``dp`` = flatten(dp_replicate, dp_shard).
       - ``batch`` = flatten(dp, ep): ranks that read different samples.
       - ``dense_grad`` = flatten(dp, ep, cp): ranks whose dense-parameter gradients are
         summed (FSDP shards dense parameters over it).
@@ -102,22 +107,36 @@ class ParallelMesh:
       - ``sequence`` = flatten(cp, tp): ranks holding parts of the same sequences between
         MoE layers (cp splits the sequence, sequence parallel splits it again over tp).
       - ``tokens`` = flatten(dp, ep, cp, tp): ranks whose MoE layers route different tokens.
+    And two 2-D meshes for HSDP (``hsdp``): ``dense_grad_hsdp`` = (dp_replicate,
+    flatten(dp_shard, ep, cp)) and ``expert_grad_hsdp`` = (dp_replicate, flatten(dp_shard, cp)):
+    parameters are sharded over the inner dim and replicated over the outer one.
     Flattened meshes are created once, eagerly, on every rank (creating them is collective).
     """
 
-    def __init__(self, shape: MeshShape, device_type: str):
+    def __init__(self, shape: MeshShape, device_type: str, dp_shard: int | None = None):
         self.shape = shape
         self.device_type = device_type
-        self.mesh: DeviceMesh = init_device_mesh(device_type, shape.sizes(), mesh_dim_names=MESH_DIMS)
-        self._flat: dict[str, DeviceMesh] = {}
-        self._flat["batch"] = self.mesh["dp", "ep"]._flatten("dp_ep")
-        self._flat["dense_grad"] = self.mesh["dp", "ep", "cp"]._flatten("dp_ep_cp")
-        self._flat["expert_grad"] = self.mesh["dp", "cp"]._flatten("dp_cp")
-        self._flat["sequence"] = self.mesh["cp", "tp"]._flatten("cp_tp")
-        self._flat["tokens"] = self.mesh["dp", "ep", "cp", "tp"]._flatten("dp_ep_cp_tp")
+        dp_shard = dp_shard or shape.dp
+        sizes = (shape.pp, shape.dp // dp_shard, dp_shard, shape.ep, shape.cp, shape.tp)
+        self.mesh: DeviceMesh = init_device_mesh(device_type, sizes, mesh_dim_names=DEVICE_MESH_DIMS)
+        m = self.mesh
+        self._flat: dict[str, DeviceMesh] = {
+            "dp": m["dp_replicate", "dp_shard"]._flatten("dp"),
+            "batch": m["dp_replicate", "dp_shard", "ep"]._flatten("dp_ep"),
+            "dense_grad": m["dp_replicate", "dp_shard", "ep", "cp"]._flatten("dp_ep_cp"),
+            "expert_grad": m["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp"),
+            "sequence": m["cp", "tp"]._flatten("cp_tp"),
+            "tokens": m["dp_replicate", "dp_shard", "ep", "cp", "tp"]._flatten("dp_ep_cp_tp"),
+        }
+        # (replicate, flattened shard) 2-D meshes: concatenated from their parts, as torch
+        # deprecates slicing a flattened dim out of the root mesh.
+        self._flat["dense_grad_hsdp"] = DeviceMesh._concatenate(
+            [m["dp_replicate"], m["dp_shard", "ep", "cp"]._flatten("dp_shard_ep_cp")])
+        self._flat["expert_grad_hsdp"] = DeviceMesh._concatenate(
+            [m["dp_replicate"], m["dp_shard", "cp"]._flatten("dp_shard_cp")])
 
     def __getitem__(self, name: str) -> DeviceMesh:
-        """``pm["tp"]`` or ``pm["dense_grad"]``: a 1-D submesh by axis or flattened name."""
+        """``pm["tp"]`` or ``pm["dense_grad"]``: a submesh by axis or flattened name."""
         if name in self._flat:
             return self._flat[name]
         return self.mesh[name]
@@ -139,8 +158,27 @@ def check_divisible(what: str, value: int, dim: str, size: int, fix: str) -> Non
         raise MeshConfigError(f"{what} = {value} is not divisible by {dim}={size}: {fix}")
 
 
-def build_mesh(shape: MeshShape, device_type: str) -> ParallelMesh:
+def hsdp_shard_size(shape: MeshShape, requested: int, ranks_per_node: int) -> int:
+    """How many dp ranks shard the parameters together under HSDP (the rest replicate).
+
+    ``requested`` > 0 is taken as is (it must divide dp). 0 picks the largest divisor of dp
+    whose replica group (dp_shard x ep x cp x tp ranks) fits in one node of
+    ``ranks_per_node`` ranks: shard over the fast intra-node links, replicate across nodes.
+    """
+    if requested:
+        if shape.dp % requested:
+            divisors = [d for d in range(1, shape.dp + 1) if shape.dp % d == 0]
+            raise MeshConfigError(f"--dp-shard {requested} does not divide dp={shape.dp}: use one of {divisors}")
+        return requested
+    inner = shape.ep * shape.cp * shape.tp
+    fitting = [d for d in range(1, shape.dp + 1) if shape.dp % d == 0 and ranks_per_node % (d * inner) == 0]
+    return max(fitting, default=1)
+
+
+def build_mesh(shape: MeshShape, device_type: str, dp_shard: int | None = None) -> ParallelMesh:
     """Resolve ``shape`` against the initialized process group and build the mesh.
+
+    ``dp_shard``: HSDP's shard-group size along dp (None: dp, no replicate dim).
 
     Collective: creating the mesh and its flattened submeshes creates process groups on
     every rank. Validation of the sizes happens first, so mismatches raise everywhere.
@@ -148,4 +186,4 @@ def build_mesh(shape: MeshShape, device_type: str) -> ParallelMesh:
     if not dist.is_initialized():
         raise RuntimeError("build_mesh needs torch.distributed initialized (train.distributed.init_distributed)")
     shape = shape.resolve(dist.get_world_size())
-    return ParallelMesh(shape, device_type)
+    return ParallelMesh(shape, device_type, dp_shard)

@@ -36,15 +36,17 @@ from .moe import moe_layers
 from .plans import tensor_parallel_plan
 
 
-DP_MODES = ("fsdp", "replicate")
+DP_MODES = ("fsdp", "hsdp", "replicate")
 
 
 @dataclass(frozen=True)
 class ParallelOptions:
     """How ``parallelize`` applies each technique (the mesh says how far).
 
-    ``dp_mode``: "fsdp" shards parameters (ZeRO-3); "replicate" keeps them whole and the
-    trainer sums gradients itself (``core.data_parallel.all_reduce_gradients``).
+    ``dp_mode``: "fsdp" shards parameters over all data-parallel ranks (ZeRO-3); "hsdp" shards
+    them within groups of ``dp_shard`` dp ranks and replicates them across groups (the mesh's
+    ``dp_replicate`` dim: all-reduce of the reduce-scattered shards); "replicate" keeps them
+    whole and the trainer sums gradients itself (``core.data_parallel.all_reduce_gradients``).
     ``param_dtype``: FSDP's compute dtype (None: float32).
     ``reshard_after_forward=False`` keeps FSDP parameters gathered from the forward to the
     backward (a pipeline stage runs many microbatches per step; see ``train.pipelined``).
@@ -67,19 +69,20 @@ def parallelize(model: Transformer, pm: ParallelMesh, options: ParallelOptions =
     ``pm["dense_grad"]`` (experts on ``pm["expert_grad"]``).
     """
     if options.dp_mode not in DP_MODES:
-        raise ValueError(f"unknown dp_mode {options.dp_mode!r}: use 'fsdp' or 'replicate'")
+        raise ValueError(f"unknown dp_mode {options.dp_mode!r}: use one of {', '.join(DP_MODES)}")
     blocks = list(model.layers.values())
     apply_expert_parallel(model, pm)
     apply_tensor_parallel(model, pm["tp"], tensor_parallel_plan(model))
     if pm.size("cp") > 1:
         apply_context_parallel(model, pm["cp"].get_group(), pm.local_rank("cp"), pm.size("cp"), options.cp_method)
-    inner_units = expert_fsdp_units(model, pm) if uses_fsdp(pm, options.dp_mode) else []
+    hsdp = options.dp_mode == "hsdp"
+    inner_units = expert_fsdp_units(model, pm, hsdp) if uses_fsdp(pm, options.dp_mode) else []
     apply_activation_checkpointing(blocks, options.activation_checkpoint,
                                    fully=[block for block in blocks if _holds_any(block, inner_units)])
     if options.compile:
         compile_blocks(blocks)
     if uses_fsdp(pm, options.dp_mode):
-        apply_fsdp(model, pm["dense_grad"], blocks, param_dtype=options.param_dtype,
+        apply_fsdp(model, pm["dense_grad_hsdp" if hsdp else "dense_grad"], blocks, param_dtype=options.param_dtype,
                    reshard_after_forward=options.reshard_after_forward, inner_units=inner_units)
 
 
@@ -101,7 +104,7 @@ def compile_blocks(blocks: list[nn.Module]) -> None:
 
 def uses_fsdp(pm: ParallelMesh, dp_mode: str) -> bool:
     """Whether ``parallelize`` shards with FSDP (and FSDP's mixed precision casts the compute)."""
-    return dp_mode == "fsdp" and pm.size("dense_grad") > 1
+    return dp_mode in ("fsdp", "hsdp") and pm.size("dense_grad") > 1
 
 
 def apply_expert_parallel(model: nn.Module, pm: ParallelMesh) -> None:
@@ -121,7 +124,7 @@ def token_split_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for moe in moe_layers(model) for p in moe.parameters() if p.requires_grad]
 
 
-def expert_fsdp_units(model: nn.Module, pm: ParallelMesh) -> list[tuple[nn.Module, object]]:
+def expert_fsdp_units(model: nn.Module, pm: ParallelMesh, hsdp: bool = False) -> list[tuple[nn.Module, object]]:
     """The FSDP units experts form before the blocks are wrapped: (module, mesh) pairs.
 
     With ep == 1 the experts are ordinary parameters of their block (dp x cp is then the
@@ -129,10 +132,13 @@ def expert_fsdp_units(model: nn.Module, pm: ParallelMesh) -> list[tuple[nn.Modul
     only, so each expert group is its own unit on ``pm["expert_grad"]``; that mesh may
     have a single rank (nothing to shard or sum), and the unit still gives the experts
     FSDP's mixed precision, so they compute in the same dtype as the rest of the block.
+    Under HSDP the experts are sharded over the inner part of that mesh and replicated over
+    ``dp_replicate``, like the dense parameters.
     """
     if pm.size("ep") == 1:
         return []
-    return [(moe.experts, pm["expert_grad"]) for moe in moe_layers(model)]
+    mesh = pm["expert_grad_hsdp" if hsdp else "expert_grad"]
+    return [(moe.experts, mesh) for moe in moe_layers(model)]
 
 
 def dense_and_expert_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:

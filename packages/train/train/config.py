@@ -32,7 +32,10 @@ class TrainConfig:
     model: str = option("debug", "model name from the registry")
     model_args: str = option("", "override model config fields, e.g. n_layers=2,max_seq_len=8192")
     mesh: str = option("", "parallel mesh, e.g. dp=2,tp=4,pp=2; missing dims are 1, dp=-1 fills the rest")
-    dp_mode: str = option("fsdp", "data parallel: fsdp (sharded, ZeRO-3) or replicate (all-reduce)")
+    dp_mode: str = option("fsdp", "data parallel: fsdp (sharded over all dp ranks, ZeRO-3), hsdp (sharded within "
+                                  "groups of --dp-shard ranks, replicated across them) or replicate (all-reduce)")
+    dp_shard: int = option(0, "with --dp-mode hsdp: dp ranks that shard parameters together (must divide dp); "
+                              "0: as many as fit in one node (torchrun's LOCAL_WORLD_SIZE)")
     pp_schedule: str = option("1f1b", "pipeline schedule")
     microbatches: int = option(0, "pipeline microbatches per step (0: 2 * pp)")
     cp_method: str = option("ring", "context-parallel attention: ring (P2P) or allgather (K/V all-gather)")

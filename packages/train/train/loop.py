@@ -127,7 +127,7 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     checked = validate(cfg, world_size_from_env())
     device = resolve_device(cfg.device)
     init_distributed(device, cfg.dist_timeout_s)
-    pm = build_mesh(checked.shape, device.type)
+    pm = build_mesh(checked.shape, device.type, checked.dp_shard)
     torch.manual_seed(cfg.seed)
     with torch.device("meta"):
         model = build_model(checked.model_config)

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from core.activation_checkpoint import AC_MODES
 from core.context_parallel import cp_attention
-from core.mesh import MeshConfigError, MeshShape, check_divisible
+from core.mesh import MeshConfigError, MeshShape, check_divisible, hsdp_shard_size
 from core.pipeline import PipelineConfigError, check_pipeline, default_microbatches, schedule_spec
 from models.hf_format import check_hf_config_matches
 from models.moe import MoEConfig, check_expert_parallel
@@ -37,6 +38,7 @@ class ValidatedRun:
     shape: MeshShape
     model_config: object
     tokenizer: object       # loaded once here; the data and document masking use this one
+    dp_shard: int | None    # HSDP's shard-group size along dp (None: no HSDP)
 
 
 def validate(cfg: TrainConfig, world_size: int) -> ValidatedRun:
@@ -48,6 +50,7 @@ def validate(cfg: TrainConfig, world_size: int) -> ValidatedRun:
     _check_model_fits_mesh(model_config, shape)
     _check_batch(cfg, shape)
     _check_pipeline(cfg, model_config, shape)
+    dp_shard = _hsdp_shard(cfg, shape, world_size)
     if cfg.document_masking and shape.cp > 1 and device_type(cfg.device) == "cuda":
         raise ValueError("--document-masking with cp > 1 runs on the CPU flash kernel in this version (the CUDA "
                          "block kernels here take no attention bias yet): use cp=1 on CUDA")
@@ -58,7 +61,15 @@ def validate(cfg: TrainConfig, world_size: int) -> ValidatedRun:
     if cfg.seq_len > model_config.max_seq_len:
         raise ValueError(f"--seq-len {cfg.seq_len} exceeds the model's max_seq_len {model_config.max_seq_len}")
     tokenizer = _check_files(cfg, model_config)
-    return ValidatedRun(shape, model_config, tokenizer)
+    return ValidatedRun(shape, model_config, tokenizer, dp_shard)
+
+
+def _hsdp_shard(cfg: TrainConfig, shape: MeshShape, world_size: int) -> int | None:
+    if cfg.dp_mode != "hsdp":
+        if cfg.dp_shard:
+            raise ValueError(f"--dp-shard {cfg.dp_shard} applies to --dp-mode hsdp only (now {cfg.dp_mode})")
+        return None
+    return hsdp_shard_size(shape, cfg.dp_shard, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
 
 
 # (option, test, what it must be): numeric options whose bad values would fail late or silently.
@@ -68,6 +79,7 @@ RANGES = (
     ("grad_accum_steps", lambda v: v >= 1, ">= 1"),
     ("seq_len", lambda v: v >= 1, ">= 1"),
     ("microbatches", lambda v: v >= 0, ">= 0 (0: 2 * pp)"),
+    ("dp_shard", lambda v: v >= 0, ">= 0 (0: one node's worth)"),
     ("lr", lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
     ("min_lr_ratio", lambda v: 0 <= v <= 1, "between 0 and 1"),
     ("warmup_steps", lambda v: v >= 0, ">= 0"),
