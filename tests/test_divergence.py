@@ -13,8 +13,9 @@ from parity import BASE, full
 from rank_harness import run_on_ranks
 
 
-def poisoned_step(mesh: str, skip: bool) -> dict:
-    """One step whose gradient holds a NaN on global rank 0 only; what apply_gradients did."""
+def poisoned_step(mesh: str, skip: bool, on_device: bool = False) -> dict:
+    """One step whose gradient holds a NaN on global rank 0 only; what apply_gradients did
+    (``on_device``: a step between reports, which reads nothing on the host)."""
     import torch.distributed as dist
 
     from train.config import TrainConfig
@@ -23,7 +24,7 @@ def poisoned_step(mesh: str, skip: bool) -> dict:
     with tempfile.TemporaryDirectory() as out:
         t = build_trainer(TrainConfig(**{**BASE, "mesh": mesh, "output_dir": out, "skip_nonfinite_steps": skip}))
         loss_share, _ = compute_gradients(t)
-        loss = global_loss(t, loss_share)
+        loss = global_loss(t, loss_share, on_host=not on_device)
         before = {name: full(p) for name, p in t.named_parameters()}
         if dist.get_rank() == 0:
             grad = t.params[0].grad
@@ -51,6 +52,25 @@ def test_skip_nonfinite_steps_drops_only_the_update():
         assert not applied and grad_norm != grad_norm  # NaN
         assert r["unchanged"] and r["optimizer_steps"] == 0
         assert r["schedule_step"] == 1, "the LR schedule moves on with the data"
+
+
+def test_between_reports_a_nan_step_is_dropped_on_the_device():
+    """The fused AdamW kernel is told the step is not finite and leaves weights and moments alone."""
+    for r in run_on_ranks(poisoned_step, 2, "dp=2", False, True):
+        grad_norm, _, applied = r["outcome"]
+        assert isinstance(applied, torch.Tensor) and not applied.item() and grad_norm.isnan().item()
+        assert r["unchanged"] and r["schedule_step"] == 1
+
+
+def test_a_diverging_run_with_log_every_stops_at_the_next_report(tmp_path):
+    """--lr 1e30 --log-every 3: step 2 diverges unseen, is dropped on the device, and the report at
+    step 3 stops the run (exit 3) naming steps 1-2; nothing non-finite was applied or saved."""
+    cmd = [sys.executable, "-m", "train", "--dataset", "synthetic", "--steps", "6", "--global-batch-size", "4",
+           "--seq-len", "32", "--lr", "1e30", "--warmup-steps", "1", "--log-every", "3", "--output-dir", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "error: training diverged between steps 1 and 2 (--log-every 3)" in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "metrics.jsonl").read_text().strip(), "no step was reported before the divergence"
 
 
 def test_a_diverging_run_exits_with_one_line_keeps_its_checkpoint_and_logs_strict_json(tmp_path):

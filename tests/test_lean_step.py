@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from rank_harness import run_on_ranks
-from parity import BASE, assert_same_run, merge_ranks, run_steps
+from parity import BASE, assert_same_run, full, merge_ranks, run_steps
 
 
 @functools.lru_cache(maxsize=None)
@@ -180,3 +180,56 @@ def test_hsdp_shard_size_defaults_to_one_node():
     assert hsdp_shard_size(MeshShape(dp=4), 2, ranks_per_node=8) == 2          # asked for
     with pytest.raises(MeshConfigError, match="--dp-shard 3 does not divide dp=4"):
         hsdp_shard_size(MeshShape(dp=4), 3, ranks_per_node=8)
+
+
+def reported_run(mesh: str, log_every: int) -> dict:
+    """Train 6 steps with ``--log-every``; (reported losses by step, final weights)."""
+    import tempfile
+
+    from train.config import TrainConfig
+    from train.loop import train
+
+    with tempfile.TemporaryDirectory() as out:
+        t = train(TrainConfig(**{**BASE, "steps": 6, "mesh": mesh, "output_dir": out, "log_every": log_every}))
+        return {"losses": {m["step"]: m["loss"] for m in t.history},
+                "weights": {n: full(p) for n, p in t.named_parameters()}}
+
+
+@pytest.mark.parametrize("mesh, world", [("", 1), ("dp=2", 2)])
+def test_log_every_reports_the_same_run(mesh, world):
+    every_step, every_third = (run_on_ranks(reported_run, world, mesh, n)[0] for n in (1, 3))
+    assert sorted(every_third["losses"]) == [3, 6]
+    assert every_third["losses"] == {s: every_step["losses"][s] for s in (3, 6)}
+    for name, weight in every_step["weights"].items():
+        assert torch.equal(every_third["weights"][name], weight), name
+
+
+def test_steps_between_reports_read_nothing_on_the_host(monkeypatch):
+    """A step that is not reported runs without .item(), .tolist() or bool() of a tensor."""
+    import tempfile
+
+    import torch.distributed as dist
+
+    from rank_harness import free_port
+    from train.config import TrainConfig
+    from train.loop import build_trainer, train_step
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        with tempfile.TemporaryDirectory() as out:
+            t = build_trainer(TrainConfig(**{**BASE, "steps": 4, "log_every": 4, "output_dir": out,
+                                             "model": "debug-moe-v3"}))
+
+            def forbidden(*args, **kwargs):
+                raise AssertionError("host sync between reports")
+
+            with monkeypatch.context() as patch:
+                for method in ("item", "tolist", "__bool__"):
+                    patch.setattr(torch.Tensor, method, forbidden)
+                assert train_step(t) == {}
+            assert train_step(t) == {} and train_step(t) == {}
+            assert train_step(t)["step"] == 4
+    finally:
+        dist.destroy_process_group()

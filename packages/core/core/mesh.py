@@ -120,7 +120,7 @@ class ParallelMesh:
         sizes = (shape.pp, shape.dp // dp_shard, dp_shard, shape.ep, shape.cp, shape.tp)
         self.mesh: DeviceMesh = init_device_mesh(device_type, sizes, mesh_dim_names=DEVICE_MESH_DIMS)
         m = self.mesh
-        self._flat: dict[str, DeviceMesh] = {
+        self._submeshes: dict[str, DeviceMesh] = {
             "dp": m["dp_replicate", "dp_shard"]._flatten("dp"),
             "batch": m["dp_replicate", "dp_shard", "ep"]._flatten("dp_ep"),
             "dense_grad": m["dp_replicate", "dp_shard", "ep", "cp"]._flatten("dp_ep_cp"),
@@ -128,18 +128,18 @@ class ParallelMesh:
             "sequence": m["cp", "tp"]._flatten("cp_tp"),
             "tokens": m["dp_replicate", "dp_shard", "ep", "cp", "tp"]._flatten("dp_ep_cp_tp"),
         }
+        # Slicing a DeviceMesh builds a new object each time: the trainer asks every step.
+        self._submeshes.update({name: m[name] for name in ("pp", "ep", "cp", "tp")})
         # (replicate, flattened shard) 2-D meshes: concatenated from their parts, as torch
         # deprecates slicing a flattened dim out of the root mesh.
-        self._flat["dense_grad_hsdp"] = DeviceMesh._concatenate(
+        self._submeshes["dense_grad_hsdp"] = DeviceMesh._concatenate(
             [m["dp_replicate"], m["dp_shard", "ep", "cp"]._flatten("dp_shard_ep_cp")])
-        self._flat["expert_grad_hsdp"] = DeviceMesh._concatenate(
+        self._submeshes["expert_grad_hsdp"] = DeviceMesh._concatenate(
             [m["dp_replicate"], m["dp_shard", "cp"]._flatten("dp_shard_cp")])
 
     def __getitem__(self, name: str) -> DeviceMesh:
         """``pm["tp"]`` or ``pm["dense_grad"]``: a submesh by axis or flattened name."""
-        if name in self._flat:
-            return self._flat[name]
-        return self.mesh[name]
+        return self._submeshes[name]
 
     def size(self, name: str) -> int:
         return self[name].size()

@@ -19,34 +19,35 @@ so the schedules are built with ``scale_grads=False`` (their default would divid
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.pipelining import (
-    PipelineStage,
-    Schedule1F1B,
-    ScheduleGPipe,
-    ScheduleInterleaved1F1B,
-    ScheduleZBVZeroBubble,
-)
+
+if TYPE_CHECKING:
+    from torch.distributed.pipelining import PipelineStage
+
+# torch.distributed.pipelining is imported only where a pipeline is built: importing it
+# pulls in torch._dynamo (~0.45 s), which runs without pp never need.
+PIPELINING = "torch.distributed.pipelining"
 
 
 @dataclass(frozen=True)
 class ScheduleSpec:
-    cls: type
+    class_name: str        # in torch.distributed.pipelining
     stages_per_rank: int   # virtual stages v
     style: str             # "loop" or "v": how stages map to ranks
     needs_m_ge_pp: bool    # 1F1B-style warmup needs at least one microbatch in flight per stage
 
 
 SCHEDULES: dict[str, ScheduleSpec] = {
-    "1f1b": ScheduleSpec(Schedule1F1B, 1, "loop", True),
-    "gpipe": ScheduleSpec(ScheduleGPipe, 1, "loop", False),
-    "interleaved-1f1b": ScheduleSpec(ScheduleInterleaved1F1B, 2, "loop", True),
-    "zbv": ScheduleSpec(ScheduleZBVZeroBubble, 2, "v", False),
+    "1f1b": ScheduleSpec("Schedule1F1B", 1, "loop", True),
+    "gpipe": ScheduleSpec("ScheduleGPipe", 1, "loop", False),
+    "interleaved-1f1b": ScheduleSpec("ScheduleInterleaved1F1B", 2, "loop", True),
+    "zbv": ScheduleSpec("ScheduleZBVZeroBubble", 2, "v", False),
 }
 
 
@@ -146,10 +147,11 @@ def build_stages(parts: list[nn.Module], stage_ids: list[int], n_stages: int, de
     ``io`` gives every stage its input and output metadata up front (see ``StageIO``), so
     receive buffers are allocated at once and no shape-inference pass runs.
     """
+    pipeline_stage = importlib.import_module(PIPELINING).PipelineStage
     stages = []
     for part, s in zip(parts, stage_ids):
         inputs, outputs = io.inputs_and_outputs(s, n_stages)
-        stages.append(PipelineStage(part, stage_index=s, num_stages=n_stages, device=device, group=pp_group,
+        stages.append(pipeline_stage(part, stage_index=s, num_stages=n_stages, device=device, group=pp_group,
                                     input_args=inputs, output_args=outputs))
     return stages
 
@@ -158,9 +160,10 @@ def build_schedule(schedule: str, stages: list[PipelineStage], microbatches: int
                    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
     """The named schedule over this rank's stages. ``loss_fn(output, target)`` runs on the last stage."""
     spec = schedule_spec(schedule)
+    schedule_class = getattr(importlib.import_module(PIPELINING), spec.class_name)
     if spec.stages_per_rank == 1:
-        return spec.cls(stages[0], n_microbatches=microbatches, loss_fn=loss_fn, scale_grads=False)
-    return spec.cls(stages, n_microbatches=microbatches, loss_fn=loss_fn, scale_grads=False)
+        return schedule_class(stages[0], n_microbatches=microbatches, loss_fn=loss_fn, scale_grads=False)
+    return schedule_class(stages, n_microbatches=microbatches, loss_fn=loss_fn, scale_grads=False)
 
 
 def rank_of_stage(stage: int, pp: int, schedule: str) -> int:

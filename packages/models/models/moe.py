@@ -111,7 +111,6 @@ class GroupedExperts(nn.Module):
             full = getattr(self, name)
             setattr(self, name, nn.Parameter(distribute_tensor(full, ep_mesh, [Shard(0)], src_data_rank=None)))
 
-    @torch.compiler.disable  # grouped_mm's compile-time shape check accepts bf16 only; inductor adds nothing here
     def forward(self, rows: Tensor, tokens_per_expert: Tensor) -> Tensor:
         """rows [N, dim] grouped by local expert, ``tokens_per_expert[e]`` rows each -> [N, dim].
 
@@ -296,13 +295,15 @@ def update_expert_bias(model: nn.Module, apply: bool = True) -> None:
     bias_e += rate * sign(mean load - load_e) (DeepSeek-V3): overloaded experts get chosen
     less. The load is already global (``sum_step_load``), so every rank makes the
     same update and the biases never diverge. ``apply=False`` (a step whose update is
-    skipped) only clears the load. No communication.
+    skipped; a bool, or a device tensor so that nothing is read on the host) only clears the
+    load. No communication.
     """
     for moe in moe_layers(model):
         rate = moe.cfg.bias_update_rate
-        if apply and rate > 0:  # a step with no load moves nothing: sign(0) = 0
+        if rate > 0:  # a step with no load moves nothing: sign(0) = 0
             load = moe.tokens_per_expert
-            moe.router.expert_bias += (rate * torch.sign(load.mean() - load)).to(moe.router.expert_bias.dtype)
+            step = rate * torch.sign(load.mean() - load) * apply
+            moe.router.expert_bias += step.to(moe.router.expert_bias.dtype)
         moe.tokens_per_expert.zero_()
         moe.aux_loss_sum.zero_()
 

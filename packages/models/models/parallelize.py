@@ -32,7 +32,7 @@ from core.tensor_parallel import apply_tensor_parallel
 
 from .init import init_weights
 from .llama import Attention, Transformer
-from .moe import moe_layers
+from .moe import GroupedExperts, moe_layers
 from .plans import tensor_parallel_plan
 
 
@@ -96,9 +96,13 @@ def compile_blocks(blocks: list[nn.Module]) -> None:
     Per block rather than the whole model: every block runs the same code, so dynamo traces
     one graph and reuses it for every layer (parameters are graph inputs); compile time does
     not grow with depth, and FSDP's per-block hooks and the pipeline cuts stay outside the
-    graphs. What dynamo cannot trace (e.g. ring attention's point-to-point sends) runs eagerly.
+    graphs. What dynamo cannot trace (e.g. ring attention's point-to-point sends) runs eagerly,
+    and so do the MoE experts: they are grouped GEMMs already (nothing for inductor to fuse),
+    and grouped_mm's compile-time shape check accepts bf16 only.
     """
     for block in blocks:
+        for experts in (m for m in block.modules() if isinstance(m, GroupedExperts)):
+            experts.forward = torch.compiler.disable(experts.forward)
         block.compile()
 
 

@@ -59,6 +59,8 @@ class TrainConfig:
     max_grad_norm: float = option(1.0, "clip the global gradient norm to this (inf: no clipping)")
     seed: int = option(0, "seed of the initial weights and the data order")
     dtype: str = option("float32", "compute dtype; master weights and optimizer state stay float32", DTYPES)
+    log_every: int = option(1, "report metrics every N steps (and at eval, checkpoint and the last step); the "
+                               "steps between read nothing on the host, so the GPU never waits for Python")
     skip_nonfinite_steps: bool = option(False, "on a NaN/inf loss or gradient norm, skip that step's update "
                                                "instead of stopping the run")
     # evaluation

@@ -79,6 +79,8 @@ class Trainer:
     pipeline: Pipeline | None = None     # set when pp > 1
     eval_batches: object = None          # this rank's evaluation set, with --eval-every
     eos_id: int = 0                      # the tokenizer's end-of-text id: documents end there
+    unchecked_nonfinite: torch.Tensor | None = None  # steps dropped on the device since the last report
+    last_report: tuple[int, float] = (0, 0.0)         # (step, time) of the last reported step
 
     @property
     def params(self) -> list[nn.Parameter]:
@@ -234,62 +236,111 @@ class TrainingDiverged(RuntimeError):
     """The loss or gradient norm of a step is NaN or infinite. Raised on every rank at once
     (both values are global) before the optimizer applies anything."""
 
-    def __init__(self, t: "Trainer", loss: float, grad_norm: float):
-        super().__init__(divergence_message(t, loss, grad_norm))
-        self.loss, self.grad_norm = loss, grad_norm
+    def __init__(self, t: "Trainer", loss: float, grad_norm: float, window: tuple[int, int] | None = None):
+        super().__init__(divergence_message(t, loss, grad_norm, window))
+        self.loss, self.grad_norm, self.window = loss, grad_norm, window
 
 
-def apply_gradients(t: Trainer, loss: float) -> tuple[float, float, bool]:
+def apply_gradients(t: Trainer, loss: float | torch.Tensor) -> tuple:
     """Clip over the whole mesh, step AdamW and the LR schedule (and MoE expert biases).
 
     Returns (grad norm, lr used, whether the update was applied). The norm adds each
     pipeline stage's sum of squares over pp (one all-reduce), so every stage clips by the
-    same global factor. A non-finite ``loss`` or norm raises ``TrainingDiverged`` before
-    anything changes, or with ``--skip-nonfinite-steps`` drops this step's update (the
-    schedule and the data still move on, so the next step sees new batches).
+    same global factor. A non-finite loss or norm never reaches the weights:
+
+    - ``loss`` a float (a reported step): the norm is read on the host; a non-finite step
+      raises ``TrainingDiverged`` before anything changes, or with ``--skip-nonfinite-steps``
+      drops this step's update (the schedule and the data still move on);
+    - ``loss`` a device tensor (a step between reports, fused AdamW only): nothing is read
+      on the host; the fused kernel skips the update when told the step is not finite
+      (``found_inf``, as for a gradient scaler), and the norm and "applied" come back as
+      device tensors for ``train_step`` to check at the next report.
     """
-    grad_norm = clip_grad_norm_(t.params, t.cfg.max_grad_norm, t.pm["pp"].get_group()).item()
+    norm = clip_grad_norm_(t.params, t.cfg.max_grad_norm, t.pm["pp"].get_group())
     lr = t.scheduler.get_last_lr()[0]
-    finite = math.isfinite(loss) and math.isfinite(grad_norm)
-    if not finite and not t.cfg.skip_nonfinite_steps:
-        raise TrainingDiverged(t, loss, grad_norm)
-    if finite:
+    if isinstance(loss, torch.Tensor):
+        finite = torch.isfinite(loss) & torch.isfinite(norm)
+        t.optimizer.found_inf = (~finite).float()
         t.optimizer.step()
+        t.optimizer.found_inf = None
+        grad_norm = norm
+    else:
+        grad_norm = norm.item()
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        if not finite and not t.cfg.skip_nonfinite_steps:
+            raise TrainingDiverged(t, loss, grad_norm)
+        if finite:
+            t.optimizer.step()
     update_expert_bias(t.model, apply=finite)
     t.scheduler.step()
     t.optimizer.zero_grad(set_to_none=True)
     return grad_norm, lr, finite
 
 
-def divergence_message(t: Trainer, loss: float, grad_norm: float) -> str:
-    """What happened at which step, that nothing was applied or saved, and what to do."""
+def reports_step(t: Trainer, step: int) -> bool:
+    """Whether ``step`` reads its results on the host: a logging step (every ``--log-every``),
+    the last one, one that evaluates or saves, or every step when the optimizer cannot skip a
+    non-finite update on the device (not fused)."""
+    cfg = t.cfg
+    return (step % cfg.log_every == 0 or step == cfg.steps or not t.optimizer.defaults.get("fused")
+            or (cfg.eval_every > 0 and step % cfg.eval_every == 0)
+            or (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0))
+
+
+def divergence_message(t: Trainer, loss: float, grad_norm: float, window: tuple[int, int] | None = None) -> str:
+    """What happened at which step(s), that nothing was applied or saved, and what to do.
+
+    ``window`` (first, last): found at a report among the steps before it, whose values were
+    not read on the host; each non-finite one was dropped on the device.
+    """
     latest = checkpointing.latest_checkpoint(t.cfg)
     restart = (f"resume from {latest} (the newest checkpoint)" if latest else
                "restart (no checkpoint was saved before this step)")
-    return (f"training diverged at step {t.step + 1}: loss {loss}, gradient norm {grad_norm}; this step's update "
-            f"was not applied and nothing was saved from it. Lower --lr (now {t.cfg.lr:g}) or raise --warmup-steps "
-            f"(now {t.cfg.warmup_steps}), then {restart}; or pass --skip-nonfinite-steps to drop such steps instead")
+    if window:
+        what = (f"training diverged between steps {window[0]} and {window[1]} (--log-every {t.cfg.log_every}): "
+                f"a step had a non-finite loss or gradient norm; its update was not applied and nothing was "
+                f"saved from it")
+    else:
+        what = (f"training diverged at step {t.step + 1}: loss {loss}, gradient norm {grad_norm}; this step's "
+                f"update was not applied and nothing was saved from it")
+    return (f"{what}. Lower --lr (now {t.cfg.lr:g}) or raise --warmup-steps (now {t.cfg.warmup_steps}), then "
+            f"{restart}; or pass --skip-nonfinite-steps to drop such steps instead")
 
 
-def global_loss(t: Trainer, loss_share: torch.Tensor) -> float:
-    """Sum the ranks' shares over dp x ep x cp: the mean token loss of the global batch."""
+def global_loss(t: Trainer, loss_share: torch.Tensor, on_host: bool = True) -> float | torch.Tensor:
+    """Sum the ranks' shares over dp x ep x cp: the mean token loss of the global batch
+    (a float, or with ``on_host=False`` the device tensor: no host sync)."""
     dist.all_reduce(loss_share, group=t.pm["dense_grad"].get_group())
-    return loss_share.item()
+    return loss_share.item() if on_host else loss_share
 
 
 def train_step(t: Trainer) -> dict:
-    """One optimizer step; returns its metrics (identical on every rank)."""
-    start = time.perf_counter()
+    """One optimizer step. Returns its metrics (identical on every rank) on a reported step
+    (``reports_step``), else {}: between reports nothing is read on the host, so the device
+    never waits for the Python loop."""
+    report = reports_step(t, t.step + 1)
+    if report:
+        check_dropped_steps(t)  # the steps since the last report, before this one can raise on its own
+    step_start = time.perf_counter()
     loss_share, data_time = compute_gradients(t)
-    moe = moe_metrics(t)  # before apply_gradients clears the step's expert load
-    loss = global_loss(t, loss_share)
+    moe = moe_metrics(t) if report else {}  # before apply_gradients clears the step's expert load
+    loss = global_loss(t, loss_share, on_host=report)
     grad_norm, lr, applied = apply_gradients(t, loss)
+    t.step += 1
+    if not report:
+        dropped = (~applied).int()
+        t.unchecked_nonfinite = dropped if t.unchecked_nonfinite is None else t.unchecked_nonfinite + dropped
+        return {}
     if not applied:
         t.skipped_steps += 1
     if t.device.type == "cuda":
         torch.cuda.synchronize()
-    step_time = time.perf_counter() - start
-    t.step += 1
+    now = time.perf_counter()
+    last_step, last_time = t.last_report
+    steps = t.step - last_step
+    # Steps between reports are timed together (the device may still be busy with them).
+    step_time = (now - last_time) / steps if last_time and steps > 1 else now - step_start
+    t.last_report = (t.step, now)
     tokens_per_sec = t.cfg.global_batch_size * t.cfg.seq_len / step_time
     metrics = {
         "step": t.step, "loss": loss, "grad_norm": grad_norm, "lr": lr, "tokens_per_sec": tokens_per_sec,
@@ -301,6 +352,17 @@ def train_step(t: Trainer) -> dict:
     if mfu is not None:
         metrics["mfu"] = mfu
     return metrics
+
+
+def check_dropped_steps(t: Trainer) -> None:
+    """Before a reported step: count the steps dropped on the device since the previous report,
+    and stop the run (``TrainingDiverged``) if there were any and ``--skip-nonfinite-steps`` is off."""
+    if t.unchecked_nonfinite is None:
+        return
+    dropped, t.unchecked_nonfinite = int(t.unchecked_nonfinite.item()), None
+    if dropped and not t.cfg.skip_nonfinite_steps:
+        raise TrainingDiverged(t, math.nan, math.nan, window=(t.last_report[0] + 1, t.step))
+    t.skipped_steps += dropped
 
 
 def moe_metrics(t: Trainer) -> dict:
@@ -326,6 +388,7 @@ def train(cfg: TrainConfig) -> Trainer:
     t = build_trainer(cfg)
     resume_from = checkpointing.resolve_resume_path(cfg)
     meta = checkpointing.restore(t, resume_from) if resume_from else {}
+    t.last_report = (t.step, 0.0)  # a resumed run reports from its own first step on
     if resume_from and dist.get_rank() == 0:
         print(f"resumed from {resume_from} at step {t.step}", flush=True)
     logger = MetricsLogger(Path(cfg.output_dir), cfg.to_dict(), is_logging_rank=dist.get_rank() == 0,
@@ -341,8 +404,9 @@ def train(cfg: TrainConfig) -> Trainer:
                 profiler.after_step(t.step)
                 if cfg.eval_every and (t.step % cfg.eval_every == 0 or t.step == cfg.steps):
                     metrics.update(evaluate(t, t.eval_batches))
-                t.history.append(metrics)
-                logger.log(t.step, {k: v for k, v in metrics.items() if k != "step"})
+                if metrics:
+                    t.history.append(metrics)
+                    logger.log(t.step, {k: v for k, v in metrics.items() if k != "step"})
                 if checkpointing.should_save(t):
                     checkpointing.save(t, logger.run_id)
         except TrainingDiverged as err:
@@ -350,6 +414,6 @@ def train(cfg: TrainConfig) -> Trainer:
             # the last good checkpoint, still being written, must not be lost (and the
             # message should name it).
             t.checkpointer.wait()
-            raise TrainingDiverged(t, err.loss, err.grad_norm) from None
+            raise TrainingDiverged(t, err.loss, err.grad_norm, err.window) from None
         t.checkpointer.wait()  # an async save commits only once every rank has waited
     return t

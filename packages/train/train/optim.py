@@ -27,17 +27,20 @@ def lr_lambda(cfg):
 def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
     """AdamW; matrices decay, vectors (norm weights) do not.
 
-    When every parameter is sharded (a DTensor; foreach ops cannot mix DTensors with plain
-    tensors, as replicate mode with experts does) the update runs as multi-tensor ``foreach`` ops: each
-    DTensor op pays a dispatch cost that a per-parameter loop pays ~10 times per parameter
-    (measured on the debug model, 2 CPU ranks: 5.6 -> 2.1 ms per step at dp=2, 11.3 -> 3.3 ms at
-    dp=2,tp=2). Plain tensors keep the loop, which was faster there (2.1 vs 3.2 ms). Same math.
+    The update is the fused kernel (one pass over each tensor's parameter, gradient and both
+    moments) whenever every parameter is of one kind, all plain tensors or all DTensors:
+    measured on the debug model, 1 CPU thread, 0.72 ms per step against 2.15 ms for the
+    per-parameter loop and 2.45 ms for ``foreach``. Its ``found_inf`` input also lets the
+    trainer skip a non-finite step on the device (``train.loop.apply_gradients``). Mixed
+    lists (replicate mode with expert-parallel experts) keep the per-parameter loop, as fused
+    and foreach kernels cannot mix DTensors with plain tensors. Same math either way.
     """
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    sharded = all(isinstance(p, DTensor) for p in model.parameters())
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, foreach=sharded)
+    kinds = {isinstance(p, DTensor) for p in model.parameters()}
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
+                             fused=len(kinds) == 1, foreach=False if len(kinds) > 1 else None)
 
 
 def build_scheduler(cfg, optimizer: torch.optim.Optimizer, step: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
