@@ -288,13 +288,13 @@ def test_damaged_checkpoints_raise_on_all_ranks_and_disjoint_keys_round_trip(sav
 CRASHING_SAVE = textwrap.dedent("""
     import os, signal, sys, torch
     from pathlib import Path
-    from core import checkpoint, checkpoint_layout
+    from core import checkpoint, checkpoint_dcp, checkpoint_layout
     root, point = Path(sys.argv[1]), sys.argv[2]
     tensors = {"w": torch.arange(6.0).reshape(2, 3)}
     checkpoint.Checkpointer().save(root, 1, tensors, {"step": 1})
     die = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)
     if point == "after_shards":
-        checkpoint._ShardWriter.finish = die
+        checkpoint_dcp.ShardWriter.finish = die
     elif point == "manifest":
         write_json = checkpoint_layout.write_json
         checkpoint_layout.write_json = lambda p, o: die() if p.name == "COMPLETE.json" else write_json(p, o)

@@ -32,10 +32,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import DefaultLoadPlanner, DefaultSavePlanner
-from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageReader, HuggingFaceStorageWriter
 from torch.distributed.tensor import DTensor
 
 from core import checkpoint_layout as layout
@@ -60,12 +56,22 @@ def _attempt(what: str, fn, *args) -> tuple[Any, str | None]:
     DCP raises ``CheckpointException``, which derives from BaseException (it would slip
     through ``except Exception``); it already carries every rank's failure.
     """
+    from torch.distributed.checkpoint.api import CheckpointException  # _attempt wraps checkpoint I/O only
+
     try:
         return fn(*args), None
     except CheckpointError as e:
         return None, str(e)
     except (Exception, CheckpointException) as e:  # noqa: BLE001
         return None, f"{what} failed: {type(e).__name__}: {e}"
+
+
+def _dcp():
+    """``core.checkpoint_dcp`` (torch.distributed.checkpoint and its storage classes), imported on
+    the first save or load: it costs ~0.5 s of startup that runs which never save do not pay."""
+    from core import checkpoint_dcp
+
+    return checkpoint_dcp
 
 
 class Checkpointer:
@@ -154,18 +160,19 @@ class Checkpointer:
         _, error = _attempt("preparing " + str(tmp), _prepare_tmp, root, tmp, meta) if _rank() == 0 else (None, None)
         self._raise_together(error)  # also the barrier: nobody writes into tmp before it is fresh
 
-        writer = _ShardWriter(str(tmp), save_distributed=True)
-        planner = DefaultSavePlanner()
+        dcp_io = _dcp()
+        writer = dcp_io.ShardWriter(str(tmp), save_distributed=True)
+        planner = dcp_io.DefaultSavePlanner()
         commit = lambda metadata: self._commit(root, tmp, step, writer.written, metadata, keep_last)  # noqa: E731
         if async_save:
-            future, error = _attempt("dcp.async_save", lambda: dcp.async_save(
+            future, error = _attempt("dcp.async_save", lambda: dcp_io.dcp.async_save(
                 tensors, storage_writer=writer, planner=planner, process_group=group))
             self._raise_together(error)
             self.pending = AsyncCheckpoint(future, commit, self._raise_together)
             return self.pending
         # dcp.save returns on every rank only after the coordinator gathered all ranks' write
         # results, i.e. every shard is written and fsynced (FileSystemWriter sync_files=True).
-        metadata, error = _attempt("dcp.save", lambda: dcp.save(
+        metadata, error = _attempt("dcp.save", lambda: dcp_io.dcp.save(
             tensors, storage_writer=writer, planner=planner, process_group=group))
         self._raise_together(error)
         return commit(metadata)
@@ -207,9 +214,10 @@ class Checkpointer:
         _, error = _attempt("validating " + str(path), _validate, path, shapes)
         self._raise_together(error)
 
-        reader = HuggingFaceStorageReader(str(path))
-        _, error = _attempt("dcp.load", lambda: dcp.load(
-            tensors, storage_reader=reader, planner=DefaultLoadPlanner(), process_group=self._group("io")))
+        dcp_io = _dcp()
+        reader = dcp_io.HuggingFaceStorageReader(str(path))
+        _, error = _attempt("dcp.load", lambda: dcp_io.dcp.load(
+            tensors, storage_reader=reader, planner=dcp_io.DefaultLoadPlanner(), process_group=self._group("io")))
         self._raise_together(error)
         return layout.read_json(path / layout.META)
 
@@ -232,23 +240,6 @@ class AsyncCheckpoint:
             self._raise_together(error)
             self._result = self._commit(metadata)
         return self._result
-
-
-class _ShardWriter(HuggingFaceStorageWriter):
-    """HuggingFaceStorageWriter that remembers which files all ranks wrote.
-
-    ``finish`` runs on the coordinator (rank 0) with every rank's write results. With
-    ``save_distributed=True`` the base class writes no index there, and the Metadata that
-    ``dcp.save`` returns has no storage_data, so this is where the shard list is known.
-    """
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.written: set[str] = set()
-
-    def finish(self, metadata, results) -> None:
-        self.written = {result.storage_data.relative_path for rank in results for result in rank}
-        return super().finish(metadata, results)
 
 
 # ---- checks and reads without collectives --------------------------------------------------
