@@ -409,6 +409,8 @@ def train(cfg: TrainConfig) -> Trainer:
                     logger.log(t.step, {k: v for k, v in metrics.items() if k != "step"})
                 if checkpointing.should_save(t):
                     checkpointing.save(t, logger.run_id)
+                if metrics:  # the next report times training only, not this one's eval, logging or save
+                    t.last_report = (t.step, time.perf_counter())
         except TrainingDiverged as err:
             # Every rank raised at the same step, so the collective commit below is safe:
             # the last good checkpoint, still being written, must not be lost (and the
