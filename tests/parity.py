@@ -7,6 +7,7 @@ weights (and buffers) after the last step, and the per-step losses and gradient 
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 
 import torch
@@ -25,6 +26,23 @@ BASE = dict(dataset="synthetic", steps=3, global_batch_size=8, seq_len=32, lr=1e
 # falls from 6.2 to ~3.1 in 8 steps), not on random tokens, where it stays near ln(vocab)
 # and a run that learns nothing would look the same as one that learns.
 LEARNING = dict(dataset="default", steps=8)
+
+
+@contextlib.contextmanager
+def counted_calls(module, name: str):
+    """Count the calls of ``module.name`` (e.g. ``torch.distributed.all_reduce``) inside the block:
+    yields a list that gains one entry per call."""
+    calls, original = [], getattr(module, name)
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    setattr(module, name, counting)
+    try:
+        yield calls
+    finally:
+        setattr(module, name, original)
 
 
 def full(tensor: torch.Tensor) -> torch.Tensor:

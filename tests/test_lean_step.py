@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from rank_harness import run_on_ranks
-from parity import BASE, assert_same_run, full, merge_ranks, run_steps
+from parity import BASE, assert_same_run, counted_calls, full, merge_ranks, run_steps
 
 
 @functools.lru_cache(maxsize=None)
@@ -112,12 +112,8 @@ def partial_gradient_all_reduces(mesh: str) -> tuple[int, int]:
         forward_backward(t, inputs, labels, None)
         partial = sum(isinstance(p.grad, DTensor) and any(pl.is_partial() for pl in p.grad.placements)
                       for p in t.params)
-        calls, issue = [], dist.all_reduce
-        dist.all_reduce = lambda *args, **kwargs: calls.append(1) or issue(*args, **kwargs)
-        try:
+        with counted_calls(dist, "all_reduce") as calls:
             reduce_partial_gradients(t.params)
-        finally:
-            dist.all_reduce = issue
     return partial, len(calls)
 
 

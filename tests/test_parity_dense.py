@@ -64,22 +64,14 @@ def reduce_scatters_in_one_step(mesh: str, overrides: dict) -> int:
 
     import torch.distributed as dist
 
-    from parity import BASE
+    from parity import BASE, counted_calls
     from train.config import TrainConfig
     from train.loop import build_trainer, compute_gradients
 
-    calls = []
-    issue = dist.reduce_scatter_single
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return issue(*args, **kwargs)
-
     with tempfile.TemporaryDirectory() as out:
         t = build_trainer(TrainConfig(**{**BASE, "mesh": mesh, "output_dir": out, **overrides}))
-        dist.reduce_scatter_single = counted
-        compute_gradients(t)
-        dist.reduce_scatter_single = issue
+        with counted_calls(dist, "reduce_scatter_single") as calls:
+            compute_gradients(t)
     return len(calls)
 
 

@@ -39,28 +39,24 @@ AC_MODES = ("none", "full", "selective")
 def _expensive_ops() -> set:
     """Ops whose outputs ``selective`` keeps: matmuls, the fused attention kernels and collectives."""
     aten, funcol = torch.ops.aten, torch.ops._c10d_functional
-    ops = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten._grouped_mm.default,
-           aten._scaled_dot_product_flash_attention_for_cpu.default,
-           aten._scaled_dot_product_flash_attention.default,
-           aten._scaled_dot_product_efficient_attention.default,
-           aten._scaled_dot_product_cudnn_attention.default,
-           funcol.all_gather_into_tensor.default, funcol.reduce_scatter_tensor.default,
-           funcol.all_reduce.default, funcol.all_to_all_single.default, funcol.wait_tensor.default}
-    return ops
+    return {aten.mm.default, aten.addmm.default, aten.bmm.default, aten._grouped_mm.default,
+            aten._scaled_dot_product_flash_attention_for_cpu.default,
+            aten._scaled_dot_product_flash_attention.default,
+            aten._scaled_dot_product_efficient_attention.default,
+            aten._scaled_dot_product_cudnn_attention.default,
+            funcol.all_gather_into_tensor.default, funcol.reduce_scatter_tensor.default,
+            funcol.all_reduce.default, funcol.all_to_all_single.default, funcol.wait_tensor.default}
 
 
 def _keep_expensive(expensive: set, ctx, op, *args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.MUST_SAVE if op in expensive else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def _selective_contexts():
-    """A fresh (forward, recompute) context pair per checkpointed call, as the API requires."""
-    return create_selective_checkpoint_contexts(functools.partial(_keep_expensive, _expensive_ops()))
-
-
-def _checkpointed(forward: Callable, mode: str) -> Callable:
-    """``forward`` run under activation checkpointing of ``mode`` ("full" or "selective")."""
-    extra = {"context_fn": _selective_contexts} if mode == "selective" else {}
+def _checkpointed(forward: Callable, mode: str, policy: Callable) -> Callable:
+    """``forward`` run under activation checkpointing of ``mode`` ("full" or "selective", which
+    keeps the outputs ``policy`` says; its context pair is made fresh per call, as the API requires)."""
+    extra = {"context_fn": functools.partial(create_selective_checkpoint_contexts, policy)} \
+        if mode == "selective" else {}
 
     @functools.wraps(forward)
     def run(*args, **kwargs):
@@ -86,10 +82,16 @@ def apply_activation_checkpointing(blocks: list[nn.Module], mode: str, fully: li
     checkpointed region do not replay the same ops during the recompute (torch 2.13), which
     the selective cache needs; a full recompute has no such requirement.
     """
-    if mode not in AC_MODES:
-        raise ValueError(f"--activation-checkpoint {mode!r}: use one of {', '.join(AC_MODES)}")
+    check_mode(mode)
     if mode == "none":
         return
+    policy = functools.partial(_keep_expensive, _expensive_ops())
     full_ids = {id(block) for block in fully}
     for block in blocks:
-        block.forward = _checkpointed(block.forward, "full" if id(block) in full_ids else mode)
+        block.forward = _checkpointed(block.forward, "full" if id(block) in full_ids else mode, policy)
+
+
+def check_mode(mode: str) -> None:
+    """ValueError naming the choices unless ``mode`` is one of ``AC_MODES``."""
+    if mode not in AC_MODES:
+        raise ValueError(f"--activation-checkpoint {mode!r}: use one of {', '.join(AC_MODES)}")

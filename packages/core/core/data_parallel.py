@@ -15,7 +15,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
+
+from core.tensor_parallel import local_tensor
 
 
 def apply_fsdp(model: nn.Module, mesh: DeviceMesh, blocks: list[nn.Module], param_dtype: torch.dtype | None = None,
@@ -61,7 +62,7 @@ def all_reduce_gradients(params: list[nn.Parameter], group: dist.ProcessGroup) -
     Works for plain and DTensor (e.g. tensor-parallel) parameters: each rank reduces its
     local shard, which is replicated across ``group``.
     """
-    grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in params if p.grad is not None]
+    grads = [local_tensor(p.grad) for p in params if p.grad is not None]
     if not grads or dist.get_world_size(group) == 1:
         return
     flat = torch.cat([g.reshape(-1).float() for g in grads])

@@ -14,6 +14,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from core.tensor_parallel import local_tensor
+
 
 def _layout_key(grad: torch.Tensor) -> str:
     """Grads with the same mesh and placements share one reduction; the key orders them the same on every rank."""
@@ -27,7 +29,7 @@ def _reduced_square_sum(grads: list[torch.Tensor]) -> torch.Tensor:
 
     Collective: one all-reduce per sharded mesh dim; none for plain tensors.
     """
-    local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+    local = [local_tensor(g) for g in grads]
     square_sum = torch.nn.utils.get_total_norm([t.float() for t in local], foreach=True).pow(2)
     first = grads[0]
     if not isinstance(first, DTensor):
@@ -70,7 +72,7 @@ def clip_grad_norm_(params: list[nn.Parameter], max_norm: float, pp_group: dist.
     norm = global_grad_norm(params, pp_group)
     if max_norm > 0:
         scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)  # stays on the device: no host sync
-        grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in params if p.grad is not None]
+        grads = [local_tensor(p.grad) for p in params if p.grad is not None]
         if grads:
             torch._foreach_mul_(grads, scale)
     return norm

@@ -84,10 +84,6 @@ class MeshShape:
     def world_size(self) -> int:
         return self.dp * self.pp * self.cp * self.tp * self.ep
 
-    def sizes(self) -> tuple[int, ...]:
-        """Sizes in DeviceMesh axis order (``MESH_DIMS``)."""
-        return tuple(getattr(self, name) for name in MESH_DIMS)
-
     def __str__(self) -> str:
         return ",".join(f"{name}={getattr(self, name)}" for name in ("dp", "pp", "cp", "tp", "ep"))
 

@@ -48,8 +48,9 @@ def loss_context(tensor_parallel: bool) -> contextlib.AbstractContextManager:
     return loss_parallel() if tensor_parallel else contextlib.nullcontext()
 
 
-def to_local_scalar(value: torch.Tensor) -> torch.Tensor:
-    """A replicated DTensor scalar (the loss under ``loss_parallel``) as a plain tensor."""
+def local_tensor(value: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor as a plain tensor (a replicated loss under ``loss_parallel``,
+    a weight's or gradient's shard); a plain tensor is returned as it is."""
     return value.to_local() if isinstance(value, DTensor) else value
 
 

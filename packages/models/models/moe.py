@@ -26,10 +26,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.tensor import Shard, distribute_tensor
 
 from core.activation_checkpoint import is_recomputing
 from core.expert_parallel import expert_parallel_ffn
+from core.tensor_parallel import local_tensor
 
 from .llama import FeedForward, LlamaConfig, Transformer, TransformerBlock
 from .plans import token_split_plan
@@ -119,7 +120,7 @@ class GroupedExperts(nn.Module):
         so no count is read on the host (no sync).
         """
         dtype = _matmul_dtype(self.w1)
-        rows, w1, w2, w3 = (_local(t).to(dtype) for t in (rows, self.w1, self.w2, self.w3))
+        rows, w1, w2, w3 = (local_tensor(t).to(dtype) for t in (rows, self.w1, self.w2, self.w3))
         ends = tokens_per_expert.cumsum(0).to(torch.int32)
         hidden = F.silu(grouped_matmul(rows, w1, ends)) * grouped_matmul(rows, w3, ends)
         return grouped_matmul(hidden, w2, ends)
@@ -142,10 +143,6 @@ def looped_matmul(rows: Tensor, weights: Tensor, ends: Tensor) -> Tensor:
     """``grouped_matmul`` as one matmul per group (host sync: the group sizes)."""
     sizes = torch.diff(ends, prepend=ends.new_zeros(1)).tolist()
     return torch.cat([chunk @ weights[e] for e, chunk in enumerate(rows.split(sizes))])
-
-
-def _local(t: Tensor) -> Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def _matmul_dtype(weight: Tensor) -> torch.dtype:

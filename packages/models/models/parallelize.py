@@ -75,13 +75,13 @@ def parallelize(model: Transformer, pm: ParallelMesh, options: ParallelOptions =
     apply_tensor_parallel(model, pm["tp"], tensor_parallel_plan(model))
     if pm.size("cp") > 1:
         apply_context_parallel(model, pm["cp"].get_group(), pm.local_rank("cp"), pm.size("cp"), options.cp_method)
-    hsdp = options.dp_mode == "hsdp"
-    inner_units = expert_fsdp_units(model, pm, hsdp) if uses_fsdp(pm, options.dp_mode) else []
+    hsdp, fsdp = options.dp_mode == "hsdp", uses_fsdp(pm, options.dp_mode)
+    inner_units = expert_fsdp_units(model, pm, hsdp) if fsdp else []
     apply_activation_checkpointing(blocks, options.activation_checkpoint,
                                    fully=[block for block in blocks if _holds_any(block, inner_units)])
     if options.compile:
         compile_blocks(blocks)
-    if uses_fsdp(pm, options.dp_mode):
+    if fsdp:
         apply_fsdp(model, pm["dense_grad_hsdp" if hsdp else "dense_grad"], blocks, param_dtype=options.param_dtype,
                    reshard_after_forward=options.reshard_after_forward, inner_units=inner_units)
 

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from core.pipeline import broadcast_from_last_stage
-from core.tensor_parallel import loss_context, to_local_scalar, token_loss_sum
+from core.tensor_parallel import loss_context, local_tensor, token_loss_sum
 
 from .data import SyntheticBatches, TokenBatches
 
@@ -103,8 +103,8 @@ def _forward_loss_share(t, inputs: torch.Tensor, labels: torch.Tensor, documents
     """This rank's share of one batch's mean token loss; under pp, the last stage's (0 elsewhere)."""
     if t.pipeline is None:
         logits = t.model(inputs, documents=documents)
-        return to_local_scalar(token_loss_sum(logits, labels)).float() / tokens_per_batch
+        return local_tensor(token_loss_sum(logits, labels)).float() / tokens_per_batch
     pipe, losses = t.pipeline, []
     args = (inputs.contiguous(),) if pipe.has_first else ()
     pipe.schedule.eval(*args, target=labels if pipe.has_last else None, losses=losses)
-    return sum((to_local_scalar(loss).float() for loss in losses), torch.zeros((), device=t.device))
+    return sum((local_tensor(loss).float() for loss in losses), torch.zeros((), device=t.device))

@@ -38,7 +38,7 @@ from core.documents import Documents, document_ids, document_positions
 from core.grad_norm import clip_grad_norm_
 from core.mesh import ParallelMesh, build_mesh
 from core.zigzag import zigzag_shard
-from core.tensor_parallel import loss_context, reduce_partial_gradients, to_local_scalar, token_loss_sum
+from core.tensor_parallel import loss_context, reduce_partial_gradients, local_tensor, token_loss_sum
 from models.hf_format import load_hf_weights_
 from models.moe import (MoEConfig, expert_load_metrics, moe_layers, set_sequences_per_step, sum_step_load,
                         update_expert_bias)
@@ -195,7 +195,7 @@ def forward_backward(t: Trainer, inputs: torch.Tensor, labels: torch.Tensor,
             logits = t.model(micro_inputs, documents=micro_docs)
             loss = token_loss_sum(logits, micro_labels) / tokens_in_global_batch
             loss.backward()
-        loss_share += to_local_scalar(loss).detach()
+        loss_share += local_tensor(loss).detach()
     return loss_share
 
 

@@ -34,7 +34,7 @@ from core.pipeline import (
     layers_per_stage,
     stages_of_rank,
 )
-from core.tensor_parallel import loss_context, to_local_scalar, token_loss_sum
+from core.tensor_parallel import loss_context, local_tensor, token_loss_sum
 from models.parallelize import ParallelOptions, parallelize_and_initialize, uses_fsdp
 from models.pipeline_split import split_stage
 from models.registry import build_model
@@ -150,5 +150,5 @@ def pipeline_forward_backward(t, inputs: torch.Tensor, labels: torch.Tensor,
         pipe.schedule.step(*args, target=target, losses=losses, return_outputs=False)
     loss_share = torch.zeros((), device=t.device)
     for loss in losses:
-        loss_share += to_local_scalar(loss).detach()
+        loss_share += local_tensor(loss).detach()
     return broadcast_from_last_stage(loss_share, t.pm["pp"].get_group(), t.pm.size("pp"), pipe.schedule_name)

@@ -16,7 +16,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.activation_checkpoint import AC_MODES
+from core.activation_checkpoint import check_mode as check_activation_checkpoint
 from core.context_parallel import cp_attention
 from core.mesh import MeshConfigError, MeshShape, check_divisible, hsdp_shard_size
 from core.pipeline import PipelineConfigError, check_pipeline, default_microbatches, schedule_spec
@@ -111,8 +111,7 @@ def _check_choices(cfg: TrainConfig) -> None:
         raise ValueError(f"--dtype {cfg.dtype!r}: use one of {', '.join(DTYPES)}")
     if cfg.dp_mode not in DP_MODES:
         raise ValueError(f"--dp-mode {cfg.dp_mode!r}: use one of {', '.join(DP_MODES)}")
-    if cfg.activation_checkpoint not in AC_MODES:
-        raise ValueError(f"--activation-checkpoint {cfg.activation_checkpoint!r}: use one of {', '.join(AC_MODES)}")
+    check_activation_checkpoint(cfg.activation_checkpoint)
     cp_attention(cfg.cp_method)  # a typo fails at once, also where cp = 1
     schedule_spec(cfg.pp_schedule)  # likewise where pp = 1
     check_profiling(cfg.profile_steps, cfg.memory_snapshot, device_type(cfg.device), cfg.steps)
