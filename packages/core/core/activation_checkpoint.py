@@ -19,7 +19,7 @@ FSDP units, TP plans and pipeline splitting see the same modules as before.
 
 The block's forward runs inside ``torch.utils.checkpoint.checkpoint(use_reentrant=False)``:
 it works with DTensor parameters (TP, FSDP2), any number of keyword arguments (document
-masking) and under torch.compile, which traces the checkpoint as one region. Recompute
+masking) and with torch.compile (``models.parallelize.checkpoint_and_compile``). Recompute
 replays the random state, and the model has no dropout, so losses are bitwise those of
 ``none``.
 """
@@ -74,21 +74,14 @@ def is_recomputing() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
-def apply_activation_checkpointing(blocks: list[nn.Module], mode: str, fully: list[nn.Module] = ()) -> None:
-    """Checkpoint each block of ``blocks`` as ``mode`` says (see module docstring). No communication.
-
-    ``fully``: blocks that get ``full`` even when ``mode`` is ``selective``: those holding an
-    inner FSDP unit (MoE experts under expert parallel). FSDP's hooks inside a selectively
-    checkpointed region do not replay the same ops during the recompute (torch 2.13), which
-    the selective cache needs; a full recompute has no such requirement.
-    """
+def apply_activation_checkpointing(blocks: list[nn.Module], mode: str) -> None:
+    """Checkpoint each block of ``blocks`` as ``mode`` says (see module docstring). No communication."""
     check_mode(mode)
     if mode == "none":
         return
     policy = functools.partial(_keep_expensive, _expensive_ops())
-    full_ids = {id(block) for block in fully}
     for block in blocks:
-        block.forward = _checkpointed(block.forward, "full" if id(block) in full_ids else mode, policy)
+        block.forward = _checkpointed(block.forward, mode, policy)
 
 
 def check_mode(mode: str) -> None:

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed._functional_collectives import AsyncCollectiveTensor, wait_tensor
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import ParallelStyle, loss_parallel, parallelize_module
@@ -26,6 +27,20 @@ def apply_tensor_parallel(module: nn.Module, tp_mesh: DeviceMesh, plan: dict[str
     """
     if tp_mesh.size() > 1:
         parallelize_module(module, tp_mesh, plan)
+
+
+def wait_for_output(module: nn.Module) -> None:
+    """Make ``module`` return a plain tensor where TP would hand on an in-flight collective.
+
+    A TP output hook with ``use_local_output`` returns the reduce-scatter's result as an
+    ``AsyncCollectiveTensor`` (waited on by its first use). A ``torch.compile``d block must
+    not take one as input: in torch 2.13 the compiled backward then hands DTensor's
+    ``Redistribute.backward`` a plain gradient and fails. ``wait_tensor`` waits here, outside
+    the compiled region, and keeps the gradient flowing (``AsyncCollectiveTensor.wait()``
+    does not: it returns the inner tensor, detached from autograd). No extra communication.
+    """
+    module.register_forward_hook(
+        lambda _module, _args, output: wait_tensor(output) if isinstance(output, AsyncCollectiveTensor) else output)
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

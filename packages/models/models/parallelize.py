@@ -10,8 +10,8 @@ Order matters and follows what each API expects:
   3. context parallel needs no parameter change: attention modules get ring (or
      all-gather) attention and zigzag RoPE positions, and the trainer feeds each cp rank
      its zigzag slice.
-  4. activation checkpointing, then torch.compile, wrap each block's forward (before FSDP,
-     so FSDP's gathers and reduce-scatters stay outside the checkpointed, compiled region).
+  4. activation checkpointing and torch.compile wrap each block's forward (before FSDP,
+     whose gathers and reduce-scatters run in hooks on the block, outside that region).
 The model may still be on the meta device: nothing is allocated until ``to_empty``.
 """
 
@@ -28,7 +28,7 @@ from core.data_parallel import apply_fsdp
 from core.mesh import ParallelMesh
 from core.context_parallel import cp_attention
 from core.zigzag import zigzag_positions
-from core.tensor_parallel import apply_tensor_parallel
+from core.tensor_parallel import apply_tensor_parallel, wait_for_output
 
 from .init import init_weights
 from .llama import Attention, Transformer
@@ -77,10 +77,13 @@ def parallelize(model: Transformer, pm: ParallelMesh, options: ParallelOptions =
         apply_context_parallel(model, pm["cp"].get_group(), pm.local_rank("cp"), pm.size("cp"), options.cp_method)
     hsdp, fsdp = options.dp_mode == "hsdp", uses_fsdp(pm, options.dp_mode)
     inner_units = expert_fsdp_units(model, pm, hsdp) if fsdp else []
-    apply_activation_checkpointing(blocks, options.activation_checkpoint,
-                                   fully=[block for block in blocks if _holds_any(block, inner_units)])
-    if options.compile:
-        compile_blocks(blocks)
+    if options.compile and pm.size("tp") > 1 and model.tok_embeddings is not None:
+        wait_for_output(model.tok_embeddings)  # the first compiled block's input
+    for block in blocks:
+        mode = options.activation_checkpoint
+        if mode == "selective" and _holds_any(block, inner_units):
+            mode = "full"  # FSDP's hooks inside do not replay the same ops in a recompute, as selective needs
+        checkpoint_and_compile(block, mode, options.compile)
     if fsdp:
         apply_fsdp(model, pm["dense_grad_hsdp" if hsdp else "dense_grad"], blocks, param_dtype=options.param_dtype,
                    reshard_after_forward=options.reshard_after_forward, inner_units=inner_units)
@@ -90,20 +93,31 @@ def _holds_any(block: nn.Module, units: list[tuple[nn.Module, object]]) -> bool:
     return any(unit is sub for unit, _ in units for sub in block.modules())
 
 
-def compile_blocks(blocks: list[nn.Module]) -> None:
-    """``torch.compile`` each block in place (``nn.Module.compile``: names and hooks unchanged).
+def checkpoint_and_compile(block: nn.Module, checkpoint_mode: str, compile: bool) -> None:
+    """Activation-checkpoint (``core.activation_checkpoint``) and ``torch.compile`` one block's forward.
 
-    Per block rather than the whole model: every block runs the same code, so dynamo traces
-    one graph and reuses it for every layer (parameters are graph inputs); compile time does
-    not grow with depth, and FSDP's per-block hooks and the pipeline cuts stay outside the
-    graphs. What dynamo cannot trace (e.g. ring attention's point-to-point sends) runs eagerly,
-    and so do the MoE experts: they are grouped GEMMs already (nothing for inductor to fuse),
-    and grouped_mm's compile-time shape check accepts bf16 only.
+    The block's forward, not its module call, is compiled: its name, parameters and the
+    hooks on it (FSDP's all-gather and reduce-scatter) are unchanged and stay outside the
+    graph. Every block runs the same code, so dynamo traces one graph and reuses it for
+    every layer (parameters are graph inputs): compile time does not grow with depth.
+    The order depends on the checkpoint mode:
+      * selective: the checkpoint is inside the compiled forward; the compiler applies the
+        save-or-recompute policy to the ops of its graph.
+      * full: the compiled forward is inside the checkpoint, which reruns it in backward.
+        (Compiled around a full checkpoint, tensor-parallel blocks fail in torch 2.13: the
+        partitioner saves the DeviceMesh for backward as if it were a tensor.)
+    The MoE experts stay eager: they are grouped GEMMs already (nothing for inductor to
+    fuse), and grouped_mm's compile-time shape check accepts bf16 only. What dynamo cannot
+    trace (ring attention's point-to-point sends) also runs eagerly.
     """
-    for block in blocks:
+    if compile:
         for experts in (m for m in block.modules() if isinstance(m, GroupedExperts)):
             experts.forward = torch.compiler.disable(experts.forward)
-        block.compile()
+    if compile and checkpoint_mode != "selective":
+        block.forward = torch.compile(block.forward)
+    apply_activation_checkpointing([block], checkpoint_mode)
+    if compile and checkpoint_mode == "selective":
+        block.forward = torch.compile(block.forward)
 
 
 def uses_fsdp(pm: ParallelMesh, dp_mode: str) -> bool:

@@ -54,10 +54,6 @@ def validate(cfg: TrainConfig, world_size: int) -> ValidatedRun:
     if cfg.document_masking and shape.cp > 1 and device_type(cfg.device) == "cuda":
         raise ValueError("--document-masking with cp > 1 runs on the CPU flash kernel in this version (the CUDA "
                          "block kernels here take no attention bias yet): use cp=1 on CUDA")
-    if cfg.compile and shape.tp > 1:
-        raise ValueError(f"--compile with tp={shape.tp}: in torch 2.13 a compiled tensor-parallel block hands "
-                         f"DTensor's backward a plain gradient and fails; drop --compile or use tp=1 (FSDP, cp, "
-                         f"ep and pp all compile)")
     if cfg.seq_len > model_config.max_seq_len:
         raise ValueError(f"--seq-len {cfg.seq_len} exceeds the model's max_seq_len {model_config.max_seq_len}")
     tokenizer = _check_files(cfg, model_config)
