@@ -29,11 +29,46 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # ---------------------------------------------------------------- stage assignment (no processes)
 
-def test_layers_are_balanced_and_contiguous():
-    assert layers_per_stage(4, 2) == [[0, 1], [2, 3]]
-    assert layers_per_stage(5, 2) == [[0, 1, 2], [3, 4]]
-    assert layers_per_stage(7, 4) == [[0, 1], [2, 3], [4, 5], [6]]
-    assert sum(layers_per_stage(80, 8), []) == list(range(80))
+def test_equal_layers_split_evenly_with_extras_last():
+    assert layers_per_stage([1.0] * 4, 2) == [[0, 1], [2, 3]]
+    assert layers_per_stage([1.0] * 5, 2) == [[0, 1], [2, 3, 4]]
+    assert layers_per_stage([1.0] * 7, 4) == [[0], [1, 2], [3, 4], [5, 6]]
+    assert sum(layers_per_stage([1.0] * 80, 8), []) == list(range(80))
+
+
+def test_the_output_projection_moves_layers_off_the_last_stage():
+    """Llama 3 8B: the head costs ~2 layers; an even 8/8/8/8 split would make the last stage 10."""
+    from models.registry import get_config
+    from train.pipelined import compute_per_token
+
+    layers, head = compute_per_token(get_config("llama3-8b"), 8192)
+    assert 2.0 < head / layers[0] < 2.2
+    split = layers_per_stage(layers, 4, last_cost=head)
+    assert [len(stage) for stage in split] == [8, 9, 9, 6]
+
+
+def test_split_is_the_best_possible():
+    """Against every split of small random cases: no slower stage than the best, each stage non-empty."""
+    import itertools
+    import random
+
+    rng = random.Random(0)
+    for _ in range(200):
+        n, stages = rng.randint(2, 9), rng.randint(1, 4)
+        if stages > n:
+            continue
+        costs = [rng.choice([1.0, 1.0, 1.5, 3.0]) for _ in range(n)]
+        first, last = rng.choice([0.0, 0.5]), rng.choice([0.0, 0.3, 2.0, 5.0])
+
+        def slowest(split):
+            return max(sum(costs[i] for i in stage) + (first if k == 0 else 0) + (last if k == len(split) - 1 else 0)
+                       for k, stage in enumerate(split))
+
+        every = [[list(range(a, b)) for a, b in zip((0, *cuts), (*cuts, n))]
+                 for cuts in itertools.combinations(range(1, n), stages - 1)]
+        split = layers_per_stage(costs, stages, first, last)
+        assert sum(split, []) == list(range(n)) and all(split)
+        assert slowest(split) == min(slowest(s) for s in every), (costs, stages, first, last, split)
 
 
 def test_stages_of_rank_looped_and_v():
@@ -239,14 +274,18 @@ def test_bubble_of_an_ideal_schedule_is_the_theory():
 
 
 def test_timeline_tool_records_every_action(tmp_path):
-    """A real 2-stage 1F1B run: every rank records m forwards and m backwards; trace and PNG are written."""
+    """A real 2-stage 1F1B run: in each timed step every rank records m forwards and m backwards,
+    the last one also m losses; trace and PNG are written."""
     cmd = [sys.executable, str(ROOT / "tools" / "pipeline_timeline.py"), "--pp", "2", "--microbatches", "4",
-           "--batch", "8", "--seq-len", "32", "--out", str(tmp_path)]
+           "--batch", "8", "--seq-len", "32", "--steps", "2", "--out", str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "theory (p-1)/(m+p-1) = 0.200" in proc.stdout
+    assert "theory (p-1)/(m+p-1) = 0.200" in proc.stdout and "theory for these stages' measured times" in proc.stdout
     for r in load_timeline_tool().load_recording(tmp_path / "recording"):
-        kinds = sorted((e["kind"], e["mb"]) for e in r["events"])
-        assert kinds == sorted([("F", i) for i in range(4)] + [("B", i) for i in range(4)])
+        assert len(r["steps"]) == 2
+        losses = [("L", i) for i in range(4)] if r["rank"] == 1 else []
+        for events in r["steps"]:
+            kinds = sorted((e["kind"], e["mb"]) for e in events)
+            assert kinds == sorted([("F", i) for i in range(4)] + [("B", i) for i in range(4)] + losses)
     assert (tmp_path / "timeline.png").stat().st_size > 0
     assert json.loads((tmp_path / "timeline.json").read_text())["traceEvents"]

@@ -5,18 +5,21 @@
     python tools/pipeline_timeline.py --from-recording outputs/timeline/recording   # redraw only
 
 It spawns ``pp`` gloo ranks, trains a few steps of the debug model with the trainer's own
-pipeline path, and times every action each stage runs in the last step by wrapping the
+pipeline path, and times every action each stage runs by wrapping the
 stage's ``forward_one_chunk`` (F), ``backward_one_chunk`` (B; I when it computes only the
-input gradient, as zero-bubble schedules do) and ``backward_weight_one_chunk`` (W). Then it
+input gradient, as zero-bubble schedules do), ``backward_weight_one_chunk`` (W) and the last
+stage's loss (L). It times ``--steps`` steps and reports the one with the median bubble. Then it
 writes ``<out>/recording/rank<r>.json``, ``<out>/timeline.json`` (open in chrome://tracing
 or ui.perfetto.dev) and ``<out>/timeline.png``, and prints
 
     measured bubble = 1 - (mean busy time per rank) / (step makespan)
     theory          = (p - 1) / (m + p - 1)        (1F1B/GPipe, equal-time stages)
                       (p - 1) / (v*m + p - 1)      (v virtual stages per rank: interleaved, ZBV)
+    and, for 1F1B/GPipe, the theory for the stages' measured times t_s per microbatch:
+                      1 - mean(m t_s) / (sum(t_s) + (m - 1) max(t_s))
 
-Measured numbers on a shared CPU are indicative: ranks time-slice the cores, and P2P
-waits and the loss count as idle time.
+Measured numbers on a shared CPU are indicative: steps vary by a few percent of the
+step, and P2P sends and waits count as idle time.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ for _pkg in ("core", "models", "train"):
     if str(ROOT / "packages" / _pkg) not in sys.path:
         sys.path.insert(0, str(ROOT / "packages" / _pkg))
 
-COLORS = {"F": "#4C72B0", "B": "#55A868", "I": "#8FD19E", "W": "#DD8452"}
+COLORS = {"F": "#4C72B0", "L": "#8172B3", "B": "#55A868", "I": "#8FD19E", "W": "#DD8452"}
 
 
 # ---------------------------------------------------------------- recording (runs on every rank)
@@ -59,8 +62,21 @@ def instrument(stage, events: list[dict], clock) -> None:
     wrap("backward_weight_one_chunk", "W")
 
 
+def instrument_loss(schedule, stage_index: int, events: list[dict], clock) -> None:
+    """Time the last stage's loss (run by the schedule between its forward and backward) as "L"."""
+    loss_fn = schedule._loss_fn
+
+    def timed(output, target):
+        start = clock()
+        loss = loss_fn(output, target)
+        microbatch = sum(1 for e in events if e["kind"] == "L")  # the schedule computes them in order
+        events.append({"kind": "L", "stage": stage_index, "mb": microbatch, "start": start, "end": clock()})
+        return loss
+    schedule._loss_fn = timed
+
+
 def record_rank(rank: int, world: int, port: int, args: dict, out_dir: str) -> None:
-    """One spawned rank: train ``warmup`` untimed steps, then time one step's actions."""
+    """One spawned rank: train ``warmup`` untimed steps, then time the actions of ``steps`` steps."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     import torch
@@ -79,12 +95,17 @@ def record_rank(rank: int, world: int, port: int, args: dict, out_dir: str) -> N
             events: list[dict] = []
             for stage in t.pipeline.stages:
                 instrument(stage, events, time.perf_counter)
-            dist.barrier()  # a common time origin: every rank leaves the barrier at about the same moment
-            origin = time.perf_counter()
-            train_step(t)
+            if t.pipeline.has_last:
+                instrument_loss(t.pipeline.schedule, t.pipeline.n_stages - 1, events, time.perf_counter)
+            steps = []
+            for _ in range(args["steps"]):
+                events.clear()
+                dist.barrier()  # a common time origin: every rank leaves the barrier at about the same moment
+                origin = time.perf_counter()
+                train_step(t)
+                steps.append([{**e, "start": e["start"] - origin, "end": e["end"] - origin} for e in events])
         recording = {"rank": rank, "pp": world, "microbatches": t.pipeline.microbatches, "schedule": args["schedule"],
-                     "stages": t.pipeline.stage_ids,
-                     "events": [{**e, "start": e["start"] - origin, "end": e["end"] - origin} for e in events]}
+                     "stages": t.pipeline.stage_ids, "steps": steps}
         (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(recording, indent=1))
     except BaseException:  # noqa: BLE001 - report, then leave without gloo's exit-time abort
         traceback.print_exc()
@@ -100,11 +121,12 @@ def run_config(pp: int, args: dict, output_dir: str):
     from train.config import TrainConfig
 
     return TrainConfig(mesh=f"pp={pp}", pp_schedule=args["schedule"], microbatches=args["microbatches"],
-                       dataset="synthetic", steps=args["warmup"] + 1, seq_len=args["seq_len"],
+                       dataset="synthetic", steps=args["warmup"] + args["steps"], seq_len=args["seq_len"],
                        global_batch_size=args["batch"], output_dir=output_dir)
 
 
-def record(pp: int, schedule: str, microbatches: int, seq_len: int, batch: int, warmup: int, out_dir: Path) -> None:
+def record(pp: int, schedule: str, microbatches: int, seq_len: int, batch: int, warmup: int, steps: int,
+           out_dir: Path) -> None:
     """Spawn ``pp`` ranks, each writing ``out_dir/rank<r>.json``. A bad configuration fails here, once."""
     import socket
 
@@ -112,7 +134,8 @@ def record(pp: int, schedule: str, microbatches: int, seq_len: int, batch: int, 
 
     from train.validation import validate
 
-    args = dict(schedule=schedule, microbatches=microbatches, seq_len=seq_len, batch=batch, warmup=warmup)
+    args = dict(schedule=schedule, microbatches=microbatches, seq_len=seq_len, batch=batch, warmup=warmup,
+                steps=steps)
     try:
         validate(run_config(pp, args, str(out_dir)), pp)
     except ValueError as err:
@@ -141,6 +164,11 @@ def load_recording(folder: Path) -> list[dict]:
 
 # ---------------------------------------------------------------- analysis and drawing
 
+def steps_of(recordings: list[dict]) -> list[list[dict]]:
+    """Per timed step, the ranks' recordings of that step alone (each with its ``events``)."""
+    return [[{**r, "events": r["steps"][k]} for r in recordings] for k in range(len(recordings[0]["steps"]))]
+
+
 def bubble(recordings: list[dict]) -> dict:
     """Measured idle fraction of the step vs the theory for equal-time stages.
 
@@ -157,9 +185,17 @@ def bubble(recordings: list[dict]) -> dict:
     busy = [sum(e["end"] - e["start"] for e in r["events"]) for r in recordings]
     p, m, schedule = recordings[0]["pp"], recordings[0]["microbatches"], recordings[0]["schedule"]
     v = len(recordings[0]["stages"])
-    return {"pp": p, "microbatches": m, "schedule": schedule, "makespan_s": makespan, "busy_s": busy,
-            "measured": 1 - sum(busy) / len(busy) / makespan, "theory": (p - 1) / (v * m + p - 1),
-            "formula": "(p-1)/(m+p-1)" if v == 1 else f"(p-1)/(v*m+p-1), v={v}"}
+    mean_busy = sum(busy) / len(busy)
+    stats = {"pp": p, "microbatches": m, "schedule": schedule, "makespan_s": makespan, "busy_s": busy,
+             "measured": 1 - mean_busy / makespan, "theory": (p - 1) / (v * m + p - 1),
+             "formula": "(p-1)/(m+p-1)" if v == 1 else f"(p-1)/(v*m+p-1), v={v}"}
+    if v == 1:
+        # Unequal stages: microbatches stream at the pace of the slowest stage (t per
+        # microbatch), after filling and before draining the others: sum(t) + (m-1) max(t).
+        per_microbatch = [b / m for b in busy]
+        ideal_makespan = sum(per_microbatch) + (m - 1) * max(per_microbatch)
+        stats["theory_for_stage_times"] = 1 - mean_busy / ideal_makespan
+    return stats
 
 
 def chrome_trace(recordings: list[dict]) -> dict:
@@ -198,8 +234,8 @@ def draw(recordings: list[dict], stats: dict, path: Path) -> None:
     ax.set_xlabel("time in step (ms)")
     ax.set_title(f"{stats['schedule']}  pp={stats['pp']}  m={stats['microbatches']}   bubble: measured "
                  f"{stats['measured']:.1%}, theory {stats['formula']} = {stats['theory']:.1%}")
-    kinds = sorted({e["kind"] for r in recordings for e in r["events"]}, key="FBIW".index)
-    names = {"F": "forward", "B": "backward", "I": "backward (input)", "W": "backward (weight)"}
+    kinds = sorted({e["kind"] for r in recordings for e in r["events"]}, key="FLBIW".index)
+    names = {"F": "forward", "L": "loss", "B": "backward", "I": "backward (input)", "W": "backward (weight)"}
     ax.legend(handles=[Patch(color=COLORS[k], label=names[k]) for k in kinds], loc="upper left",
               bbox_to_anchor=(1.0, 1.0), fontsize=8)
     fig.tight_layout()
@@ -214,22 +250,30 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--microbatches", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch", type=int, default=16, help="global batch (sequences); cut into microbatches")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps before the recorded one")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps before the recorded ones")
+    parser.add_argument("--steps", type=int, default=5,
+                        help="timed steps; the step with the median bubble is reported and drawn")
     parser.add_argument("--out", type=Path, default=Path("outputs/timeline"))
     parser.add_argument("--from-recording", type=Path, help="draw an existing recording folder instead of running")
     args = parser.parse_args(argv)
 
     folder = args.from_recording or args.out / "recording"
     if args.from_recording is None:
-        record(args.pp, args.schedule, args.microbatches, args.seq_len, args.batch, args.warmup, folder)
-    recordings = load_recording(folder)
-    stats = bubble(recordings)
+        record(args.pp, args.schedule, args.microbatches, args.seq_len, args.batch, args.warmup, args.steps, folder)
+    per_step = [bubble(step) for step in steps_of(load_recording(folder))]
+    median = sorted(range(len(per_step)), key=lambda k: per_step[k]["measured"])[len(per_step) // 2]
+    recordings, stats = steps_of(load_recording(folder))[median], per_step[median]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "timeline.json").write_text(json.dumps(chrome_trace(recordings)))
     draw(recordings, stats, args.out / "timeline.png")
-    print(f"{stats['schedule']} pp={stats['pp']} m={stats['microbatches']}: step {stats['makespan_s'] * 1e3:.1f} ms, "
-          f"busy per rank {[round(b * 1e3, 1) for b in stats['busy_s']]} ms")
-    print(f"bubble fraction: measured {stats['measured']:.3f}, theory {stats['formula']} = {stats['theory']:.3f}")
+    print(f"{stats['schedule']} pp={stats['pp']} m={stats['microbatches']}, median of {len(per_step)} steps: "
+          f"step {stats['makespan_s'] * 1e3:.1f} ms, busy per rank {[round(b * 1e3, 1) for b in stats['busy_s']]} ms")
+    every_step = ", ".join(f"{step['measured']:.3f}" for step in per_step)
+    print(f"bubble fraction: measured {stats['measured']:.3f} (steps: {every_step}), "
+          f"theory {stats['formula']} = {stats['theory']:.3f}")
+    if "theory_for_stage_times" in stats:
+        print(f"  theory for these stages' measured times (an unequal split idles the faster stages): "
+              f"{stats['theory_for_stage_times']:.3f}")
     print(f"wrote {args.out / 'timeline.json'} (chrome://tracing, ui.perfetto.dev) and {args.out / 'timeline.png'}")
     return stats
 

@@ -97,19 +97,64 @@ def check_pipeline(n_layers: int, pp: int, schedule: str, microbatches: int, loc
                 f"a multiple of {rounds} (e.g. a multiple of pp)")
 
 
-def layers_per_stage(n_layers: int, n_stages: int) -> list[list[int]]:
-    """Contiguous, balanced layer indices per stage: sizes differ by at most one, extras go first.
+def layers_per_stage(layer_costs: list[float], n_stages: int, first_cost: float = 0.0,
+                     last_cost: float = 0.0) -> list[list[int]]:
+    """Contiguous layer indices per stage (at least one layer each) that make the slowest
+    stage as fast as possible, and the stages as even as possible.
 
-    >>> layers_per_stage(5, 2)
-    [[0, 1, 2], [3, 4]]
+    ``layer_costs``: each layer's compute (any unit); ``first_cost`` / ``last_cost``: what
+    the first stage (the embedding) and the last stage (final norm, output projection and
+    loss) run besides their layers. A pipeline's steady state moves at the pace of its
+    slowest stage and every other stage waits out the difference for every microbatch: on
+    Llama 3 8B the output projection costs about two layers, so an even split of 32 layers
+    over 4 stages makes the last one ~25% slower than the rest. Among the splits with the
+    smallest maximum, the most even one (least sum of squared stage costs) is taken; on a
+    tie, later stages take the extra layer: in 1F1B an earlier stage holds more microbatches'
+    activations at once.
+
+    >>> layers_per_stage([1.0] * 5, 2)
+    [[0, 1], [2, 3, 4]]
+    >>> layers_per_stage([1.0] * 8, 2, last_cost=2.0)
+    [[0, 1, 2, 3, 4], [5, 6, 7]]
     """
-    base, extra = divmod(n_layers, n_stages)
-    bounds, start = [], 0
-    for s in range(n_stages):
-        size = base + (1 if s < extra else 0)
-        bounds.append(list(range(start, start + size)))
-        start += size
-    return bounds
+    n = len(layer_costs)
+    prefix = [0.0]
+    for cost in layer_costs:
+        prefix.append(prefix[-1] + cost)
+
+    def stage_cost(start: int, end: int) -> float:  # layers [start, end) as one stage
+        return prefix[end] - prefix[start] + (first_cost if start == 0 else 0.0) + (last_cost if end == n else 0.0)
+
+    return _most_even_split(n, n_stages, stage_cost, _least_slowest_stage(n, n_stages, stage_cost))
+
+
+def _split_ends(n: int, n_stages: int, stage: int) -> range:
+    """Where ``stage`` may end (exclusive layer index): after one layer per earlier stage,
+    leaving one per later stage."""
+    return range(stage + 1, n - (n_stages - 1 - stage) + 1)
+
+
+def _least_slowest_stage(n: int, n_stages: int, stage_cost) -> float:
+    """The smallest possible cost of the slowest stage, by dynamic programming over where
+    each stage ends: slowest[j] = the best slowest stage for layers [0, j) so far."""
+    slowest = {0: 0.0}
+    for stage in range(n_stages):
+        slowest = {end: min(max(before, stage_cost(start, end)) for start, before in slowest.items() if start < end)
+                   for end in _split_ends(n, n_stages, stage)}
+    return slowest[n]
+
+
+def _most_even_split(n: int, n_stages: int, stage_cost, bound: float) -> list[list[int]]:
+    """The split with every stage costing at most ``bound`` and the least sum of squared
+    stage costs (dynamic programming as above; ``bound`` is reachable by construction)."""
+    best: dict[int, tuple[float, list[list[int]]]] = {0: (0.0, [])}
+    for stage in range(n_stages):
+        best = {end: min(((squares + stage_cost(start, end) ** 2, split + [list(range(start, end))])
+                          for start, (squares, split) in best.items()
+                          if start < end and stage_cost(start, end) <= bound), key=lambda option: option[0])
+                for end in _split_ends(n, n_stages, stage)
+                if any(start < end and stage_cost(start, end) <= bound for start in best)}
+    return best[n][1]
 
 
 def stages_of_rank(pp_rank: int, pp: int, schedule: str) -> list[int]:

@@ -261,6 +261,16 @@ def moe_layers(model: nn.Module) -> list[MoE]:
     return [m for m in model.modules() if isinstance(m, MoE)]
 
 
+def active_parameter_count(module: nn.Module) -> float:
+    """Parameters of ``module`` that multiply each token: all of them, but of each MoE layer's
+    routed experts only the ``top_k`` of ``n_experts`` a token is sent to (on average)."""
+    total = float(sum(p.numel() for p in module.parameters()))
+    for moe in moe_layers(module):
+        routed = sum(p.numel() for p in moe.experts.parameters())
+        total -= routed * (1 - moe.cfg.top_k / moe.cfg.n_experts)
+    return total
+
+
 def set_sequences_per_step(model: nn.Module, global_batch_size: int) -> None:
     """The aux loss is the mean over the step's sequences: tell every MoE layer how many there are."""
     for moe in moe_layers(model):

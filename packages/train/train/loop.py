@@ -40,8 +40,8 @@ from core.mesh import ParallelMesh, build_mesh
 from core.zigzag import zigzag_shard
 from core.tensor_parallel import loss_context, reduce_partial_gradients, local_tensor, token_loss_sum
 from models.hf_format import load_hf_weights_
-from models.moe import (MoEConfig, expert_load_metrics, moe_layers, set_sequences_per_step, sum_step_load,
-                        update_expert_bias)
+from models.moe import (MoEConfig, active_parameter_count, expert_load_metrics, moe_layers,
+                        set_sequences_per_step, sum_step_load, update_expert_bias)
 from models.parallelize import (ParallelOptions, dense_and_expert_parameters, parallelize_and_initialize,
                                 token_split_parameters)
 from models.registry import build_model
@@ -163,10 +163,8 @@ def parallel_options(cfg: TrainConfig) -> ParallelOptions:
 
 def model_flops_per_token(model: nn.Module, model_config, seq_len: int) -> float:
     """Training FLOPs per token of the whole (unsharded) model: see ``train.flops``."""
-    non_embedding = sum(p.numel() for name, p in model.named_parameters() if "tok_embeddings" not in name)
-    if isinstance(model_config, MoEConfig):  # a token passes through top_k of the n_experts routed experts
-        routed = sum(p.numel() for moe in moe_layers(model) for p in moe.experts.parameters())
-        non_embedding -= routed * (1 - model_config.top_k / model_config.n_experts)
+    embedding = sum(p.numel() for name, p in model.named_parameters() if "tok_embeddings" in name)
+    non_embedding = active_parameter_count(model) - embedding  # the embedding is a lookup, not a matmul
     return transformer_flops_per_token(non_embedding, model_config.n_layers, model_config.dim, seq_len)
 
 

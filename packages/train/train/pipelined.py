@@ -36,6 +36,7 @@ from core.pipeline import (
 )
 from core.tensor_parallel import loss_context, local_tensor, token_loss_sum
 from models.parallelize import ParallelOptions, parallelize_and_initialize, uses_fsdp
+from models.moe import active_parameter_count
 from models.pipeline_split import split_stage
 from models.registry import build_model
 
@@ -85,13 +86,29 @@ def build_stage_module(model_config, layer_ids: list[int], first: bool, last: bo
     return model
 
 
+def compute_per_token(model_config, seq_len: int) -> tuple[list[float], float]:
+    """Forward FLOPs per token of each layer, and of the last stage's head (final norm,
+    output projection; the loss is a few element-wise ops per logit, left out). The
+    embedding is a lookup: no FLOPs. What ``layers_per_stage`` balances the stages by.
+
+    A layer: 2 FLOPs per active weight (MoE: the experts a token is routed to) plus causal
+    attention, 2 * seq_len * width (QK^T and PV over half the s x s scores, on average).
+    """
+    with torch.device("meta"):
+        model = build_model(model_config)
+    attention = 2.0 * seq_len * model_config.n_heads * model_config.head_dim
+    layers = [2.0 * active_parameter_count(layer) + attention for layer in model.layers.values()]
+    return layers, 2.0 * (active_parameter_count(model.norm) + active_parameter_count(model.output))
+
+
 def build_pipeline(cfg, pm: ParallelMesh, model_config, device: torch.device,
                    options: ParallelOptions) -> tuple[ModelParts, Pipeline]:
     """This rank's stage modules and the schedule that drives them. Collective (process groups, FSDP)."""
     pp = pm.size("pp")
     stage_ids = stages_of_rank(pm.local_rank("pp"), pp, cfg.pp_schedule)
     n_stages = pp * SCHEDULES[cfg.pp_schedule].stages_per_rank
-    layer_split = layers_per_stage(model_config.n_layers, n_stages)
+    layer_costs, head_cost = compute_per_token(model_config, cfg.seq_len)
+    layer_split = layers_per_stage(layer_costs, n_stages, last_cost=head_cost)
     parts = ModelParts(
         build_stage_module(model_config, layer_split[s], s == 0, s == n_stages - 1, pm, device, options, cfg.seed)
         for s in stage_ids)
