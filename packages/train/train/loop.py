@@ -40,7 +40,7 @@ from core.mesh import ParallelMesh, build_mesh
 from core.zigzag import zigzag_shard
 from core.tensor_parallel import loss_context, reduce_partial_gradients, local_tensor, token_loss_sum
 from models.hf_format import load_hf_weights_
-from models.moe import (MoEConfig, active_parameter_count, expert_load_metrics, moe_layers,
+from models.moe import (MoEConfig, active_parameter_count, expert_load_metrics,
                         set_sequences_per_step, sum_step_load, update_expert_bias)
 from models.parallelize import (ParallelOptions, dense_and_expert_parameters, parallelize_and_initialize,
                                 token_split_parameters)
