@@ -12,8 +12,8 @@ machine share them. Throughput is the median tokens/s over the steps after the f
 
   1. data parallel: dp=2 (FSDP, HSDP, plain replication) vs 1 process, default debug config;
   2. activation checkpointing none / full / selective: peak memory and tokens/s, 8 layers at seq 1024;
-  3. torch.compile per block vs eager, 1 process, the debug config and a wider model
-     (the compile time is the first step's time minus a steady step's);
+  3. torch.compile per block vs eager: 1 process on the debug config and a wider model, and
+     tp=2 (the compile time is the first step's time minus a steady step's);
   4. MoE experts: one grouped GEMM per projection vs a matmul per expert, forward + backward.
 """
 
@@ -87,14 +87,14 @@ def checkpointing(steps: int, model_args: str, seq_len: int, batch: int) -> None
           ("mode", "peak MiB", "x none", "tokens/s", "x none"), rows)
 
 
-def compiling(steps: int, configs: list[tuple[str, list[str]]]) -> None:
+def compiling(steps: int, configs: list[tuple[str, list[str], int]]) -> None:
+    """Each config (name, CLI args, ranks) eager and with --compile."""
     rows = []
-    for name, args in configs:
-        eager, compiled = train_run(args, 1, steps), train_run(args + ["--compile"], 1, steps)
+    for name, args, ranks in configs:
+        eager, compiled = train_run(args, ranks, steps), train_run(args + ["--compile"], ranks, steps)
         rows.append((name, eager["tps"], compiled["tps"], compiled["tps"] / eager["tps"],
                      compiled["first_s"] - compiled["step_s"]))
-    table("3. torch.compile per block, 1 process", ("config", "eager tok/s", "compiled", "x eager", "compile s"),
-          rows)
+    table("3. torch.compile per block", ("config", "eager tok/s", "compiled", "x eager", "compile s"), rows)
 
 
 def experts(repeats: int, sizes: list[tuple[int, int, int, int]]) -> None:
@@ -131,15 +131,16 @@ def main() -> None:
     if args.smoke:
         data_parallel(steps=4)
         checkpointing(4, "n_layers=2,max_seq_len=128", 64, 4)
-        compiling(4, [("debug", [])])
+        compiling(4, [("debug", [], 1), ("debug tp=2", ["--mesh", "tp=2"], 2)])
         experts(2, [(4, 32, 32, 64)])
         return
     data_parallel(steps=30)
     checkpointing(8, "dim=256,n_layers=8,ffn_dim=768,max_seq_len=1024", 1024, 4)
-    compiling(20, [("debug (dim 128, seq 128, batch 16)", []),
+    compiling(20, [("debug (dim 128, seq 128, batch 16)", [], 1),
                    ("dim 256, 8 layers, seq 512, batch 8",
                     ["--model-args", "dim=256,n_layers=8,ffn_dim=768,max_seq_len=512", "--seq-len", "512",
-                     "--global-batch-size", "8"])])
+                     "--global-batch-size", "8"], 1),
+                   ("debug, tp=2 (2 ranks)", ["--mesh", "tp=2"], 2)])
     experts(20, [(8, 128, 128, 4096), (8, 512, 1024, 8192), (64, 512, 256, 8192)])
 
 
