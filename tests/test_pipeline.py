@@ -58,17 +58,17 @@ def test_split_is_the_best_possible():
         if stages > n:
             continue
         costs = [rng.choice([1.0, 1.0, 1.5, 3.0]) for _ in range(n)]
-        first, last = rng.choice([0.0, 0.5]), rng.choice([0.0, 0.3, 2.0, 5.0])
+        last = rng.choice([0.0, 0.3, 2.0, 5.0])
 
         def slowest(split):
-            return max(sum(costs[i] for i in stage) + (first if k == 0 else 0) + (last if k == len(split) - 1 else 0)
+            return max(sum(costs[i] for i in stage) + (last if k == len(split) - 1 else 0)
                        for k, stage in enumerate(split))
 
         every = [[list(range(a, b)) for a, b in zip((0, *cuts), (*cuts, n))]
                  for cuts in itertools.combinations(range(1, n), stages - 1)]
-        split = layers_per_stage(costs, stages, first, last)
+        split = layers_per_stage(costs, stages, last)
         assert sum(split, []) == list(range(n)) and all(split)
-        assert slowest(split) == min(slowest(s) for s in every), (costs, stages, first, last, split)
+        assert slowest(split) == min(slowest(s) for s in every), (costs, stages, last, split)
 
 
 def test_stages_of_rank_looped_and_v():

@@ -97,20 +97,19 @@ def check_pipeline(n_layers: int, pp: int, schedule: str, microbatches: int, loc
                 f"a multiple of {rounds} (e.g. a multiple of pp)")
 
 
-def layers_per_stage(layer_costs: list[float], n_stages: int, first_cost: float = 0.0,
-                     last_cost: float = 0.0) -> list[list[int]]:
+def layers_per_stage(layer_costs: list[float], n_stages: int, last_cost: float = 0.0) -> list[list[int]]:
     """Contiguous layer indices per stage (at least one layer each) that make the slowest
     stage as fast as possible, and the stages as even as possible.
 
-    ``layer_costs``: each layer's compute (any unit); ``first_cost`` / ``last_cost``: what
-    the first stage (the embedding) and the last stage (final norm, output projection and
-    loss) run besides their layers. A pipeline's steady state moves at the pace of its
-    slowest stage and every other stage waits out the difference for every microbatch: on
-    Llama 3 8B the output projection costs about two layers, so an even split of 32 layers
-    over 4 stages makes the last one ~25% slower than the rest. Among the splits with the
-    smallest maximum, the most even one (least sum of squared stage costs) is taken; on a
-    tie, later stages take the extra layer: in 1F1B an earlier stage holds more microbatches'
-    activations at once.
+    ``layer_costs``: each layer's compute (any unit); ``last_cost``: what the last stage
+    runs besides its layers (final norm, output projection, loss; the first stage's
+    embedding is a lookup and costs next to nothing). A pipeline's steady state moves at
+    the pace of its slowest stage and every other stage waits out the difference for every
+    microbatch: on Llama 3 8B the output projection costs about two layers, so an even
+    split of 32 layers over 4 stages makes the last one ~25% slower than the rest. Among
+    the splits with the smallest maximum, the most even one (least sum of squared stage
+    costs) is taken; on a tie, later stages take the extra layer: in 1F1B an earlier stage
+    holds more microbatches' activations at once.
 
     >>> layers_per_stage([1.0] * 5, 2)
     [[0, 1], [2, 3, 4]]
@@ -123,7 +122,7 @@ def layers_per_stage(layer_costs: list[float], n_stages: int, first_cost: float 
         prefix.append(prefix[-1] + cost)
 
     def stage_cost(start: int, end: int) -> float:  # layers [start, end) as one stage
-        return prefix[end] - prefix[start] + (first_cost if start == 0 else 0.0) + (last_cost if end == n else 0.0)
+        return prefix[end] - prefix[start] + (last_cost if end == n else 0.0)
 
     return _most_even_split(n, n_stages, stage_cost, _least_slowest_stage(n, n_stages, stage_cost))
 
@@ -149,11 +148,13 @@ def _most_even_split(n: int, n_stages: int, stage_cost, bound: float) -> list[li
     stage costs (dynamic programming as above; ``bound`` is reachable by construction)."""
     best: dict[int, tuple[float, list[list[int]]]] = {0: (0.0, [])}
     for stage in range(n_stages):
-        best = {end: min(((squares + stage_cost(start, end) ** 2, split + [list(range(start, end))])
-                          for start, (squares, split) in best.items()
-                          if start < end and stage_cost(start, end) <= bound), key=lambda option: option[0])
-                for end in _split_ends(n, n_stages, stage)
-                if any(start < end and stage_cost(start, end) <= bound for start in best)}
+        reachable = {}
+        for end in _split_ends(n, n_stages, stage):
+            options = [(squares + stage_cost(start, end) ** 2, split + [list(range(start, end))])
+                       for start, (squares, split) in best.items() if start < end and stage_cost(start, end) <= bound]
+            if options:
+                reachable[end] = min(options, key=lambda option: option[0])
+        best = reachable
     return best[n][1]
 
 
