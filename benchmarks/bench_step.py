@@ -10,7 +10,8 @@ machine share them. Throughput is the median tokens/s over the steps after the f
 (warm-up, and compile time on the first step); memory is the peak resident set of rank 0
 (``mem_peak_mib``: weights, optimizer state, activations and the runtime itself).
 
-  1. data parallel: dp=2 (FSDP, HSDP, plain replication) vs 1 process, default debug config;
+  1. data parallel: dp=2 (FSDP as configured and with a unit per block, HSDP, plain
+     replication) vs 1 process, default debug config;
   2. activation checkpointing none / full / selective: peak memory and tokens/s, 8 layers at seq 1024;
   3. torch.compile per block vs eager: 1 process on the debug config and a wider model, and
      tp=2 (the compile time is the first step's time minus a steady step's);
@@ -70,6 +71,7 @@ def data_parallel(steps: int) -> None:
     rows = [("1 process (all cores)", base["tps"], 1.0),
             ("1 process, 1 thread", single_thread["tps"], single_thread["tps"] / base["tps"])]
     for name, args in (("dp=2 fsdp", ["--mesh", "dp=2"]),
+                       ("dp=2 fsdp, a unit per block", ["--mesh", "dp=2", "--fsdp-unit-params", "0"]),
                        ("dp=2 hsdp (--dp-shard 1)", ["--mesh", "dp=2", "--dp-mode", "hsdp", "--dp-shard", "1"]),
                        ("dp=2 replicate", ["--mesh", "dp=2", "--dp-mode", "replicate"])):
         run = train_run(args, 2, steps)

@@ -26,6 +26,12 @@ def test_mesh_matches_single_process(mesh, world):
     assert_same_run(single_process(), on_mesh(mesh, world))
 
 
+def test_one_fsdp_unit_per_block_matches_single_process():
+    """The debug model's blocks are small enough to share one FSDP unit by default; one unit
+    per block (what real model sizes get) with FSDP x TP 2-D sharding."""
+    assert_same_run(single_process(), on_mesh("dp=2,tp=2", 4, fsdp_unit_params=0))
+
+
 def test_replicated_data_parallel_matches_single_process():
     assert_same_run(single_process(), on_mesh("dp=2", 2, dp_mode="replicate"))
 
@@ -80,3 +86,19 @@ def test_gradient_accumulation_reduce_scatters_once_per_step():
     once = run_on_ranks(reduce_scatters_in_one_step, 2, "dp=2", {})[0]
     accumulated = run_on_ranks(reduce_scatters_in_one_step, 2, "dp=2", {"grad_accum_steps": 4})[0]
     assert once > 0 and accumulated == once, (once, accumulated)
+
+
+def test_small_blocks_share_one_fsdp_unit():
+    """The debug model (0.9M parameters in all) is one FSDP unit by default: one reduce-scatter
+    per step; with ``--fsdp-unit-params 0`` one per block + the root. A threshold of two blocks'
+    parameters makes two block units; of a bit more, one of three (the fourth joins the root)."""
+    from core.data_parallel import group_blocks
+    from models.registry import build_model, get_config
+
+    assert run_on_ranks(reduce_scatters_in_one_step, 2, "dp=2", {})[0] == 1
+    assert run_on_ranks(reduce_scatters_in_one_step, 2, "dp=2", {"fsdp_unit_params": 0})[0] == 5
+    blocks = list(build_model(get_config("debug")).layers.values())
+    two_blocks = 2 * sum(p.numel() for p in blocks[0].parameters())
+    assert [len(unit) for unit in group_blocks(blocks, two_blocks)] == [2, 2]
+    assert [len(unit) for unit in group_blocks(blocks, two_blocks + 1)] == [3]
+    assert [len(unit) for unit in group_blocks(blocks, 0)] == [1, 1, 1, 1]

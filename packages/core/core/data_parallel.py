@@ -20,15 +20,24 @@ from core.tensor_parallel import local_tensor
 
 
 def apply_fsdp(model: nn.Module, mesh: DeviceMesh, blocks: list[nn.Module], param_dtype: torch.dtype | None = None,
-               reshard_after_forward: bool = True, inner_units: list[tuple[nn.Module, DeviceMesh]] = ()) -> None:
-    """ZeRO-3: shard every parameter of ``model`` over ``mesh``, one FSDP unit per block + the root.
+               reshard_after_forward: bool = True, inner_units: list[tuple[nn.Module, DeviceMesh]] = (),
+               min_unit_params: int = 0) -> None:
+    """ZeRO-3: shard every parameter of ``model`` over ``mesh``: one FSDP unit per block, or per
+    run of consecutive blocks that together reach ``min_unit_params`` parameters, + the root.
+
+    A unit pays a fixed price per step whatever its size: a gather before its forward and
+    its backward and a reduce-scatter after, each a collective with its latency, hooks and
+    copies. Grouping small blocks pays it once per group; the blocks of real models
+    (Llama 3 1B: 60M parameters each) are units on their own at any sensible threshold.
+    Trailing blocks smaller than that together join the root unit, so a model smaller than
+    ``min_unit_params`` is one unit: one all-gather and one reduce-scatter per step.
 
     Each unit all-gathers its parameters before its forward and reduce-scatters gradients
-    after its backward. With ``reshard_after_forward`` a block frees its gathered
+    after its backward. With ``reshard_after_forward`` a unit frees its gathered
     parameters after its forward and gathers them again for its backward, except where
-    that buys nothing: the last block and the root (embedding, final norm, output), whose
-    backward starts right after their forward. Each block's forward prefetches the next
-    block's all-gather, and each backward the previous one's, so the gathers overlap compute.
+    that buys nothing: the last unit and the root (embedding, final norm, output), whose
+    backward starts right after their forward. Each unit's forward prefetches the next
+    unit's all-gather, and each backward the previous one's, so the gathers overlap compute.
     ``param_dtype`` (e.g. bf16) is the compute dtype; gradients are reduced in float32.
     ``inner_units``: (module, mesh) pairs sharded first over their own mesh (MoE experts
     over the expert-gradient mesh, which may have one rank).
@@ -36,21 +45,36 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, blocks: list[nn.Module], para
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for unit, unit_mesh in inner_units:
         fully_shard(unit, mesh=unit_mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
-    for index, block in enumerate(blocks):
-        last = index == len(blocks) - 1
-        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward and not last)
+    units = group_blocks(blocks, min_unit_params)
+    for index, unit in enumerate(units):
+        last = index == len(units) - 1
+        fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward and not last)
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)  # sum, see module docstring
             # gloo has no PREMUL_SUM; this setting is not recursive, hence every module.
             module.set_force_sum_reduction_for_comms(True)
-    _prefetch_neighbours(blocks)
+    _prefetch_neighbours([unit[0] for unit in units])
 
 
-def _prefetch_neighbours(blocks: list[nn.Module]) -> None:
-    """Issue block i+1's all-gather when block i's forward starts, and block i-1's when its backward does."""
-    for earlier, later in zip(blocks, blocks[1:]):
+def group_blocks(blocks: list[nn.Module], min_params: int) -> list[list[nn.Module]]:
+    """Consecutive ``blocks`` in groups of at least ``min_params`` parameters. Trailing blocks
+    that do not add up to ``min_params`` are in no group: they stay in the root unit."""
+    groups, current, size = [], [], 0
+    for block in blocks:
+        current.append(block)
+        size += sum(p.numel() for p in block.parameters())
+        if size >= min_params:
+            groups.append(current)
+            current, size = [], 0
+    return groups
+
+
+def _prefetch_neighbours(units: list[nn.Module]) -> None:
+    """Issue unit i+1's all-gather when unit i's forward starts, and unit i-1's when its backward
+    does (a unit of several blocks is named by its first: they share one FSDP state)."""
+    for earlier, later in zip(units, units[1:]):
         earlier.set_modules_to_forward_prefetch([later])
         later.set_modules_to_backward_prefetch([earlier])
 

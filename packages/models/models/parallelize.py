@@ -50,6 +50,8 @@ class ParallelOptions:
     ``param_dtype``: FSDP's compute dtype (None: float32).
     ``reshard_after_forward=False`` keeps FSDP parameters gathered from the forward to the
     backward (a pipeline stage runs many microbatches per step; see ``train.pipelined``).
+    ``fsdp_unit_params``: consecutive blocks smaller than this share one FSDP unit
+    (``core.data_parallel.apply_fsdp``); 0: one unit per block.
     ``cp_method``: the context-parallel attention (``core.context_parallel``).
     ``activation_checkpoint``: none | full | selective (``core.activation_checkpoint``).
     ``compile``: torch.compile each block.
@@ -58,6 +60,7 @@ class ParallelOptions:
     dp_mode: str = "fsdp"
     param_dtype: torch.dtype | None = None
     reshard_after_forward: bool = True
+    fsdp_unit_params: int = 10_000_000
     cp_method: str = "ring"
     activation_checkpoint: str = "none"
     compile: bool = False
@@ -86,7 +89,8 @@ def parallelize(model: Transformer, pm: ParallelMesh, options: ParallelOptions =
         checkpoint_and_compile(block, mode, options.compile)
     if fsdp:
         apply_fsdp(model, pm["dense_grad_hsdp" if hsdp else "dense_grad"], blocks, param_dtype=options.param_dtype,
-                   reshard_after_forward=options.reshard_after_forward, inner_units=inner_units)
+                   reshard_after_forward=options.reshard_after_forward, inner_units=inner_units,
+                   min_unit_params=options.fsdp_unit_params)
 
 
 def _holds_any(block: nn.Module, units: list[tuple[nn.Module, object]]) -> bool:

@@ -36,6 +36,9 @@ class TrainConfig:
                                   "groups of --dp-shard ranks, replicated across them) or replicate (all-reduce)")
     dp_shard: int = option(0, "with --dp-mode hsdp: dp ranks that shard parameters together (must divide dp); "
                               "0: as many as fit in one node (torchrun's LOCAL_WORLD_SIZE)")
+    fsdp_unit_params: int = option(10_000_000, "FSDP: consecutive blocks with fewer parameters are grouped into "
+                                                "one unit (one gather and one reduce-scatter for the group); "
+                                                "0: one unit per block")
     pp_schedule: str = option("1f1b", "pipeline schedule")
     microbatches: int = option(0, "pipeline microbatches per step (0: 2 * pp)")
     cp_method: str = option("ring", "context-parallel attention: ring (P2P) or allgather (K/V all-gather)")

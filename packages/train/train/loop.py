@@ -157,8 +157,8 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
 def parallel_options(cfg: TrainConfig) -> ParallelOptions:
     """The run's flags as ``models.parallelize`` takes them."""
     return ParallelOptions(dp_mode=cfg.dp_mode, param_dtype=DTYPE[cfg.dtype] if cfg.dtype != "float32" else None,
-                           cp_method=cfg.cp_method, activation_checkpoint=cfg.activation_checkpoint,
-                           compile=cfg.compile)
+                           fsdp_unit_params=cfg.fsdp_unit_params, cp_method=cfg.cp_method,
+                           activation_checkpoint=cfg.activation_checkpoint, compile=cfg.compile)
 
 
 def model_flops_per_token(model: nn.Module, model_config, seq_len: int) -> float:

@@ -76,6 +76,7 @@ RANGES = (
     ("seq_len", lambda v: v >= 1, ">= 1"),
     ("microbatches", lambda v: v >= 0, ">= 0 (0: 2 * pp)"),
     ("dp_shard", lambda v: v >= 0, ">= 0 (0: one node's worth)"),
+    ("fsdp_unit_params", lambda v: v >= 0, ">= 0 (0: one FSDP unit per block)"),
     ("log_every", lambda v: v >= 1, ">= 1"),
     ("lr", lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
     ("min_lr_ratio", lambda v: 0 <= v <= 1, "between 0 and 1"),
