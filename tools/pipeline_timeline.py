@@ -159,6 +159,9 @@ def load_recording(folder: Path) -> list[dict]:
     recordings = sorted((json.loads(p.read_text()) for p in folder.glob("rank*.json")), key=lambda r: r["rank"])
     if not recordings:
         raise SystemExit(f"no rank*.json in {folder}")
+    if any("steps" not in r for r in recordings):
+        raise SystemExit(f"error: {folder} was recorded by an older version of this tool (one step, no 'steps'): "
+                         f"record it again")
     return recordings
 
 
@@ -256,13 +259,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=Path("outputs/timeline"))
     parser.add_argument("--from-recording", type=Path, help="draw an existing recording folder instead of running")
     args = parser.parse_args(argv)
+    if args.steps < 1:
+        parser.error(f"--steps {args.steps}: time at least one step (--steps 1 or more)")
 
     folder = args.from_recording or args.out / "recording"
     if args.from_recording is None:
         record(args.pp, args.schedule, args.microbatches, args.seq_len, args.batch, args.warmup, args.steps, folder)
-    per_step = [bubble(step) for step in steps_of(load_recording(folder))]
+    steps = steps_of(load_recording(folder))
+    per_step = [bubble(step) for step in steps]
     median = sorted(range(len(per_step)), key=lambda k: per_step[k]["measured"])[len(per_step) // 2]
-    recordings, stats = steps_of(load_recording(folder))[median], per_step[median]
+    recordings, stats = steps[median], per_step[median]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "timeline.json").write_text(json.dumps(chrome_trace(recordings)))
     draw(recordings, stats, args.out / "timeline.png")
