@@ -19,7 +19,8 @@ def poisoned_step(mesh: str, skip: bool, on_device: bool = False) -> dict:
     import torch.distributed as dist
 
     from train.config import TrainConfig
-    from train.loop import TrainingDiverged, apply_gradients, build_trainer, compute_gradients, global_loss
+    from train.divergence import TrainingDiverged
+    from train.loop import apply_gradients, build_trainer, compute_gradients, global_loss
 
     with tempfile.TemporaryDirectory() as out:
         t = build_trainer(TrainConfig(**{**BASE, "mesh": mesh, "output_dir": out, "skip_nonfinite_steps": skip}))

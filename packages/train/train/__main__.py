@@ -16,7 +16,8 @@ from core.checkpoint import CheckpointError
 
 from .config import parse_config
 from .distributed import shutdown_and_exit
-from .loop import TrainingDiverged, train
+from .divergence import TrainingDiverged
+from .loop import train
 
 # Words in the errors gloo/NCCL raise on a rank whose peer has gone away.
 PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL communicator was aborted")

@@ -49,6 +49,7 @@ from models.registry import build_model
 from . import checkpointing
 from .config import TrainConfig
 from .data import build_batches
+from .divergence import TrainingDiverged, check_dropped_steps
 from .evaluation import build_eval_batches, evaluate
 from .flops import peak_flops, transformer_flops_per_token
 from .optim import build_optimizer, build_scheduler
@@ -230,15 +231,6 @@ def compute_gradients(t: Trainer) -> tuple[torch.Tensor, float]:
     return loss, data_time
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss or gradient norm of a step is NaN or infinite. Raised on every rank at once
-    (both values are global) before the optimizer applies anything."""
-
-    def __init__(self, t: "Trainer", loss: float, grad_norm: float, window: tuple[int, int] | None = None):
-        super().__init__(divergence_message(t, loss, grad_norm, window))
-        self.loss, self.grad_norm, self.window = loss, grad_norm, window
-
-
 def apply_gradients(t: Trainer, loss: float | torch.Tensor) -> tuple:
     """Clip over the whole mesh, step AdamW and the LR schedule (and MoE expert biases).
 
@@ -283,26 +275,6 @@ def reports_step(t: Trainer, step: int) -> bool:
     return (step % cfg.log_every == 0 or step == cfg.steps or not t.optimizer.defaults.get("fused")
             or (cfg.eval_every > 0 and step % cfg.eval_every == 0)
             or (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0))
-
-
-def divergence_message(t: Trainer, loss: float, grad_norm: float, window: tuple[int, int] | None = None) -> str:
-    """What happened at which step(s), that nothing was applied or saved, and what to do.
-
-    ``window`` (first, last): found at a report among the steps before it, whose values were
-    not read on the host; each non-finite one was dropped on the device.
-    """
-    latest = checkpointing.latest_checkpoint(t.cfg)
-    restart = (f"resume from {latest} (the newest checkpoint)" if latest else
-               "restart (no checkpoint was saved before this step)")
-    if window:
-        what = (f"training diverged between steps {window[0]} and {window[1]} (--log-every {t.cfg.log_every}): "
-                f"a step had a non-finite loss or gradient norm; its update was not applied and nothing was "
-                f"saved from it")
-    else:
-        what = (f"training diverged at step {t.step + 1}: loss {loss}, gradient norm {grad_norm}; this step's "
-                f"update was not applied and nothing was saved from it")
-    return (f"{what}. Lower --lr (now {t.cfg.lr:g}) or raise --warmup-steps (now {t.cfg.warmup_steps}), then "
-            f"{restart}; or pass --skip-nonfinite-steps to drop such steps instead")
 
 
 def global_loss(t: Trainer, loss_share: torch.Tensor, on_host: bool = True) -> float | torch.Tensor:
@@ -350,17 +322,6 @@ def train_step(t: Trainer) -> dict:
     if mfu is not None:
         metrics["mfu"] = mfu
     return metrics
-
-
-def check_dropped_steps(t: Trainer) -> None:
-    """Before a reported step: count the steps dropped on the device since the previous report,
-    and stop the run (``TrainingDiverged``) if there were any and ``--skip-nonfinite-steps`` is off."""
-    if t.unchecked_nonfinite is None:
-        return
-    dropped, t.unchecked_nonfinite = int(t.unchecked_nonfinite.item()), None
-    if dropped and not t.cfg.skip_nonfinite_steps:
-        raise TrainingDiverged(t, math.nan, math.nan, window=(t.last_report[0] + 1, t.step))
-    t.skipped_steps += dropped
 
 
 def moe_metrics(t: Trainer) -> dict:
