@@ -1,20 +1,22 @@
 """The lean step, measured side by side in one run: data parallel, activation checkpointing,
 compile and grouped-GEMM experts, each as a ratio to its honest baseline.
 
-    python benchmarks/bench_step.py            # about 6 minutes on 2 CPU cores
+    python benchmarks/bench_step.py            # about 7 minutes on 2 CPU cores
     python benchmarks/bench_step.py --smoke    # every row once, tiny (the test suite runs this)
 
 Every training row is the real CLI (``python -m train`` / ``torchrun -m train``) on synthetic
 tokens, so thread counts are the trainer's own: one process uses every core, N ranks on one
 machine share them. Throughput is the median tokens/s over the steps after the first few
 (warm-up, and compile time on the first step); memory is the peak resident set of rank 0
-(``mem_peak_mib``: weights, optimizer state, activations and the runtime itself).
+(``mem_peak_mib``: weights, optimizer state, activations and the runtime itself). Rows
+compared by throughput run in turn, round after round, and each ratio is the median over
+rounds of the ratio within a round: the machine's speed drifts between minutes.
 
   1. data parallel: dp=2 (FSDP as configured and with a unit per block, HSDP, plain
-     replication) vs 1 process, default debug config;
+     replication) vs 1 process using every core, and vs 1 process on one thread (a rank's share);
   2. activation checkpointing none / full / selective: peak memory and tokens/s, 8 layers at seq 1024;
-  3. torch.compile per block vs eager: 1 process on the debug config and a wider model, and
-     tp=2 (the compile time is the first step's time minus a steady step's);
+  3. torch.compile per block vs eager: 1 process on the debug config and a wider model, tp=2
+     and dp=2 FSDP (the compile time is the first step's time minus a steady step's);
   4. MoE experts: one grouped GEMM per projection vs a matmul per expert, forward + backward.
 """
 
@@ -65,18 +67,43 @@ def table(title: str, header: tuple[str, ...], rows: list[tuple]) -> None:
                       for i, v in enumerate(row)))
 
 
-def data_parallel(steps: int) -> None:
-    base = train_run([], 1, steps)
-    single_thread = train_run([], 1, steps, threads=1)
-    rows = [("1 process (all cores)", base["tps"], 1.0),
-            ("1 process, 1 thread", single_thread["tps"], single_thread["tps"] / base["tps"])]
-    for name, args in (("dp=2 fsdp", ["--mesh", "dp=2"]),
-                       ("dp=2 fsdp, a unit per block", ["--mesh", "dp=2", "--fsdp-unit-params", "0"]),
-                       ("dp=2 hsdp (--dp-shard 1)", ["--mesh", "dp=2", "--dp-mode", "hsdp", "--dp-shard", "1"]),
-                       ("dp=2 replicate", ["--mesh", "dp=2", "--dp-mode", "replicate"])):
-        run = train_run(args, 2, steps)
-        rows.append((name, run["tps"], run["tps"] / base["tps"]))
-    table("1. data parallel (debug model, global batch 16, seq 128)", ("run", "tokens/s", "x 1 proc"), rows)
+def rounds_of(configs: dict[str, tuple[list[str], int, int | None]], steps: int, rounds: int) -> dict[str, list[dict]]:
+    """Train every config (CLI args, ranks, threads) once per round, in turn: {name: [run per round]}.
+
+    This machine's speed drifts by several percent over minutes, so a ratio is taken between
+    runs of the same round (``ratio``) and the median over rounds reported, rather than
+    comparing runs minutes apart."""
+    runs: dict[str, list[dict]] = {name: [] for name in configs}
+    for _ in range(rounds):
+        for name, (args, ranks, threads) in configs.items():
+            runs[name].append(train_run(args, ranks, steps, threads))
+    return runs
+
+
+def ratio(runs: dict[str, list[dict]], name: str, base: str, key: str = "tps") -> float:
+    """The median over rounds of run ``name``'s ``key`` over run ``base``'s in the same round."""
+    return statistics.median(a[key] / b[key] for a, b in zip(runs[name], runs[base]))
+
+
+def median_of(runs: list[dict], key: str = "tps") -> float:
+    return statistics.median(run[key] for run in runs)
+
+
+def rounds_note(rounds: int) -> str:
+    return f"median of {rounds} rounds" if rounds > 1 else "one round"
+
+
+def data_parallel(steps: int, rounds: int) -> None:
+    configs = {"1 process (all cores)": ([], 1, None), "1 process, 1 thread": ([], 1, 1),
+               "dp=2 fsdp": (["--mesh", "dp=2"], 2, None),
+               "dp=2 fsdp, a unit per block": (["--mesh", "dp=2", "--fsdp-unit-params", "0"], 2, None),
+               "dp=2 hsdp (--dp-shard 1)": (["--mesh", "dp=2", "--dp-mode", "hsdp", "--dp-shard", "1"], 2, None),
+               "dp=2 replicate": (["--mesh", "dp=2", "--dp-mode", "replicate"], 2, None)}
+    runs = rounds_of(configs, steps, rounds)
+    base, single = "1 process (all cores)", "1 process, 1 thread"
+    rows = [(name, median_of(runs[name]), ratio(runs, name, base), ratio(runs, name, single)) for name in configs]
+    table(f"1. data parallel (debug model, global batch 16, seq 128; {rounds_note(rounds)})",
+          ("run", "tokens/s", "x 1 proc", "x 1 thread"), rows)
 
 
 def checkpointing(steps: int, model_args: str, seq_len: int, batch: int) -> None:
@@ -89,14 +116,17 @@ def checkpointing(steps: int, model_args: str, seq_len: int, batch: int) -> None
           ("mode", "peak MiB", "x none", "tokens/s", "x none"), rows)
 
 
-def compiling(steps: int, configs: list[tuple[str, list[str], int]]) -> None:
-    """Each config (name, CLI args, ranks) eager and with --compile."""
+def compiling(steps: int, rounds: int, configs: list[tuple[str, list[str], int]]) -> None:
+    """Each config (name, CLI args, ranks) eager and with --compile, in turn for ``rounds`` rounds."""
     rows = []
     for name, args, ranks in configs:
-        eager, compiled = train_run(args, ranks, steps), train_run(args + ["--compile"], ranks, steps)
-        rows.append((name, eager["tps"], compiled["tps"], compiled["tps"] / eager["tps"],
-                     compiled["first_s"] - compiled["step_s"]))
-    table("3. torch.compile per block", ("config", "eager tok/s", "compiled", "x eager", "compile s"), rows)
+        runs = rounds_of({"eager": (args, ranks, None), "compiled": (args + ["--compile"], ranks, None)},
+                         steps, rounds)
+        compile_s = statistics.median(run["first_s"] - run["step_s"] for run in runs["compiled"])
+        rows.append((name, median_of(runs["eager"]), median_of(runs["compiled"]), ratio(runs, "compiled", "eager"),
+                     compile_s))
+    table(f"3. torch.compile per block ({rounds_note(rounds)})",
+          ("config", "eager tok/s", "compiled", "x eager", "compile s"), rows)
 
 
 def experts(repeats: int, sizes: list[tuple[int, int, int, int]]) -> None:
@@ -131,18 +161,19 @@ def main() -> None:
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {os.cpu_count()} CPU cores")
     if args.smoke:
-        data_parallel(steps=4)
+        data_parallel(steps=4, rounds=1)
         checkpointing(4, "n_layers=2,max_seq_len=128", 64, 4)
-        compiling(4, [("debug", [], 1), ("debug tp=2", ["--mesh", "tp=2"], 2)])
+        compiling(4, 1, [("debug", [], 1), ("debug tp=2", ["--mesh", "tp=2"], 2)])
         experts(2, [(4, 32, 32, 64)])
         return
-    data_parallel(steps=30)
+    data_parallel(steps=30, rounds=3)
     checkpointing(8, "dim=256,n_layers=8,ffn_dim=768,max_seq_len=1024", 1024, 4)
-    compiling(20, [("debug (dim 128, seq 128, batch 16)", [], 1),
+    compiling(20, 3, [("debug (dim 128, seq 128, batch 16)", [], 1),
                    ("dim 256, 8 layers, seq 512, batch 8",
                     ["--model-args", "dim=256,n_layers=8,ffn_dim=768,max_seq_len=512", "--seq-len", "512",
                      "--global-batch-size", "8"], 1),
-                   ("debug, tp=2 (2 ranks)", ["--mesh", "tp=2"], 2)])
+                   ("debug, tp=2 (2 ranks)", ["--mesh", "tp=2"], 2),
+                   ("debug, dp=2 fsdp (2 ranks)", ["--mesh", "dp=2"], 2)])
     experts(20, [(8, 128, 128, 4096), (8, 512, 1024, 8192), (64, 512, 256, 8192)])
 
 
