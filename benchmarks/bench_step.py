@@ -80,13 +80,13 @@ def rounds_of(configs: dict[str, tuple[list[str], int, int | None]], steps: int,
     return runs
 
 
-def ratio(runs: dict[str, list[dict]], name: str, base: str, key: str = "tps") -> float:
-    """The median over rounds of run ``name``'s ``key`` over run ``base``'s in the same round."""
-    return statistics.median(a[key] / b[key] for a, b in zip(runs[name], runs[base]))
+def ratio(runs: dict[str, list[dict]], name: str, base: str) -> float:
+    """The median over rounds of run ``name``'s tokens/s over run ``base``'s in the same round."""
+    return statistics.median(a["tps"] / b["tps"] for a, b in zip(runs[name], runs[base]))
 
 
-def median_of(runs: list[dict], key: str = "tps") -> float:
-    return statistics.median(run[key] for run in runs)
+def median_tps(runs: list[dict]) -> float:
+    return statistics.median(run["tps"] for run in runs)
 
 
 def rounds_note(rounds: int) -> str:
@@ -101,7 +101,7 @@ def data_parallel(steps: int, rounds: int) -> None:
                "dp=2 replicate": (["--mesh", "dp=2", "--dp-mode", "replicate"], 2, None)}
     runs = rounds_of(configs, steps, rounds)
     base, single = "1 process (all cores)", "1 process, 1 thread"
-    rows = [(name, median_of(runs[name]), ratio(runs, name, base), ratio(runs, name, single)) for name in configs]
+    rows = [(name, median_tps(runs[name]), ratio(runs, name, base), ratio(runs, name, single)) for name in configs]
     table(f"1. data parallel (debug model, global batch 16, seq 128; {rounds_note(rounds)})",
           ("run", "tokens/s", "x 1 proc", "x 1 thread"), rows)
 
@@ -123,7 +123,7 @@ def compiling(steps: int, rounds: int, configs: list[tuple[str, list[str], int]]
         runs = rounds_of({"eager": (args, ranks, None), "compiled": (args + ["--compile"], ranks, None)},
                          steps, rounds)
         compile_s = statistics.median(run["first_s"] - run["step_s"] for run in runs["compiled"])
-        rows.append((name, median_of(runs["eager"]), median_of(runs["compiled"]), ratio(runs, "compiled", "eager"),
+        rows.append((name, median_tps(runs["eager"]), median_tps(runs["compiled"]), ratio(runs, "compiled", "eager"),
                      compile_s))
     table(f"3. torch.compile per block ({rounds_note(rounds)})",
           ("config", "eager tok/s", "compiled", "x eager", "compile s"), rows)
@@ -169,11 +169,11 @@ def main() -> None:
     data_parallel(steps=30, rounds=3)
     checkpointing(8, "dim=256,n_layers=8,ffn_dim=768,max_seq_len=1024", 1024, 4)
     compiling(20, 3, [("debug (dim 128, seq 128, batch 16)", [], 1),
-                   ("dim 256, 8 layers, seq 512, batch 8",
-                    ["--model-args", "dim=256,n_layers=8,ffn_dim=768,max_seq_len=512", "--seq-len", "512",
-                     "--global-batch-size", "8"], 1),
-                   ("debug, tp=2 (2 ranks)", ["--mesh", "tp=2"], 2),
-                   ("debug, dp=2 fsdp (2 ranks)", ["--mesh", "dp=2"], 2)])
+                      ("dim 256, 8 layers, seq 512, batch 8",
+                       ["--model-args", "dim=256,n_layers=8,ffn_dim=768,max_seq_len=512", "--seq-len", "512",
+                        "--global-batch-size", "8"], 1),
+                      ("debug, tp=2 (2 ranks)", ["--mesh", "tp=2"], 2),
+                      ("debug, dp=2 fsdp (2 ranks)", ["--mesh", "dp=2"], 2)])
     experts(20, [(8, 128, 128, 4096), (8, 512, 1024, 8192), (64, 512, 256, 8192)])
 
 
