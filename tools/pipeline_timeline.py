@@ -158,7 +158,8 @@ def record(pp: int, schedule: str, microbatches: int, seq_len: int, batch: int, 
 def load_recording(folder: Path) -> list[dict]:
     recordings = sorted((json.loads(p.read_text()) for p in folder.glob("rank*.json")), key=lambda r: r["rank"])
     if not recordings:
-        raise SystemExit(f"no rank*.json in {folder}")
+        raise SystemExit(f"error: no rank*.json in {folder}: pass the recording folder a run wrote "
+                         f"(<out>/recording), or record one by leaving out --from-recording")
     if any("steps" not in r for r in recordings):
         raise SystemExit(f"error: {folder} was recorded by an older version of this tool (one step, no 'steps'): "
                          f"record it again")
