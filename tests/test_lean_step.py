@@ -118,6 +118,49 @@ def test_partial_norm_gradients_are_summed_in_one_all_reduce():
     assert (partial, all_reduces) == (9, 1)
 
 
+def all_to_all_reduce_scatter_vs_gloo() -> tuple[torch.Tensor, torch.Tensor]:
+    """(AllToAllReduceScatter's shard, gloo's reduce_scatter_single's shard) of one rank's buffer."""
+    import torch.distributed as dist
+
+    from core.data_parallel import AllToAllReduceScatter
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    buffer = torch.randn(world * 5, generator=torch.Generator().manual_seed(rank))
+    ours, gloos = torch.empty(5), torch.empty(5)
+    AllToAllReduceScatter()(ours, buffer, dist.group.WORLD, dist.ReduceOp.SUM)
+    dist.reduce_scatter_single(gloos, buffer.clone())
+    return ours, gloos
+
+
+def test_all_to_all_reduce_scatter_matches_gloos():
+    for ours, gloos in run_on_ranks(all_to_all_reduce_scatter_vs_gloo, 3):  # 3: not a power of two
+        torch.testing.assert_close(ours, gloos)
+
+
+def fsdp_step_collectives(mesh: str) -> tuple[int, int]:
+    """(all_to_all_single calls, reduce_scatter_single calls) in one FSDP forward/backward."""
+    import tempfile
+
+    import torch.distributed as dist
+
+    from train.config import TrainConfig
+    from train.loop import build_trainer, forward_backward
+
+    with tempfile.TemporaryDirectory() as out:
+        t = build_trainer(TrainConfig(**{**BASE, "mesh": mesh, "output_dir": out}))
+        inputs, labels = next(t.batches)
+        with counted_calls(dist, "all_to_all_single") as all_to_all, \
+                counted_calls(dist, "reduce_scatter_single") as reduce_scatter:
+            forward_backward(t, inputs, labels, None)
+    return len(all_to_all), len(reduce_scatter)
+
+
+def test_fsdp_on_gloo_reduce_scatters_by_all_to_all():
+    """The debug model is one FSDP unit: one all-to-all, and gloo's reduce-scatter is not called
+    (the values are checked by every FSDP parity test)."""
+    assert run_on_ranks(fsdp_step_collectives, 2, "dp=2")[0] == (1, 0)
+
+
 def test_cpu_threads_share_the_cores(monkeypatch):
     from train.distributed import cpu_threads_per_rank
 

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter  # the interface set_custom_reduce_scatter takes
 
 from core.tensor_parallel import local_tensor
 
@@ -38,7 +39,8 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, blocks: list[nn.Module], para
     that buys nothing: the last unit and the root (embedding, final norm, output), whose
     backward starts right after their forward. Each unit's forward prefetches the next
     unit's all-gather, and each backward the previous one's, so the gathers overlap compute.
-    ``param_dtype`` (e.g. bf16) is the compute dtype; gradients are reduced in float32.
+    ``param_dtype`` (e.g. bf16) is the compute dtype; gradients are reduced in float32, on gloo
+    by ``AllToAllReduceScatter`` (faster there than gloo's own reduce-scatter).
     ``inner_units``: (module, mesh) pairs sharded first over their own mesh (MoE experts
     over the expert-gradient mesh, which may have one rank).
     """
@@ -50,12 +52,38 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, blocks: list[nn.Module], para
         last = index == len(units) - 1
         fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward and not last)
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+    on_gloo = dist.get_backend(mesh.get_group(mesh.ndim - 1)) == dist.Backend.GLOO
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)  # sum, see module docstring
             # gloo has no PREMUL_SUM; this setting is not recursive, hence every module.
             module.set_force_sum_reduction_for_comms(True)
+            if on_gloo:
+                module.set_custom_reduce_scatter(AllToAllReduceScatter())
     _prefetch_neighbours([unit[0] for unit in units])
+
+
+class AllToAllReduceScatter(ReduceScatter):
+    """FSDP's gradient reduce-scatter as one ``all_to_all_single`` and a local sum, for gloo.
+
+    Rank r sends chunk j of its flat gradient buffer (``input_tensor``, world x shard
+    elements) to rank j and receives every rank's chunk r; summing those gives its shard
+    (``output_tensor``). Each rank sends (world-1)/world of the buffer, as a ring
+    reduce-scatter does, but gloo's own ``reduce_scatter_tensor`` takes 2-3x as long as this
+    on CPU (930k floats on 2 ranks: 5.6-8.7 ms against 2.2-2.7 ms). NCCL keeps its native
+    reduce-scatter, which needs no full-size receive buffer.
+    """
+
+    def allocate(self, size, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        return torch.empty(*size, dtype=dtype, device=device)
+
+    def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group: dist.ProcessGroup,
+                 op: dist.ReduceOp, async_op: bool = False) -> None:
+        if op != dist.ReduceOp.SUM or async_op:  # apply_fsdp forces sum reductions; FSDP calls this synchronously
+            raise ValueError(f"AllToAllReduceScatter supports a synchronous SUM only, got {op}, async_op={async_op}")
+        received = torch.empty_like(input_tensor)
+        dist.all_to_all_single(received, input_tensor, group=group)
+        torch.sum(received.view(dist.get_world_size(group), -1), dim=0, out=output_tensor)
 
 
 def group_blocks(blocks: list[nn.Module], min_params: int) -> list[list[nn.Module]]:
