@@ -14,6 +14,8 @@ rounds of the ratio within a round: the machine's speed drifts between minutes.
 
   1. data parallel: dp=2 (FSDP as configured and with a unit per block, HSDP, plain
      replication) vs 1 process using every core, and vs 1 process on one thread (a rank's share);
+     beside them two one-thread processes on half the batch each, with no communication: the
+     ceiling of dp=2 on this machine, where two busy processes slow each other down;
   2. activation checkpointing none / full / selective: peak memory and tokens/s, 8 layers at seq 1024;
   3. torch.compile per block vs eager: 1 process on the debug config and a wider model, tp=2
      and dp=2 FSDP (the compile time is the first step's time minus a steady step's);
@@ -37,26 +39,51 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = [str(ROOT / "packages" / name) for name in ("core", "models", "train")]
 sys.path[:0] = PACKAGES
+INDEPENDENT = 0  # a config's ranks: two processes with no communication (see independent_runs)
 
 
-def train_run(args: list[str], ranks: int, steps: int, threads: int | None = None) -> dict:
-    """Train via the CLI; return median tokens/s (after warm-up), first-step seconds, peak MiB.
+def launch(args: list[str], ranks: int, steps: int, threads: int | None, out: str) -> subprocess.Popen:
+    """Start one training run via the CLI (torchrun for ranks > 1), writing metrics under ``out``.
     ``threads`` per rank: None lets the trainer share the cores among the ranks."""
-    with tempfile.TemporaryDirectory() as out:
-        launcher = [sys.executable, "-m", "train"] if ranks == 1 else \
-            [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "-m", "train"]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(PACKAGES)}
-        env.pop("OMP_NUM_THREADS", None)  # the trainer picks cores / ranks (torchrun would force 1)
-        if threads or ranks > 1:
-            env["OMP_NUM_THREADS"] = str(threads or max(1, (os.cpu_count() or 1) // ranks))
-        command = launcher + ["--dataset", "synthetic", "--steps", str(steps), "--output-dir", out,
-                              "--resume", "none", "--warmup-steps", "1", *args]
-        subprocess.run(command, check=True, env=env, capture_output=True, text=True)
-        rows = [json.loads(line) for line in open(Path(out) / "metrics.jsonl")]
+    launcher = [sys.executable, "-m", "train"] if ranks == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "-m", "train"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(PACKAGES)}
+    env.pop("OMP_NUM_THREADS", None)  # the trainer picks cores / ranks (torchrun would force 1)
+    if threads or ranks > 1:
+        env["OMP_NUM_THREADS"] = str(threads or max(1, (os.cpu_count() or 1) // ranks))
+    command = launcher + ["--dataset", "synthetic", "--steps", str(steps), "--output-dir", out,
+                          "--resume", "none", "--warmup-steps", "1", *args]
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(process: subprocess.Popen, out: str) -> dict:
+    """Wait for a run; return median tokens/s (after warm-up), first-step seconds, peak MiB."""
+    output, _ = process.communicate()
+    if process.returncode:
+        raise RuntimeError(f"{' '.join(process.args)} exited {process.returncode}:\n{output[-3000:]}")
+    rows = [json.loads(line) for line in open(Path(out) / "metrics.jsonl")]
     steady = rows[min(3, len(rows) - 1):]
     return {"tps": statistics.median(r["tokens_per_sec"] for r in steady),
             "first_s": rows[0]["step_time_s"], "step_s": statistics.median(r["step_time_s"] for r in steady),
             "mem": max(r["mem_peak_mib"] for r in rows)}
+
+
+def train_run(args: list[str], ranks: int, steps: int, threads: int | None = None) -> dict:
+    """One training run via the CLI, measured (see ``finish``)."""
+    with tempfile.TemporaryDirectory() as out:
+        return finish(launch(args, ranks, steps, threads, out), out)
+
+
+def independent_runs(args: list[str], copies: int, steps: int) -> dict:
+    """``copies`` one-thread processes training at once with no communication between them, each
+    on 1/copies of the global batch: the most any dp=copies run could reach on this machine's
+    shared cores and memory. Tokens/s add up; the other figures are the first copy's."""
+    with tempfile.TemporaryDirectory() as root:
+        outs = [os.path.join(root, str(index)) for index in range(copies)]
+        half = ["--global-batch-size", str(16 // copies)]  # of the default global batch, 16
+        runs = [finish(process, out) for process, out in
+                [(launch(args + half, 1, steps, 1, out), out) for out in outs]]
+    return {**runs[0], "tps": sum(run["tps"] for run in runs)}
 
 
 def table(title: str, header: tuple[str, ...], rows: list[tuple]) -> None:
@@ -69,6 +96,7 @@ def table(title: str, header: tuple[str, ...], rows: list[tuple]) -> None:
 
 def rounds_of(configs: dict[str, tuple[list[str], int, int | None]], steps: int, rounds: int) -> dict[str, list[dict]]:
     """Train every config (CLI args, ranks, threads) once per round, in turn: {name: [run per round]}.
+    Ranks given as ``INDEPENDENT`` run ``independent_runs`` with two copies instead.
 
     This machine's speed drifts by several percent over minutes, so a ratio is taken between
     runs of the same round (``ratio``) and the median over rounds reported, rather than
@@ -76,7 +104,8 @@ def rounds_of(configs: dict[str, tuple[list[str], int, int | None]], steps: int,
     runs: dict[str, list[dict]] = {name: [] for name in configs}
     for _ in range(rounds):
         for name, (args, ranks, threads) in configs.items():
-            runs[name].append(train_run(args, ranks, steps, threads))
+            runs[name].append(independent_runs(args, 2, steps) if ranks == INDEPENDENT
+                              else train_run(args, ranks, steps, threads))
     return runs
 
 
@@ -95,6 +124,7 @@ def rounds_note(rounds: int) -> str:
 
 def data_parallel(steps: int, rounds: int) -> None:
     configs = {"1 process (all cores)": ([], 1, None), "1 process, 1 thread": ([], 1, 1),
+               "2 processes, no communication": ([], INDEPENDENT, 1),
                "dp=2 fsdp": (["--mesh", "dp=2"], 2, None),
                "dp=2 fsdp, a unit per block": (["--mesh", "dp=2", "--fsdp-unit-params", "0"], 2, None),
                "dp=2 hsdp (--dp-shard 1)": (["--mesh", "dp=2", "--dp-mode", "hsdp", "--dp-shard", "1"], 2, None),
