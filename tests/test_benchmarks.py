@@ -13,7 +13,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
     ("bench_context_parallel.py", ["--smoke"], ["attention op", "ring block", "training step"]),
     ("bench_meshes.py", ["--steps", "2", "--seq-len", "32", "--global-batch-size", "4", "--meshes", "dp=2"], ["dp=2"]),
     ("bench_moe_mesh.py", ["--mesh", "ep=2"], ["same run"]),
-    ("bench_step.py", ["--smoke"], ["dp=2 fsdp", "selective", "x eager", "grouped ms"]),
+    ("bench_step.py", ["--smoke"], ["dp=2 fsdp", "no communication", "selective", "x eager", "grouped ms"]),
 ])
 def test_benchmark_runs(script, args, expect):
     result = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], capture_output=True, text=True,
