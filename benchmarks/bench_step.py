@@ -39,7 +39,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = [str(ROOT / "packages" / name) for name in ("core", "models", "train")]
 sys.path[:0] = PACKAGES
-INDEPENDENT = 0  # a config's ranks: two processes with no communication (see independent_runs)
+INDEPENDENT = 0  # a config's ranks: two processes with no communication (see independent_pair)
 
 
 def launch(args: list[str], ranks: int, steps: int, threads: int | None, out: str) -> subprocess.Popen:
@@ -74,15 +74,14 @@ def train_run(args: list[str], ranks: int, steps: int, threads: int | None = Non
         return finish(launch(args, ranks, steps, threads, out), out)
 
 
-def independent_runs(args: list[str], copies: int, steps: int) -> dict:
-    """``copies`` one-thread processes training at once with no communication between them, each
-    on 1/copies of the global batch: the most any dp=copies run could reach on this machine's
-    shared cores and memory. Tokens/s add up; the other figures are the first copy's."""
-    with tempfile.TemporaryDirectory() as root:
-        outs = [os.path.join(root, str(index)) for index in range(copies)]
-        half = ["--global-batch-size", str(16 // copies)]  # of the default global batch, 16
-        runs = [finish(process, out) for process, out in
-                [(launch(args + half, 1, steps, 1, out), out) for out in outs]]
+def independent_pair(args: list[str], steps: int) -> dict:
+    """Two one-thread processes training at once with no communication between them, each on
+    half the default global batch (16): the most a dp=2 run could reach on this machine's shared
+    cores and memory. Tokens/s add up; the other figures are the first process's."""
+    with tempfile.TemporaryDirectory() as first, tempfile.TemporaryDirectory() as second:
+        half_batch = ["--global-batch-size", "8"]
+        started = [(launch(args + half_batch, 1, steps, 1, out), out) for out in (first, second)]
+        runs = [finish(process, out) for process, out in started]
     return {**runs[0], "tps": sum(run["tps"] for run in runs)}
 
 
@@ -96,7 +95,7 @@ def table(title: str, header: tuple[str, ...], rows: list[tuple]) -> None:
 
 def rounds_of(configs: dict[str, tuple[list[str], int, int | None]], steps: int, rounds: int) -> dict[str, list[dict]]:
     """Train every config (CLI args, ranks, threads) once per round, in turn: {name: [run per round]}.
-    Ranks given as ``INDEPENDENT`` run ``independent_runs`` with two copies instead.
+    Ranks given as ``INDEPENDENT`` run ``independent_pair`` instead.
 
     This machine's speed drifts by several percent over minutes, so a ratio is taken between
     runs of the same round (``ratio``) and the median over rounds reported, rather than
@@ -104,7 +103,7 @@ def rounds_of(configs: dict[str, tuple[list[str], int, int | None]], steps: int,
     runs: dict[str, list[dict]] = {name: [] for name in configs}
     for _ in range(rounds):
         for name, (args, ranks, threads) in configs.items():
-            runs[name].append(independent_runs(args, 2, steps) if ranks == INDEPENDENT
+            runs[name].append(independent_pair(args, steps) if ranks == INDEPENDENT
                               else train_run(args, ranks, steps, threads))
     return runs
 

@@ -137,30 +137,6 @@ def test_all_to_all_reduce_scatter_matches_gloos():
         torch.testing.assert_close(ours, gloos)
 
 
-def fsdp_step_collectives(mesh: str) -> tuple[int, int]:
-    """(all_to_all_single calls, reduce_scatter_single calls) in one FSDP forward/backward."""
-    import tempfile
-
-    import torch.distributed as dist
-
-    from train.config import TrainConfig
-    from train.loop import build_trainer, forward_backward
-
-    with tempfile.TemporaryDirectory() as out:
-        t = build_trainer(TrainConfig(**{**BASE, "mesh": mesh, "output_dir": out}))
-        inputs, labels = next(t.batches)
-        with counted_calls(dist, "all_to_all_single") as all_to_all, \
-                counted_calls(dist, "reduce_scatter_single") as reduce_scatter:
-            forward_backward(t, inputs, labels, None)
-    return len(all_to_all), len(reduce_scatter)
-
-
-def test_fsdp_on_gloo_reduce_scatters_by_all_to_all():
-    """The debug model is one FSDP unit: one all-to-all, and gloo's reduce-scatter is not called
-    (the values are checked by every FSDP parity test)."""
-    assert run_on_ranks(fsdp_step_collectives, 2, "dp=2")[0] == (1, 0)
-
-
 def test_cpu_threads_share_the_cores(monkeypatch):
     from train.distributed import cpu_threads_per_rank
 

@@ -69,8 +69,8 @@ class AllToAllReduceScatter(ReduceScatter):
     Rank r sends chunk j of its flat gradient buffer (``input_tensor``, world x shard
     elements) to rank j and receives every rank's chunk r; summing those gives its shard
     (``output_tensor``). Each rank sends (world-1)/world of the buffer, as a ring
-    reduce-scatter does, but gloo's own ``reduce_scatter_tensor`` takes 2-3x as long as this
-    on CPU (930k floats on 2 ranks: 5.6-8.7 ms against 2.2-2.7 ms). NCCL keeps its native
+    reduce-scatter does, but gloo's own reduce-scatter takes 2-3x as long as this on CPU
+    (930k floats on 2 ranks: 5.6-8.7 ms against 2.2-2.7 ms). NCCL keeps its native
     reduce-scatter, which needs no full-size receive buffer.
     """
 
