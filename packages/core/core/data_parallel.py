@@ -15,7 +15,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter  # the interface set_custom_reduce_scatter takes
+# The interface set_custom_reduce_scatter takes, and FSDP's own plain-allocation half of it.
+from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter
+from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllocMixin
 
 from core.tensor_parallel import local_tensor
 
@@ -63,7 +65,7 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, blocks: list[nn.Module], para
     _prefetch_neighbours([unit[0] for unit in units])
 
 
-class AllToAllReduceScatter(ReduceScatter):
+class AllToAllReduceScatter(DefaultAllocMixin, ReduceScatter):
     """FSDP's gradient reduce-scatter as one ``all_to_all_single`` and a local sum, for gloo.
 
     Rank r sends chunk j of its flat gradient buffer (``input_tensor``, world x shard
@@ -73,9 +75,6 @@ class AllToAllReduceScatter(ReduceScatter):
     (930k floats on 2 ranks: 5.6-8.7 ms against 2.2-2.7 ms). NCCL keeps its native
     reduce-scatter, which needs no full-size receive buffer.
     """
-
-    def allocate(self, size, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        return torch.empty(*size, dtype=dtype, device=device)
 
     def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group: dist.ProcessGroup,
                  op: dist.ReduceOp, async_op: bool = False) -> None:
