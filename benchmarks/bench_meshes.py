@@ -22,10 +22,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the gloo rank harness
 
 import torch  # noqa: E402
+from rank_harness import run_on_ranks  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 
 from core.mesh import MeshShape  # noqa: E402
-from rank_harness import run_on_ranks  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
 from train.loop import build_trainer, train_step  # noqa: E402
 
@@ -44,7 +44,7 @@ def measure(mesh: str, overrides: dict) -> dict:
             start = time.perf_counter()
             train_step(t)
             times.append(time.perf_counter() - start)
-        params = sum(local_bytes(p) for p in t.model.parameters())
+        params = sum(local_bytes(p) for p in t.model.module.parameters())
         optim = sum(local_bytes(v) for state in t.optimizer.state.values() for v in state.values()
                     if isinstance(v, torch.Tensor) and v.ndim > 0)
     return {"step_s": statistics.median(times[1:]), "state_bytes": params + optim}
@@ -69,7 +69,8 @@ def main() -> None:
     print(f"model={args.model} seq_len={args.seq_len} global_batch={args.global_batch_size} (synthetic tokens)")
     print(f"{'mesh':<14}{'ranks':>6}{'tokens/s':>12}{'x 1 proc':>10}{'state MiB/rank':>16}{'x 1 proc':>10}")
     for mesh, ranks, tps, state in rows:
-        print(f"{mesh:<14}{ranks:>6}{tps:>12.0f}{tps / base_tps:>10.2f}{state / 2**20:>16.2f}{state / base_bytes:>10.2f}")
+        print(f"{mesh:<14}{ranks:>6}{tps:>12.0f}{tps / base_tps:>10.2f}"
+              f"{state / 2**20:>16.2f}{state / base_bytes:>10.2f}")
 
 
 if __name__ == "__main__":

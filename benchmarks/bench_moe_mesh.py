@@ -5,8 +5,8 @@
 
 Trains ``debug-moe`` for a few steps (parity settings of tests/test_parity_moe.py) on one
 process and on ``--mesh``, checks that losses, first-step gradients and final weights
-match (the same assertion as the parity tests), and prints per-step losses and wall times. Too heavy for the test suite on a 2-core CPU (32 ranks
-take ~230 MiB each and minutes to start), hence a script.
+match (the same assertion as the parity tests), and prints per-step losses and wall times. Too heavy
+for the test suite on a 2-core CPU (32 ranks take ~230 MiB each and minutes to start), hence a script.
 """
 
 from __future__ import annotations

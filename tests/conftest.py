@@ -11,5 +11,6 @@ for path in reversed(PACKAGE_DIRS):
     if path not in sys.path:
         sys.path.insert(0, path)
 # Subprocesses (torchrun, python -m train) see the same code through PYTHONPATH.
-os.environ["PYTHONPATH"] = os.pathsep.join(PACKAGE_DIRS + [str(ROOT / "tests")] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+INHERITED_PATH = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+os.environ["PYTHONPATH"] = os.pathsep.join(PACKAGE_DIRS + [str(ROOT / "tests")] + INHERITED_PATH)
 os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -14,7 +14,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from train.config import TrainConfig
-from train.loop import apply_gradients, build_trainer, compute_gradients, global_loss, moe_metrics
+from train.loop import apply_gradients, build_trainer, compute_gradients
 
 # adam_eps=1e-5: Adam's first steps move every weight by ~lr * sign(grad), so float32
 # reduction-order noise in a near-zero gradient element could flip a whole lr-sized update.
@@ -58,14 +58,14 @@ def run_steps(mesh: str, overrides: dict) -> dict | None:
         for step in range(cfg.steps):
             loss_share, _ = compute_gradients(t)
             if step == 0:
-                first_grads = {n: full(p.grad) for n, p in t.named_parameters() if p.grad is not None}
-            expert_loads.append(moe_metrics(t).get("moe_tokens_per_expert"))
-            losses.append(global_loss(t, loss_share))
+                first_grads = {n: full(p.grad) for n, p in t.model.named_parameters() if p.grad is not None}
+            expert_loads.append(t.model.metrics().get("moe_tokens_per_expert"))
+            losses.append(t.model.reduce_loss(loss_share))
             norm, _, _ = apply_gradients(t, losses[-1])
             norms.append(norm)
-        weights = {n: full(p) for n, p in t.named_parameters()}
-        weights.update({n: full(b) for n, b in t.named_buffers()})  # e.g. the MoE expert bias
-    holds_distinct_piece = t.pm.local_rank("dense_grad") == 0 and t.pm.local_rank("tp") == 0
+        weights = {n: full(p) for n, p in t.model.named_parameters()}
+        weights.update({n: full(b) for n, b in t.model.named_buffers()})  # e.g. the MoE expert bias
+    holds_distinct_piece = t.model.mesh.local_rank("dense_grad") == 0 and t.model.mesh.local_rank("tp") == 0
     if not holds_distinct_piece:
         return None
     return {"losses": losses, "grad_norms": norms, "grads": first_grads, "weights": weights,
@@ -94,7 +94,8 @@ def assert_same_run(reference: dict, other: dict, loss_rtol: float = 1e-5, weigh
     gradients of rarely seen tokens into weight noise that grows with the steps.
     """
     torch.testing.assert_close(torch.tensor(other["losses"]), torch.tensor(reference["losses"]), rtol=loss_rtol, atol=0)
-    torch.testing.assert_close(torch.tensor(other["grad_norms"]), torch.tensor(reference["grad_norms"]), rtol=1e-4, atol=0)
+    torch.testing.assert_close(torch.tensor(other["grad_norms"]), torch.tensor(reference["grad_norms"]),
+                               rtol=1e-4, atol=0)
     assert other["expert_loads"] == reference["expert_loads"], "MoE tokens per expert differ (routed pairs per step)"
     for kind, atol in (("grads", 1e-6), ("weights", weight_atol)):
         assert other[kind].keys() == reference[kind].keys(), f"{kind}: different parameter names"

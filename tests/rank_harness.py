@@ -18,8 +18,9 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.multiprocessing as mp
@@ -82,7 +83,8 @@ def run_on_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 600
             errors = sorted(Path(out_dir).glob("error*.txt"))
             if errors:
                 time.sleep(2.0)  # let the other ranks report their own errors
-                failure = "\n".join(f"--- {e.stem} ---\n{e.read_text()}" for e in sorted(Path(out_dir).glob("error*.txt")))
+                reports = sorted(Path(out_dir).glob("error*.txt"))
+                failure = "\n".join(f"--- {e.stem} ---\n{e.read_text()}" for e in reports)
                 break
             if time.monotonic() > deadline:
                 failure = f"timed out after {timeout:.0f}s (a rank is probably stuck in a collective)"

@@ -14,15 +14,21 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-
 from attention_reference import reference_block_backward, reference_block_forward
+from rank_harness import run_on_ranks
+
 from core.attention_kernels import (
-    CPU_FLASH, CUDA_CUDNN, CUDA_EFFICIENT, CUDA_FLASH, merge_block, merge_dtype, select_block_kernel,
+    CPU_FLASH,
+    CUDA_CUDNN,
+    CUDA_EFFICIENT,
+    CUDA_FLASH,
+    merge_block,
+    merge_dtype,
+    select_block_kernel,
 )
 from core.context_parallel import CP_METHODS
 from core.live_memory import PeakLiveBytes
 from core.zigzag import zigzag_shard
-from rank_harness import run_on_ranks
 
 HAS_CUDA = torch.cuda.is_available()
 cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")

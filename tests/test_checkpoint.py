@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from rank_harness import run_on_ranks
 from torch import nn
 
 from core import checkpoint_layout
 from core.checkpoint import Checkpointer, CheckpointError, find_latest_checkpoint, model_tensors, optimizer_tensors
-from rank_harness import run_on_ranks
 
 VOCAB, DIM, HIDDEN = 16, 8, 16
 

@@ -19,7 +19,8 @@ def run(cmd, timeout=240):
 
 
 def torchrun(n, *args):
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "-m", "train", *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "-m", "train",
+            *args]
 
 
 def read_metrics(out_dir):

@@ -8,7 +8,6 @@ import tempfile
 
 import pytest
 import torch
-
 from parity import BASE, full
 from rank_harness import run_on_ranks
 
@@ -20,21 +19,21 @@ def poisoned_step(mesh: str, skip: bool, on_device: bool = False) -> dict:
 
     from train.config import TrainConfig
     from train.divergence import TrainingDiverged
-    from train.loop import apply_gradients, build_trainer, compute_gradients, global_loss
+    from train.loop import apply_gradients, build_trainer, compute_gradients
 
     with tempfile.TemporaryDirectory() as out:
         t = build_trainer(TrainConfig(**{**BASE, "mesh": mesh, "output_dir": out, "skip_nonfinite_steps": skip}))
         loss_share, _ = compute_gradients(t)
-        loss = global_loss(t, loss_share, on_host=not on_device)
-        before = {name: full(p) for name, p in t.named_parameters()}
+        loss = t.model.reduce_loss(loss_share, on_host=not on_device)
+        before = {name: full(p) for name, p in t.model.named_parameters()}
         if dist.get_rank() == 0:
-            grad = t.params[0].grad
+            grad = t.model.trainable[0].grad
             (grad.to_local() if hasattr(grad, "to_local") else grad).view(-1)[0] = float("nan")
         try:
             outcome = apply_gradients(t, loss)
         except TrainingDiverged as err:
             outcome = str(err)
-        unchanged = all(torch.equal(full(p), before[name]) for name, p in t.named_parameters())
+        unchanged = all(torch.equal(full(p), before[name]) for name, p in t.model.named_parameters())
         return {"outcome": outcome, "unchanged": unchanged, "optimizer_steps": len(t.optimizer.state),
                 "schedule_step": t.scheduler.last_epoch}
 
@@ -85,7 +84,8 @@ def test_a_diverging_run_exits_with_one_line_keeps_its_checkpoint_and_logs_stric
     assert proc.stderr.count("error: training diverged at step 2") == 2, proc.stderr[-3000:]  # both ranks
     assert f"resume from {tmp_path / 'checkpoints' / 'step_00000001'}" in proc.stderr
     assert "/packages/" not in proc.stderr, "a traceback from our code (torchrun adds its own failure summary)"
-    rows = [json.loads(line, parse_constant=pytest.fail) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    rows = [json.loads(line, parse_constant=pytest.fail) for line in lines]
     assert [r["step"] for r in rows] == [1]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000001"]
 
@@ -97,7 +97,8 @@ def test_skipped_steps_are_logged_as_strict_json(tmp_path):
            "--output-dir", str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(line, parse_constant=pytest.fail) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    rows = [json.loads(line, parse_constant=pytest.fail) for line in lines]
     assert rows[0]["grad_norm"] is not None and "skipped_steps" not in rows[0]
     # (the loss stays finite: RMSNorm rescales the 1e30-sized weights; their gradients do not)
     assert [r["grad_norm"] for r in rows[1:]] == [None, None] and [r["skipped_steps"] for r in rows[1:]] == [1, 2]

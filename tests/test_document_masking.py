@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from rank_harness import run_on_ranks
 
 from core.context_parallel import CP_METHODS
 from core.documents import document_ids, document_positions
 from core.zigzag import zigzag_shard, zigzag_unshard
-from rank_harness import run_on_ranks
 
 EOS = 9
 
@@ -90,8 +90,8 @@ def test_masked_context_parallel_attention_matches_the_masked_reference(world):
 
 def _logits(tokens: torch.Tensor, masked: bool) -> torch.Tensor:
     from core.documents import Documents
-    from models.registry import build_model, get_config
     from models.init import init_weights
+    from models.registry import build_model, get_config
 
     torch.manual_seed(0)
     model = build_model(get_config("debug"))

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from parity import BASE, full
 from rank_harness import run_on_ranks
 
@@ -21,14 +20,14 @@ def train_then_evaluate(mesh: str, overrides: dict) -> dict:
     """Two training steps, then one evaluation; every rank returns what it measured."""
     from train.config import TrainConfig
     from train.evaluation import evaluate
-    from train.loop import apply_gradients, build_trainer, compute_gradients, global_loss
+    from train.loop import apply_gradients, build_trainer, compute_gradients
 
     with tempfile.TemporaryDirectory() as out:
         t = build_trainer(TrainConfig(**{**EVAL, "mesh": mesh, "output_dir": out, **overrides}))
         for _ in range(2):
             loss_share, _ = compute_gradients(t)
-            apply_gradients(t, global_loss(t, loss_share))
-        return evaluate(t, t.eval_batches)
+            apply_gradients(t, t.model.reduce_loss(loss_share))
+        return evaluate(t.model, t.eval_batches)
 
 
 def eval_loss(mesh: str, world: int, **overrides) -> float:
@@ -62,7 +61,7 @@ def steps_with_or_without_evaluation(mesh: str, overrides: dict) -> dict:
     """Three steps of v3 routing (the expert bias moves with the load), evaluating after each or not."""
     from train.config import TrainConfig
     from train.evaluation import evaluate
-    from train.loop import apply_gradients, build_trainer, compute_gradients, global_loss, moe_metrics
+    from train.loop import apply_gradients, build_trainer, compute_gradients
 
     with tempfile.TemporaryDirectory() as out:
         t = build_trainer(TrainConfig(**{**EVAL, "model": "debug-moe-v3", "mesh": mesh, "output_dir": out,
@@ -70,12 +69,12 @@ def steps_with_or_without_evaluation(mesh: str, overrides: dict) -> dict:
         loads = []
         for _ in range(3):
             loss_share, _ = compute_gradients(t)
-            loads.append(moe_metrics(t)["moe_tokens_per_expert"])
-            apply_gradients(t, global_loss(t, loss_share))
+            loads.append(t.model.metrics()["moe_tokens_per_expert"])
+            apply_gradients(t, t.model.reduce_loss(loss_share))
             if t.cfg.eval_every:
-                evaluate(t, t.eval_batches)
-        return {"loads": loads, "weights": {n: full(p) for n, p in t.named_parameters()},
-                "bias": {n: full(b) for n, b in t.named_buffers() if n.endswith("expert_bias")}}
+                evaluate(t.model, t.eval_batches)
+        return {"loads": loads, "weights": {n: full(p) for n, p in t.model.named_parameters()},
+                "bias": {n: full(b) for n, b in t.model.named_buffers() if n.endswith("expert_bias")}}
 
 
 def test_evaluation_leaves_training_untouched():

@@ -6,7 +6,6 @@ with no exchange: y = sum over the k choices of weight * expert(x).
 
 import pytest
 import torch
-
 from rank_harness import run_on_ranks
 
 from core.expert_parallel import combine, dispatch, permute_by_expert
@@ -107,32 +106,36 @@ def moe_layer_step(split: str = "batch", share_sequence_counts: bool = True) -> 
     expert counts are summed over the ranks unless ``share_sequence_counts`` is False
     (the bug the negative control plants).
     """
+    import functools
+
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
+    from core.expert_parallel import expert_parallel_ffn
     from models.init import init_weights
-    from models.moe import MoE, sum_step_load
+    from models.moe import MoE
+    from models.moe_load import StepLoad
     from models.registry import get_config
 
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = get_config("debug-moe", aux_loss_coef=0.1)
     layer = MoE(cfg)
-    layer.sequences_per_step = 4
+    group = dist.group.WORLD if world > 1 else None
+    sequence_group = group if split == "sequence" and share_sequence_counts else None
+    load = StepLoad([layer], cfg.n_experts, sequence_group, group, sequences_per_step=4, device=torch.device("cpu"))
     if world > 1:
         layer.experts.shard(init_device_mesh("cpu", (world,), mesh_dim_names=("ep",)))
-        layer.ep_group = layer.stats_group = dist.group.WORLD
-        if split == "sequence" and share_sequence_counts:
-            layer.seq_group = dist.group.WORLD
+        layer.routed_ffn = functools.partial(expert_parallel_ffn, group=group)
     init_weights(layer, cfg.n_layers, seed=0)
     generator = torch.Generator().manual_seed(3)
     x, upstream = torch.randn(2, 4, 16, cfg.dim, generator=generator)
     part = (slice(rank * 4 // world, (rank + 1) * 4 // world), slice(None)) if split == "batch" else \
         (slice(None), slice(rank * 16 // world, (rank + 1) * 16 // world))
     (layer(x[part]) * upstream[part]).sum().backward()
-    sum_step_load(layer)
+    load.sum_over_ranks()
     return {"grads": {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad)
                       for n, p in layer.named_parameters()},
-            "load": layer.tokens_per_expert.clone(), "aux": layer.aux_loss_sum.clone()}
+            "load": load.totals[0, :-1].clone(), "aux": load.totals[0, -1].clone()}
 
 
 def summed_dense_grads(results: list[dict]) -> dict:

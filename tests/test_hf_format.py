@@ -14,13 +14,23 @@ from pathlib import Path
 
 import pytest
 import torch
+from rank_harness import run_on_ranks
 from safetensors.torch import load_file, save_file
 
-from models.hf_format import (INDEX_FILE, SINGLE_FILE, check_hf_config_matches, from_hf_config, from_hf_name,
-                              load_hf_folder, load_hf_weights_, save_hf_folder, to_hf_config, to_hf_name)
+from models.hf_format import (
+    INDEX_FILE,
+    SINGLE_FILE,
+    check_hf_config_matches,
+    from_hf_config,
+    from_hf_name,
+    load_hf_folder,
+    load_hf_weights_,
+    save_hf_folder,
+    to_hf_config,
+    to_hf_name,
+)
 from models.init import init_weights
 from models.registry import build_model, get_config
-from rank_harness import run_on_ranks
 
 transformers = pytest.importorskip("transformers")
 ROOT = Path(__file__).resolve().parents[1]

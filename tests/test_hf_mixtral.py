@@ -14,14 +14,23 @@ from pathlib import Path
 
 import pytest
 import torch
+from rank_harness import run_on_ranks
 from safetensors import safe_open
+from test_hf_format import full_state, unit_scale_model
 
-from models.hf_format import (check_hf_config_matches, config_from_dict, expected_hf_shapes, from_hf_config, hf_names,
-                              load_hf_folder, load_hf_weights_, save_hf_folder, to_hf_config)
+from models.hf_format import (
+    check_hf_config_matches,
+    config_from_dict,
+    expected_hf_shapes,
+    from_hf_config,
+    hf_names,
+    load_hf_folder,
+    load_hf_weights_,
+    save_hf_folder,
+    to_hf_config,
+)
 from models.moe import MoEConfig, Router
 from models.registry import build_model, get_config
-from rank_harness import run_on_ranks
-from test_hf_format import full_state, unit_scale_model
 
 transformers = pytest.importorskip("transformers")
 ROOT = Path(__file__).resolve().parents[1]

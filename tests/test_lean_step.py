@@ -9,12 +9,11 @@ import functools
 
 import pytest
 import torch
-
-from rank_harness import run_on_ranks
 from parity import BASE, assert_same_run, counted_calls, full, merge_ranks, run_steps
+from rank_harness import run_on_ranks
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def on_mesh(mesh: str, world: int, **overrides) -> dict:
     return merge_ranks(run_on_ranks(run_steps, world, mesh, overrides))
 
@@ -96,18 +95,18 @@ def partial_gradient_all_reduces(mesh: str) -> tuple[int, int]:
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
-    from train.config import TrainConfig
-    from train.loop import build_trainer, forward_backward
     from core.tensor_parallel import reduce_partial_gradients
+    from train.config import TrainConfig
+    from train.loop import build_trainer
 
     with tempfile.TemporaryDirectory() as out:
         t = build_trainer(TrainConfig(**{**BASE, "mesh": mesh, "output_dir": out}))
         inputs, labels = next(t.batches)
-        forward_backward(t, inputs, labels, None)
+        t.model.forward_backward(inputs, labels)
         partial = sum(isinstance(p.grad, DTensor) and any(pl.is_partial() for pl in p.grad.placements)
-                      for p in t.params)
+                      for p in t.model.trainable)
         with counted_calls(dist, "all_reduce") as calls:
-            reduce_partial_gradients(t.params)
+            reduce_partial_gradients(t.model.trainable)
     return partial, len(calls)
 
 
@@ -169,7 +168,7 @@ def hsdp_layout(mesh: str, dp_shard: int) -> tuple:
     with tempfile.TemporaryDirectory() as out:
         t = build_trainer(TrainConfig(**{**BASE, "mesh": mesh, "output_dir": out, "dp_mode": "hsdp",
                                          "dp_shard": dp_shard}))
-        weight = t.model.layers["0"].attention.wq.weight
+        weight = t.model.module.layers["0"].attention.wq.weight
         return (weight.device_mesh.mesh_dim_names, tuple(str(p) for p in weight.placements),
                 weight.to_local().shape[0] / weight.shape[0])
 
@@ -201,7 +200,7 @@ def reported_run(mesh: str, log_every: int) -> dict:
     with tempfile.TemporaryDirectory() as out:
         t = train(TrainConfig(**{**BASE, "steps": 6, "mesh": mesh, "output_dir": out, "log_every": log_every}))
         return {"losses": {m["step"]: m["loss"] for m in t.history},
-                "weights": {n: full(p) for n, p in t.named_parameters()}}
+                "weights": {n: full(p) for n, p in t.model.named_parameters()}}
 
 
 @pytest.mark.parametrize("mesh, world", [("", 1), ("dp=2", 2)])
@@ -218,8 +217,8 @@ def test_steps_between_reports_read_nothing_on_the_host(monkeypatch):
     import tempfile
 
     import torch.distributed as dist
-
     from rank_harness import free_port
+
     from train.config import TrainConfig
     from train.loop import build_trainer, train_step
 

@@ -1,9 +1,9 @@
 """Mesh parsing, validation and the rank layout of the 5-D mesh."""
 
 import pytest
+from rank_harness import run_on_ranks
 
 from core.mesh import MeshConfigError, MeshShape, build_mesh
-from rank_harness import run_on_ranks
 
 
 def test_parse_fills_missing_dims_with_one():

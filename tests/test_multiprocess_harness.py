@@ -3,7 +3,6 @@
 import pytest
 import torch
 import torch.distributed as dist
-
 from rank_harness import run_on_ranks
 
 

@@ -7,12 +7,11 @@ gradients and the final weights match the single-process run.
 import functools
 
 import pytest
-
-from rank_harness import run_on_ranks
 from parity import LEARNING, assert_same_run, assert_tracks_float32, merge_ranks, run_steps
+from rank_harness import run_on_ranks
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def single_process(**overrides) -> dict:
     return merge_ranks(run_on_ranks(run_steps, 1, "", overrides))
 
@@ -53,7 +52,7 @@ def test_sixteen_ranks_dp4_tp4_matches_single_process():
 
 @pytest.mark.parametrize("mesh, world", [("", 1), ("dp=2", 2)])
 def test_bfloat16_compute_tracks_float32(mesh, world):
-    """bf16 (autocast on one process, FSDP mixed precision on dp=2) follows fp32 within bf16 noise."""
+    """bf16 (FSDP's mixed precision on a one-rank mesh, and on dp=2) follows fp32 within bf16 noise."""
     assert_tracks_float32(on_mesh(mesh, world, dtype="bfloat16", **LEARNING), single_process(**LEARNING))
 
 
@@ -71,8 +70,8 @@ def gradient_reductions_in_one_step(mesh: str, overrides: dict) -> tuple[int, in
     import tempfile
 
     import torch.distributed as dist
-
     from parity import BASE, counted_calls
+
     from train.config import TrainConfig
     from train.loop import build_trainer, compute_gradients
 

@@ -8,16 +8,14 @@ the single-process run. Plus the configuration errors, raised before any collect
 import functools
 
 import pytest
-
-from rank_harness import run_on_ranks
 from parity import BASE, LEARNING, assert_same_run, assert_tracks_float32, merge_ranks, run_steps
+from rank_harness import run_on_ranks
 
 from core.mesh import MeshConfigError
 from models.moe import check_expert_parallel
 from models.registry import get_config
 from train.config import TrainConfig
 from train.validation import validate
-
 
 # adam_eps=1e-4 (parity.BASE has 1e-5): a token first seen at step 2 gets a tiny Adam
 # update whose derivative in its gradient is ~lr/eps; at 1e-5 float32 reduction-order noise
@@ -27,7 +25,7 @@ from train.validation import validate
 MOE = {"adam_eps": 1e-4}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def single_process(model: str = "debug-moe", **overrides) -> dict:
     return merge_ranks(run_on_ranks(run_steps, 1, "", {**MOE, "model": model, **overrides}))
 

@@ -15,14 +15,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from parity import BASE, LEARNING, assert_same_run, assert_tracks_float32, merge_ranks, run_steps
+from rank_harness import run_on_ranks
 
 from core.mesh import MeshConfigError
-from core.pipeline import PipelineConfigError, layers_per_stage, last_stage_rank, stages_of_rank
-from rank_harness import run_on_ranks
-from parity import BASE, LEARNING, assert_same_run, assert_tracks_float32, merge_ranks, run_steps
+from core.pipeline import PipelineConfigError, last_stage_rank, layers_per_stage, stages_of_rank
 from train.config import TrainConfig
 from train.validation import validate
-
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,8 +37,8 @@ def test_equal_layers_split_evenly_with_extras_last():
 
 def test_the_output_projection_moves_layers_off_the_last_stage():
     """Llama 3 8B: the head costs ~2 layers; an even 8/8/8/8 split would make the last stage 10."""
+    from models.pipelined import compute_per_token
     from models.registry import get_config
-    from train.pipelined import compute_per_token
 
     layers, head = compute_per_token(get_config("llama3-8b"), 8192)
     assert 2.0 < head / layers[0] < 2.2
@@ -104,7 +103,7 @@ def test_gpipe_accepts_fewer_microbatches_than_stages():
 
 # ---------------------------------------------------------------- parity with one process
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def single_process(**overrides) -> dict:
     return merge_ranks(run_on_ranks(run_steps, 1, "", overrides))
 
@@ -142,21 +141,22 @@ def run_steps_with_torch_default_scaling(mesh: str, overrides: dict) -> dict | N
         return schedule
 
     core.pipeline.build_schedule = build_scaled
-    import train.pipelined
-    train.pipelined.build_schedule = build_scaled
+    import models.pipelined
+    models.pipelined.build_schedule = build_scaled
     return run_steps(mesh, overrides)
 
 
 @pytest.mark.parametrize("mesh, world", [("pp=2", 2), ("dp=2,pp=2", 4)])
 def test_bfloat16_pipeline_tracks_float32(mesh, world):
-    """bf16 stages (autocast without FSDP, FSDP mixed precision with it) follow fp32 within bf16 noise."""
+    """bf16 stages (FSDP's mixed precision on one rank or on dp=2) follow fp32 within bf16 noise."""
     assert_tracks_float32(on_mesh(mesh, world, dtype="bfloat16", **LEARNING), single_process(**LEARNING))
 
 
 def test_a_wrong_microbatch_scaling_is_detected():
     """The comparison can fail: torch's default (grads divided by m) breaks parity, as it must."""
     with pytest.raises(AssertionError):
-        assert_same_run(single_process(), merge_ranks(run_on_ranks(run_steps_with_torch_default_scaling, 2, "pp=2", {})))
+        scaled = merge_ranks(run_on_ranks(run_steps_with_torch_default_scaling, 2, "pp=2", {}))
+        assert_same_run(single_process(), scaled)
 
 
 def step_metrics(mesh: str, overrides: dict) -> dict:
@@ -179,7 +179,7 @@ def test_every_rank_reports_the_global_loss():
 
 def steps_with_checked_stage_tensors(mesh: str, overrides: dict) -> dict | None:
     """``run_steps`` with torch's DETAIL debug level, under which every stage checks each tensor it
-    receives and sends against the static metadata it was built with (``train.pipelined.stage_io``)."""
+    receives and sends against the static metadata it was built with (``models.pipelined.stage_io``)."""
     import torch.distributed as dist
 
     dist.set_debug_level(dist.DebugLevel.DETAIL)
@@ -188,9 +188,9 @@ def steps_with_checked_stage_tensors(mesh: str, overrides: dict) -> dict | None:
 
 @pytest.mark.parametrize("mesh, world, overrides", [
     ("pp=2,tp=2", 4, {"microbatches": 2}),                                           # float32, sequence slices
-    ("pp=2", 2, {"dtype": "bfloat16", "pp_schedule": "interleaved-1f1b"}),           # autocast: fp32 residuals
+    ("pp=2", 2, {"dtype": "bfloat16", "pp_schedule": "interleaved-1f1b"}),           # bf16 on a one-rank FSDP mesh
     ("dp=2,pp=2", 4, {"dtype": "bfloat16", "pp_schedule": "zbv"}),                   # FSDP casts to bf16
-], ids=["pp2-tp2-fp32", "pp2-bf16-autocast", "dp2-pp2-bf16-fsdp"])
+], ids=["pp2-tp2-fp32", "pp2-bf16", "dp2-pp2-bf16-fsdp"])
 def test_static_stage_metadata_matches_the_real_tensors(mesh, world, overrides):
     run_on_ranks(steps_with_checked_stage_tensors, world, mesh, {"steps": 1, **overrides})
 
@@ -205,15 +205,16 @@ def steps_with_wrong_hidden_dtype(mesh: str, overrides: dict) -> dict | None:
     import dataclasses
 
     import torch
-    import train.pipelined
 
-    real = train.pipelined.stage_io
+    import models.pipelined
+
+    real = models.pipelined.stage_io
 
     def wrong(*args):
         io = real(*args)
         return dataclasses.replace(io, activation=io.activation.to(torch.float64))
 
-    train.pipelined.stage_io = wrong
+    models.pipelined.stage_io = wrong
     return steps_with_checked_stage_tensors(mesh, overrides)
 
 

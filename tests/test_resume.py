@@ -9,11 +9,11 @@ import sys
 import time
 
 import pytest
-
 from test_cli import read_metrics, run, torchrun
 
 # warmup (20 steps) spans every run here, so the LR schedule does not depend on --steps
 SMALL = ["--global-batch-size", "4", "--seq-len", "32", "--checkpoint-every", "2"]
+TRAIN = [sys.executable, "-m", "train"]
 
 
 def last_loss_per_step(out_dir) -> dict[int, float]:
@@ -23,7 +23,7 @@ def last_loss_per_step(out_dir) -> dict[int, float]:
 
 def test_kill_9_at_a_random_step_then_resume_gives_the_same_losses(tmp_path):
     steps = 10
-    reference = run([sys.executable, "-m", "train", *SMALL, "--steps", str(steps), "--output-dir", str(tmp_path / "ref")])
+    reference = run([*TRAIN, *SMALL, "--steps", str(steps), "--output-dir", str(tmp_path / "ref")])
     assert reference.returncode == 0, reference.stderr
     kill_after = random.Random(os.getpid()).randint(3, steps - 1)
     out = tmp_path / "killed"
@@ -62,7 +62,7 @@ def test_resume_on_a_different_mesh_continues_the_same_run(tmp_path):
 
 def test_async_checkpoints_resume_like_sync_ones(tmp_path):
     reference = run([sys.executable, "-m", "train", *SMALL, "--steps", "6", "--output-dir", str(tmp_path / "ref")])
-    first = run([sys.executable, "-m", "train", *SMALL, "--steps", "4", "--async-checkpoint", "--output-dir", str(tmp_path / "a")])
+    first = run([*TRAIN, *SMALL, "--steps", "4", "--async-checkpoint", "--output-dir", str(tmp_path / "a")])
     assert reference.returncode == 0 and first.returncode == 0, first.stderr
     assert (tmp_path / "a" / "checkpoints" / "step_00000004" / "COMPLETE.json").exists()
     resumed = run([sys.executable, "-m", "train", *SMALL, "--steps", "6", "--output-dir", str(tmp_path / "a")])
@@ -96,7 +96,7 @@ def test_wandb_run_id_is_saved_and_the_same_run_resumes(tmp_path):
     assert first.returncode == 0, first.stderr
     run_id = json.loads((out / "checkpoints" / "step_00000002" / "meta.json").read_text())["wandb_run_id"]
     assert run_id
-    second = subprocess.run([sys.executable, "-m", "train", *SMALL, "--steps", "4", "--wandb", "--output-dir", str(out)],
+    second = subprocess.run([*TRAIN, *SMALL, "--steps", "4", "--wandb", "--output-dir", str(out)],
                             capture_output=True, text=True, timeout=300, env=env)
     assert second.returncode == 0, second.stderr
     assert json.loads((out / "checkpoints" / "step_00000004" / "meta.json").read_text())["wandb_run_id"] == run_id
@@ -107,7 +107,8 @@ def test_export_to_hf_then_init_from_it_on_another_mesh(tmp_path):
     """tools/hf_convert.py export -> --init-from: the same starting weights on any mesh."""
     trained = run([sys.executable, "-m", "train", *SMALL, "--steps", "2", "--output-dir", str(tmp_path / "a")])
     assert trained.returncode == 0, trained.stderr
-    export = run([sys.executable, "tools/hf_convert.py", "export", str(tmp_path / "a" / "checkpoints"), str(tmp_path / "hf")])
+    export = run([sys.executable, "tools/hf_convert.py", "export", str(tmp_path / "a" / "checkpoints"),
+                  str(tmp_path / "hf")])
     assert export.returncode == 0, export.stderr
     assert {p.name for p in (tmp_path / "hf").iterdir()} >= {"config.json", "model.safetensors"}
     first_losses = {}
@@ -127,7 +128,7 @@ def test_pipeline_checkpoint_resumes_without_pipeline(tmp_path):
     reference = run([sys.executable, "-m", "train", *SMALL, "--steps", "4", "--output-dir", str(tmp_path / "ref")])
     saved = run(torchrun(2, *SMALL, "--steps", "2", "--mesh", "pp=2", "--output-dir", str(tmp_path / "pp")))
     assert reference.returncode == 0 and saved.returncode == 0, saved.stderr
-    resumed = run([sys.executable, "-m", "train", *SMALL, "--steps", "4", "--resume", str(tmp_path / "pp" / "checkpoints"),
+    resumed = run([*TRAIN, *SMALL, "--steps", "4", "--resume", str(tmp_path / "pp" / "checkpoints"),
                    "--output-dir", str(tmp_path / "one")])
     assert resumed.returncode == 0, resumed.stderr
     expected, got = last_loss_per_step(tmp_path / "ref"), last_loss_per_step(tmp_path / "one")
@@ -137,10 +138,10 @@ def test_pipeline_checkpoint_resumes_without_pipeline(tmp_path):
 def test_moe_checkpoint_from_expert_parallel_resumes_on_one_process(tmp_path):
     """Expert weights sharded over ep (and the expert-bias buffers) reshard like everything else."""
     moe = ["--model", "debug-moe-v3"]
-    reference = run([sys.executable, "-m", "train", *SMALL, *moe, "--steps", "4", "--output-dir", str(tmp_path / "ref")])
+    reference = run([*TRAIN, *SMALL, *moe, "--steps", "4", "--output-dir", str(tmp_path / "ref")])
     saved = run(torchrun(2, *SMALL, *moe, "--steps", "2", "--mesh", "ep=2", "--output-dir", str(tmp_path / "ep")))
     assert reference.returncode == 0 and saved.returncode == 0, saved.stderr
-    resumed = run([sys.executable, "-m", "train", *SMALL, *moe, "--steps", "4", "--resume", str(tmp_path / "ep" / "checkpoints"),
+    resumed = run([*TRAIN, *SMALL, *moe, "--steps", "4", "--resume", str(tmp_path / "ep" / "checkpoints"),
                    "--output-dir", str(tmp_path / "one")])
     assert resumed.returncode == 0, resumed.stderr
     expected, got = last_loss_per_step(tmp_path / "ref"), last_loss_per_step(tmp_path / "one")

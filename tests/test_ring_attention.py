@@ -13,11 +13,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from rank_harness import run_on_ranks
 
 from core.attention_stats import AttentionStats
 from core.context_parallel import CP_METHODS
 from core.zigzag import zigzag_chunk_ids, zigzag_positions, zigzag_shard, zigzag_unshard
-from rank_harness import run_on_ranks
 
 # (batch, n_heads, n_kv_heads, chunk length, head_dim): odd head counts, GQA 3/1 and 6/2, MHA
 CASES = [(2, 3, 1, 3, 8), (1, 6, 2, 2, 4), (1, 5, 5, 1, 4), (2, 1, 1, 3, 6)]

@@ -73,7 +73,8 @@ def test_jsonl_and_console_line(tmp_path, capsys):
     assert [r["step"] for r in rows] == [1, 2, 3] and rows[2]["loss"] == pytest.approx(1.0) and rows[0]["aux"] == 7
     assert json.loads((tmp_path / "out" / "config.json").read_text())["model"] == "debug"
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0].startswith("step 1/10 | loss 3.0000 | grad_norm 1.500 | lr 1.00e-03 | tok/s 12.3k | mfu 25.0% | mem 1.50GiB | aux 7")
+    assert lines[0].startswith("step 1/10 | loss 3.0000 | grad_norm 1.500 | lr 1.00e-03 | tok/s 12.3k | mfu 25.0% | "
+                               "mem 1.50GiB | aux 7")
     assert "eta " in lines[2] and "eta " not in lines[0]
     MetricsLogger(tmp_path / "out", {}, True).log(4, {"loss": 0.5})  # a restart appends
     assert len((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()) == 4
@@ -152,9 +153,12 @@ def test_flops_formula_and_peaks(monkeypatch):
     assert transformer_flops_per_token(1_000_000, 2, 64, 128) == 6e6 + 12 * 2 * 64 * 128
     assert peak_flops(torch.device("cpu"), torch.bfloat16) is None
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    for name, dtype, want in [("NVIDIA H100 80GB HBM3", torch.bfloat16, 989.5e12), ("NVIDIA H200", torch.float16, 989.5e12),
-                              ("NVIDIA A100-SXM4-80GB", torch.bfloat16, 312e12), ("NVIDIA H100 PCIe", torch.bfloat16, 756e12),
-                              ("NVIDIA H100 NVL", torch.bfloat16, None), ("NVIDIA GeForce RTX 4090", torch.bfloat16, None)]:
+    for name, dtype, want in [("NVIDIA H100 80GB HBM3", torch.bfloat16, 989.5e12),
+                              ("NVIDIA H200", torch.float16, 989.5e12),
+                              ("NVIDIA A100-SXM4-80GB", torch.bfloat16, 312e12),
+                              ("NVIDIA H100 PCIe", torch.bfloat16, 756e12),
+                              ("NVIDIA H100 NVL", torch.bfloat16, None),
+                              ("NVIDIA GeForce RTX 4090", torch.bfloat16, None)]:
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
         assert peak_flops(torch.device("cuda", 0), dtype) == want, name
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")

@@ -27,9 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "packages" / name) for name in ("core", "models", "train")]
 
 import torch.distributed as dist  # noqa: E402
+from hf_convert import resolve_checkpoint  # noqa: E402
 
 from core.checkpoint import CheckpointError, read_checkpoint_meta  # noqa: E402
-from hf_convert import resolve_checkpoint  # noqa: E402
 from models.hf_format import CONFIG_FILE, read_hf_config  # noqa: E402
 from models.moe import MoEConfig  # noqa: E402
 from train import checkpointing  # noqa: E402
@@ -75,7 +75,7 @@ def run_evaluation(path: Path, options: dict) -> dict:
             checkpoint = resolve_checkpoint(path)
             t = build_trainer(checkpoint_config(checkpoint, options, out))
             checkpointing.restore(t, checkpoint)
-        return {"step": t.step, **evaluate(t, t.eval_batches)}
+        return {"step": t.step, **evaluate(t.model, t.eval_batches)}
 
 
 def parse_args(argv: list[str] | None) -> tuple[Path, dict, Path | None]:

@@ -30,8 +30,13 @@ import torch  # noqa: E402
 
 from core.checkpoint import Checkpointer, CheckpointError, find_latest_checkpoint  # noqa: E402
 from core.checkpoint_layout import META, is_complete  # noqa: E402
-from models.hf_format import (DEFAULT_MAX_SHARD_BYTES, check_hf_compatible, config_from_dict,  # noqa: E402
-                              expected_shapes, save_hf_folder)
+from models.hf_format import (  # noqa: E402
+    DEFAULT_MAX_SHARD_BYTES,
+    check_hf_compatible,
+    config_from_dict,
+    expected_shapes,
+    save_hf_folder,
+)
 from models.llama import LlamaConfig  # noqa: E402
 from models.registry import get_config  # noqa: E402
 

@@ -93,10 +93,11 @@ def record_rank(rank: int, world: int, port: int, args: dict, out_dir: str) -> N
             for _ in range(args["warmup"]):  # the first step also infers stage shapes: not representative
                 train_step(t)
             events: list[dict] = []
-            for stage in t.pipeline.stages:
+            pipe = t.model.pipeline
+            for stage in pipe.stages:
                 instrument(stage, events, time.perf_counter)
-            if t.pipeline.has_last:
-                instrument_loss(t.pipeline.schedule, t.pipeline.n_stages - 1, events, time.perf_counter)
+            if pipe.has_last:
+                instrument_loss(pipe.schedule, pipe.n_stages - 1, events, time.perf_counter)
             steps = []
             for _ in range(args["steps"]):
                 events.clear()
@@ -104,8 +105,8 @@ def record_rank(rank: int, world: int, port: int, args: dict, out_dir: str) -> N
                 origin = time.perf_counter()
                 train_step(t)
                 steps.append([{**e, "start": e["start"] - origin, "end": e["end"] - origin} for e in events])
-        recording = {"rank": rank, "pp": world, "microbatches": t.pipeline.microbatches, "schedule": args["schedule"],
-                     "stages": t.pipeline.stage_ids, "steps": steps}
+        recording = {"rank": rank, "pp": world, "microbatches": pipe.microbatches, "schedule": args["schedule"],
+                     "stages": pipe.stage_ids, "steps": steps}
         (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(recording, indent=1))
     except BaseException:  # noqa: BLE001 - report, then leave without gloo's exit-time abort
         traceback.print_exc()

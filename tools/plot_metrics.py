@@ -54,7 +54,8 @@ def plot(paths: list[Path], labels: list[str], output: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("files", nargs="+", type=Path, help="metrics.jsonl files, one per run")
-    parser.add_argument("-o", "--output", type=Path, default=Path("curves.png"), help="image to write (.png, .pdf, .svg)")
+    parser.add_argument("-o", "--output", type=Path, default=Path("curves.png"),
+                        help="image to write (.png, .pdf, .svg)")
     parser.add_argument("--labels", nargs="+", help="one label per file (default: the file's folder name)")
     args = parser.parse_args(argv)
     labels = args.labels or [path.resolve().parent.name for path in args.files]

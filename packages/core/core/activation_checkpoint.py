@@ -27,7 +27,7 @@ replays the random state, and the model has no dropout, so losses are bitwise th
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

@@ -28,7 +28,13 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .attention_kernels import (
-    AttentionSetup, block_backward, block_forward, merge_block, merge_dtype, prepare_attention, seq_rows,
+    AttentionSetup,
+    block_backward,
+    block_forward,
+    merge_block,
+    merge_dtype,
+    prepare_attention,
+    seq_rows,
 )
 from .attention_stats import AttentionStats, count_work, maybe_timed
 from .zigzag import zigzag_chunk_ids
@@ -143,7 +149,8 @@ class _AllGatherAttention(torch.autograd.Function):
                     continue  # the first chunk of the sequence has no past
                 past = slice(0, chunk_id * chunk)
                 block_out, block_lse = block_forward(setup, seq_rows(q, rows), seq_rows(k_all, past),
-                                                     seq_rows(v_all, past), False, _block_ids(setup, chunk_id, chunk, past))
+                                                     seq_rows(v_all, past), False,
+                                                     _block_ids(setup, chunk_id, chunk, past))
                 merge_block(seq_rows(out, rows), seq_rows(lse, rows), block_out, block_lse)
                 count_work(stats, chunk, chunk_id * chunk)
         out = out.to(q.dtype)

@@ -28,8 +28,9 @@ in the merge dtype (fp32, fp64 for fp64 inputs). No function here communicates.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -175,8 +176,8 @@ def select_block_kernel(device: torch.device, dtype: torch.dtype, head_dim: int,
     """The fused kernel for this device and dtype (and a ``bias``: document masking); ValueError where none applies.
 
     CUDA in half precision takes cuDNN attention on Hopper (sm90+, head_dim a multiple of
-    8 up to 128: on an H100 it ran causal fwd+bwd ~1.7x faster than FlashAttention-2, and
-    it is what SDPA itself picks there), else FlashAttention-2 (sm80+, head_dim up to 256);
+    8 up to 128: it is what SDPA itself picks there, and faster than FlashAttention-2 on
+    Hopper), else FlashAttention-2 (sm80+, head_dim up to 256);
     everything else, fp32 included, runs the memory-efficient kernel (in fp32).
     """
     if device.type == "cpu":
@@ -229,7 +230,7 @@ def merge_block(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tensor) 
 
 # --------------------------------------------------------------------------- one block, maybe masked
 
-def block_forward(setup: "AttentionSetup", q: Tensor, k: Tensor, v: Tensor, causal: bool,
+def block_forward(setup: AttentionSetup, q: Tensor, k: Tensor, v: Tensor, causal: bool,
                   ids: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """(out, lse) of one block. ``ids``: the document ids ``([b, s_q], [b, s_k])`` of its queries
     and keys, for document masking (``core.documents``); a query with no key of its document
@@ -241,8 +242,8 @@ def block_forward(setup: "AttentionSetup", q: Tensor, k: Tensor, v: Tensor, caus
     return out, lse.masked_fill(empty, float("-inf"))
 
 
-def block_backward(setup: "AttentionSetup", dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
-                   lse: Tensor, causal: bool, ids: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def block_backward(setup: AttentionSetup, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                   causal: bool, ids: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) of one block, given the final out and lse; ``ids`` as in ``block_forward``."""
     if ids is None:
         return setup.kernel.backward(dout, q, k, v, out, lse, causal, setup.scale)

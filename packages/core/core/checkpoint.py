@@ -68,7 +68,8 @@ def _attempt(what: str, fn, *args) -> tuple[Any, str | None]:
 
 def _dcp():
     """``core.checkpoint_dcp`` (torch.distributed.checkpoint and its storage classes), imported on
-    the first save or load: it costs ~0.5 s of startup that runs which never save do not pay."""
+    the first save or load: importing it is a noticeable share of start-up, which runs that never
+    save should not pay."""
     from core import checkpoint_dcp
 
     return checkpoint_dcp
@@ -134,7 +135,7 @@ class Checkpointer:
         return pending.wait() if pending is not None else None
 
     def save(self, root: Path, step: int, tensors: dict[str, torch.Tensor], meta: dict,
-             keep_last: int | None = None, async_save: bool = False) -> "Path | AsyncCheckpoint":
+             keep_last: int | None = None, async_save: bool = False) -> Path | AsyncCheckpoint:
         """Save ``tensors`` and ``meta`` as ``root/step_{step:08d}``; return its path (or a handle).
 
         Stores each tensor's chunks as safetensors (DTensors: each rank its own shards, any mesh;

@@ -1,5 +1,6 @@
 """The torch.distributed.checkpoint pieces ``core.checkpoint`` uses, in one module it imports on
-the first save or load (importing DCP takes ~0.5 s, which runs that never save should not pay)."""
+the first save or load (importing DCP is a noticeable share of start-up, which runs that never
+save should not pay)."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from .allgather_attention import allgather_attention
 from .ring_attention import ring_attention

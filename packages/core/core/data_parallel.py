@@ -1,4 +1,10 @@
-"""Data parallel over the dense-gradient mesh (dp x ep x cp): FSDP2 or plain replication.
+"""Data parallel over the dense-gradient mesh (dp x ep x cp): FSDP2, or replication by FSDP2's twin.
+
+Both are torch's FSDP2 family (``fully_shard``; ``replicate`` keeps whole parameters and
+all-reduces gradients), so both apply one mixed-precision recipe: float32 master weights
+(and so float32 optimizer state), parameters cast to the compute dtype for the forward and
+backward, gradients reduced in float32. On a mesh of one rank they still cast and reduce
+nothing: a model that is not data parallel computes by the same recipe.
 
 Gradients are SUMMED over the mesh, never averaged: the trainer already divides each
 rank's loss by the number of tokens in the *global* batch, so the sum of the ranks'
@@ -13,8 +19,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed._composable.replicate_with_fsdp import replicate
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
 # The interface set_custom_reduce_scatter takes, and FSDP's own plain-allocation half of it.
 from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter
 from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllocMixin
@@ -54,15 +62,38 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, blocks: list[nn.Module], para
         last = index == len(units) - 1
         fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward and not last)
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
-    on_gloo = dist.get_backend(mesh.get_group(mesh.ndim - 1)) == dist.Backend.GLOO
+    _sum_gradients(model, custom_reduce_scatter=_on_gloo(mesh))
+    _prefetch_neighbours([unit[0] for unit in units])
+
+
+def apply_replicate(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype | None = None,
+                    inner_units: list[tuple[nn.Module, DeviceMesh]] = ()) -> None:
+    """Plain data parallel: every rank keeps whole parameters and the gradients are summed over
+    ``mesh`` by one all-reduce per unit after the backward (DDP's algorithm, as torch's FSDP2-based
+    ``replicate``), with ``apply_fsdp``'s mixed precision. ``inner_units``: (module, mesh) pairs
+    replicated over their own mesh first (MoE experts over the expert-gradient mesh).
+    """
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for unit, unit_mesh in inner_units:
+        replicate(unit, mesh=unit_mesh, mp_policy=policy)
+    replicate(model, mesh=mesh, mp_policy=policy)
+    _sum_gradients(model, custom_reduce_scatter=False)
+
+
+def _on_gloo(mesh: DeviceMesh) -> bool:
+    return dist.get_backend(mesh.get_group(mesh.ndim - 1)) == dist.Backend.GLOO
+
+
+def _sum_gradients(model: nn.Module, custom_reduce_scatter: bool) -> None:
+    """Make every FSDP-family unit in ``model`` sum gradients (see module docstring), on gloo
+    with ``AllToAllReduceScatter`` where asked."""
     for module in model.modules():
         if isinstance(module, FSDPModule):
-            module.set_gradient_divide_factor(1.0)  # sum, see module docstring
+            module.set_gradient_divide_factor(1.0)
             # gloo has no PREMUL_SUM; this setting is not recursive, hence every module.
             module.set_force_sum_reduction_for_comms(True)
-            if on_gloo:
+            if custom_reduce_scatter:
                 module.set_custom_reduce_scatter(AllToAllReduceScatter())
-    _prefetch_neighbours([unit[0] for unit in units])
 
 
 class AllToAllReduceScatter(DefaultAllocMixin, ReduceScatter):
@@ -71,8 +102,8 @@ class AllToAllReduceScatter(DefaultAllocMixin, ReduceScatter):
     Rank r sends chunk j of its flat gradient buffer (``input_tensor``, world x shard
     elements) to rank j and receives every rank's chunk r; summing those gives its shard
     (``output_tensor``). Each rank sends (world-1)/world of the buffer, as a ring
-    reduce-scatter does, but gloo's own reduce-scatter takes 2-3x as long as this on CPU
-    (930k floats on 2 ranks: 5.6-8.7 ms against 2.2-2.7 ms). NCCL keeps its native
+    reduce-scatter does, but gloo's own reduce-scatter is several times slower than this on
+    CPU (``benchmarks/bench_step.py`` shows what FSDP gains by it). NCCL keeps its native
     reduce-scatter, which needs no full-size receive buffer.
     """
 

@@ -38,7 +38,7 @@ class MeshShape:
     ep: int = 1
 
     @classmethod
-    def parse(cls, text: str) -> "MeshShape":
+    def parse(cls, text: str) -> MeshShape:
         """Parse ``"dp=2,tp=4,pp=2"`` (order free, missing dims are 1, ``dp=auto`` == ``dp=-1``)."""
         sizes: dict[str, int] = {}
         for item in filter(None, (part.strip() for part in (text or "").split(","))):
@@ -64,7 +64,7 @@ class MeshShape:
                 raise MeshConfigError(f"mesh size {name}={sizes[name]} must be >= 1")
         return cls(**sizes)
 
-    def resolve(self, world_size: int) -> "MeshShape":
+    def resolve(self, world_size: int) -> MeshShape:
         """Fill ``dp=-1`` and check that the sizes multiply to ``world_size``."""
         others = self.pp * self.cp * self.tp * self.ep
         if self.dp == -1:

@@ -20,8 +20,9 @@ so the schedules are built with ``scale_grads=False`` (their default would divid
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
     from torch.distributed.pipelining import PipelineStage
 
 # torch.distributed.pipelining is imported only where a pipeline is built: importing it
-# pulls in torch._dynamo (~0.45 s), which runs without pp never need.
+# pulls in torch._dynamo, slow to import, which runs without pp never need.
 PIPELINING = "torch.distributed.pipelining"
 
 

@@ -35,7 +35,13 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .attention_kernels import (
-    AttentionSetup, block_backward, block_forward, merge_block, merge_dtype, prepare_attention, seq_rows,
+    AttentionSetup,
+    block_backward,
+    block_forward,
+    merge_block,
+    merge_dtype,
+    prepare_attention,
+    seq_rows,
 )
 from .attention_stats import AttentionStats, count_work, maybe_timed
 from .zigzag import zigzag_shard

@@ -100,7 +100,9 @@ def _summed_into_replicate(p: nn.Parameter) -> bool:
     """The gradient is a partial sum (Partial("sum")) on mesh dims where the parameter is Replicate,
     and matches the parameter's placements elsewhere: a plain all-reduce of the local tensor fixes it."""
     grad = p.grad
-    if not isinstance(grad, DTensor) or not isinstance(p, DTensor) or not any(pl.is_partial() for pl in grad.placements):
+    if not isinstance(grad, DTensor) or not isinstance(p, DTensor):
+        return False
+    if not any(pl.is_partial() for pl in grad.placements):
         return False
     return all((g.is_partial() and g.reduce_op == "sum" and t.is_replicate()) or (not g.is_partial() and g == t)
                for g, t in zip(grad.placements, p.placements))

@@ -46,8 +46,8 @@ def initial_value(name: str, shape: torch.Size, n_layers: int, seed: int) -> tor
     return torch.randn(shape, generator=generator) * std
 
 
-# Buffers that start at zero: the MoE router's expert bias and its load counters.
-ZERO_BUFFERS = ("expert_bias", "tokens_per_expert", "aux_loss_sum")
+# Buffers that start at zero: the MoE router's expert bias.
+ZERO_BUFFERS = ("expert_bias",)
 
 
 @torch.no_grad()

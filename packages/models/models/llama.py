@@ -17,8 +17,8 @@ are the same in every stage and on every mesh: checkpoints and initialization re
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F

@@ -14,16 +14,20 @@ how the batch is split over ranks, micro-batches or pipeline stages; the load th
 drives the expert bias and the metrics is summed over every rank holding different
 tokens (dp x ep x cp) and over the step, so every mesh sees the global batch's load.
 
-Nothing here issues a collective unless ``parallelize`` has set the layer's groups;
-with the defaults (None) the model is a plain single-device module.
+The layer is a plain single-device module. Two attributes let the parallel layer spread
+it over ranks from outside, as ``Attention.attention_fn`` does for context parallel:
+``routed_ffn`` (expert parallel swaps in the all-to-all dispatch over its ep group) and
+``balancing`` (the step's bookkeeping: sequence statistics summed over ranks, the aux
+loss's share of the step, the load kept for the expert bias; ``models.moe_load.StepLoad``).
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.tensor import Shard, distribute_tensor
@@ -76,7 +80,7 @@ class Router(nn.Module):
         self.cfg = cfg
         self.gate = nn.Linear(cfg.dim, cfg.n_experts, bias=False)
         # Added to the scores only to *choose* experts; it never scales an output, so it
-        # gets no gradient and is moved by update_expert_bias instead.
+        # gets no gradient and is moved by ``models.moe_load.StepLoad.update_expert_bias`` instead.
         self.register_buffer("expert_bias", torch.zeros(cfg.n_experts))
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -169,16 +173,32 @@ class _AttachAuxLoss(torch.autograd.Function):
         return grad, torch.ones((), dtype=torch.float32, device=grad.device)
 
 
+class LoadBalancing:
+    """What an MoE layer's training forward needs from, and tells, the rest of the step.
+
+    This default is one plain forward on one process: every sequence is whole here, the
+    aux loss is the mean over this forward's sequences, and the load is not kept.
+    ``models.moe_load.StepLoad`` replaces it when a parallel model trains on a mesh.
+    """
+
+    def whole_sequence_counts(self, counts: Tensor) -> Tensor:
+        """[b, E] expert counts of this rank's part of each sequence -> of the whole sequences."""
+        return counts
+
+    def sequences_in_loss(self, forward_sequences: int) -> int:
+        """The number of sequences the aux loss is a mean over (it is summed over this forward's)."""
+        return forward_sequences
+
+    def record(self, layer: MoE, load: Tensor, aux_share: Tensor) -> None:
+        """This forward's tokens per expert [E] and aux loss share (no gradient); dropped here."""
+
+
 class MoE(nn.Module):
     """x [b, s, dim] -> [b, s, dim]. Routed experts (+ shared expert), dropless.
 
-    Set by ``models.parallelize`` (None = no communication):
-      ``ep_group``: the expert-parallel group the tokens are exchanged over;
-      ``seq_group``: the ranks holding the other parts of our sequences (cp x tp);
-      ``stats_group``: every rank holding different tokens (dp x ep x cp x tp), over which
-      the step's load (for the expert bias and the metrics) is summed by ``sum_step_load``.
-    Set by the trainer: ``sequences_per_step``, the global batch size, so that the aux loss
-    is the mean over all sequences of the optimizer step.
+    ``routed_ffn``: runs the (token, choice) pairs through the experts; by default on this
+    process (``expert_parallel_ffn`` with no group), with expert parallel over the ep group.
+    ``balancing``: see ``LoadBalancing``. Both are set by ``models.parallelize``.
     """
 
     def __init__(self, cfg: MoEConfig):
@@ -188,14 +208,8 @@ class MoE(nn.Module):
         self.experts = GroupedExperts(cfg.n_experts, cfg.dim, cfg.moe_ffn_dim)
         shared = cfg.n_shared_experts * cfg.moe_ffn_dim
         self.shared_expert = FeedForward(cfg.dim, shared) if shared else None
-        self.ep_group: dist.ProcessGroup | None = None
-        self.seq_group: dist.ProcessGroup | None = None
-        self.stats_group: dist.ProcessGroup | None = None
-        self.sequences_per_step = 1
-        # Load of the current optimizer step (all forwards): this rank's until sum_step_load
-        # makes it global, for the bias update and the metrics.
-        self.register_buffer("tokens_per_expert", torch.zeros(cfg.n_experts, dtype=torch.float64), persistent=False)
-        self.register_buffer("aux_loss_sum", torch.zeros((), dtype=torch.float64), persistent=False)
+        self.routed_ffn: Callable[..., tuple[Tensor, Tensor]] = functools.partial(expert_parallel_ffn, group=None)
+        self.balancing: LoadBalancing = LoadBalancing()
 
     def tensor_parallel_plan(self, prefix: str) -> dict:
         """Under tp, each tp rank runs the MoE on its own sequence-parallel slice of the tokens.
@@ -210,7 +224,7 @@ class MoE(nn.Module):
         b, s, dim = x.shape
         tokens = x.reshape(-1, dim)
         scores, expert_ids, weights = self.router(tokens)
-        out, _ = expert_parallel_ffn(tokens, expert_ids, weights, self.cfg.n_experts, self.experts, self.ep_group)
+        out, _ = self.routed_ffn(tokens, expert_ids, weights, self.cfg.n_experts, self.experts)
         out = out.to(x.dtype)
         if self.training:  # load statistics and the aux loss belong to training steps, not evaluation
             aux = self._balance_loss_share(scores.view(b, s, -1), expert_ids.view(b, s, -1))
@@ -221,17 +235,16 @@ class MoE(nn.Module):
         return out.view(b, s, dim)
 
     def _balance_loss_share(self, scores: Tensor, expert_ids: Tensor) -> Tensor | None:
-        """This rank's share of the load-balancing loss; records the step's global load.
+        """This rank's share of the load-balancing loss; records the forward's load.
 
         scores: [b, s, E]; expert_ids: [b, s, k]. Per sequence (DeepSeek-V3's sequence-wise
         loss), aux = coef * E * sum_e f_e * P_e, with f_e the fraction of the sequence's
         (token, choice) pairs that chose e and P_e its mean router probability; the step's
         loss is the mean over all its sequences. Per *sequence*, not per batch, so it does not
         depend on how the batch is cut into ranks, micro-batches or pipeline stages: only cp
-        splits a sequence, so f (data, no gradient) is summed over ``seq_group``, and each
-        rank returns its own tokens' term of P; the trainer's summed gradients are exact.
-
-        Collective: an all-reduce of [b, E] counts over ``seq_group`` (cp x tp > 1).
+        (and tp's sequence slices) split a sequence, so f (data, no gradient) is summed over
+        the ranks holding its parts (``balancing.whole_sequence_counts``), and each rank
+        returns its own tokens' term of P; the summed gradients are exact.
         """
         cfg = self.cfg
         probs = scores if cfg.score_func == "softmax" else scores / scores.sum(-1, keepdim=True)
@@ -239,21 +252,14 @@ class MoE(nn.Module):
         counts = torch.zeros(b, cfg.n_experts, device=scores.device).scatter_add_(
             1, expert_ids.reshape(b, -1), torch.ones(b, s * k, device=scores.device))
         local_load = counts.sum(0)                                           # before cp adds the other parts
-        if self.seq_group is not None:
-            dist.all_reduce(counts, group=self.seq_group)
+        counts = self.balancing.whole_sequence_counts(counts)
         seq_len = counts[0].sum() / k                                        # whole sequence, over cp
         fraction = counts / (seq_len * k)                                    # [b, E], rows sum to 1
-        coef = cfg.aux_loss_coef * cfg.n_experts / self.sequences_per_step
+        coef = cfg.aux_loss_coef * cfg.n_experts / self.balancing.sequences_in_loss(b)
         share = coef * (fraction * probs.sum(1) / seq_len).sum()             # sum over our sequences
         if not is_recomputing():  # activation checkpointing replays this forward in backward: count once
-            self._record_load(local_load, share.detach())
+            self.balancing.record(self, local_load, share.detach())
         return share if cfg.aux_loss_coef > 0 else None
-
-    @torch.no_grad()
-    def _record_load(self, load: Tensor, aux_share: Tensor) -> None:
-        """Add this forward's tokens per expert and aux loss share to the step's (still local) totals."""
-        self.tokens_per_expert += load.double()
-        self.aux_loss_sum += aux_share.double()
 
 
 def moe_layers(model: nn.Module) -> list[MoE]:
@@ -269,73 +275,6 @@ def active_parameter_count(module: nn.Module) -> float:
         routed = sum(p.numel() for p in moe.experts.parameters())
         total -= routed * (1 - moe.cfg.top_k / moe.cfg.n_experts)
     return total
-
-
-def set_sequences_per_step(model: nn.Module, global_batch_size: int) -> None:
-    """The aux loss is the mean over the step's sequences: tell every MoE layer how many there are."""
-    for moe in moe_layers(model):
-        moe.sequences_per_step = global_batch_size
-
-
-@torch.no_grad()
-def sum_step_load(model: nn.Module) -> None:
-    """After a step's forwards: make every MoE layer's load and aux loss global.
-
-    Collective: one all-reduce of [layers, E + 1] float64 over the layers' ``stats_group``
-    (all MoE layers of a rank share it), once per step rather than once per layer and
-    micro-batch. Every rank of the group must call it.
-    """
-    layers = [moe for moe in moe_layers(model) if moe.stats_group is not None]
-    if not layers:
-        return
-    stats = torch.stack([torch.cat([moe.tokens_per_expert, moe.aux_loss_sum.view(1)]) for moe in layers])
-    dist.all_reduce(stats, group=layers[0].stats_group)
-    for moe, row in zip(layers, stats):
-        moe.tokens_per_expert.copy_(row[:-1])
-        moe.aux_loss_sum.copy_(row[-1])
-
-
-@torch.no_grad()
-def update_expert_bias(model: nn.Module, apply: bool = True) -> None:
-    """After an optimizer step: nudge each expert's bias toward balance, then clear the step's load.
-
-    bias_e += rate * sign(mean load - load_e) (DeepSeek-V3): overloaded experts get chosen
-    less. The load is already global (``sum_step_load``), so every rank makes the
-    same update and the biases never diverge. ``apply=False`` (a step whose update is
-    skipped; a bool, or a device tensor so that nothing is read on the host) only clears the
-    load. No communication.
-    """
-    for moe in moe_layers(model):
-        rate = moe.cfg.bias_update_rate
-        if rate > 0:  # a step with no load moves nothing: sign(0) = 0
-            load = moe.tokens_per_expert
-            step = rate * torch.sign(load.mean() - load) * apply
-            moe.router.expert_bias += step.to(moe.router.expert_bias.dtype)
-        moe.tokens_per_expert.zero_()
-        moe.aux_loss_sum.zero_()
-
-
-def expert_load_metrics(model: nn.Module, n_experts: int, pp_group: dist.ProcessGroup | None) -> dict:
-    """This step's global load, summed over all MoE layers (call after ``sum_step_load`` and before
-    ``update_expert_bias``).
-
-    Returns ``moe_tokens_per_expert`` (list of E routed pairs), ``moe_load_max_over_mean``
-    (1.0 = perfectly balanced) and ``moe_aux_loss`` (summed over layers). Collective: one
-    all-reduce over ``pp_group`` (pipeline stages hold different layers); every rank of the
-    group must call it.
-    """
-    layers = moe_layers(model)
-    device = layers[0].tokens_per_expert.device if layers else torch.device("cpu")
-    totals = torch.zeros(n_experts + 1, dtype=torch.float64, device=device)
-    for moe in layers:
-        totals[:-1] += moe.tokens_per_expert
-        totals[-1] += moe.aux_loss_sum
-    if pp_group is not None and dist.get_world_size(pp_group) > 1:
-        dist.all_reduce(totals, group=pp_group)
-    load = totals[:-1]
-    balance = (load.max() / load.mean()).item() if load.sum() > 0 else 1.0
-    return {"moe_tokens_per_expert": [int(c) for c in load.tolist()], "moe_load_max_over_mean": balance,
-            "moe_aux_loss": totals[-1].item()}
 
 
 class MoETransformer(Transformer):

@@ -2,17 +2,24 @@
 
 Order matters and follows what each API expects:
   0. expert parallel: each MoE layer keeps its ep rank's experts (DTensors ``Shard(0)`` over
-     ep) and learns its process groups,
+     ep) and dispatches its tokens over the ep group,
   1. tensor parallel (``parallelize_module``) turns Linear weights into tp-sharded DTensors,
   2. FSDP2 (``fully_shard``) then shards those again over the dense-gradient mesh, making
      2-D DTensors (FSDP dim outer, tp inner); experts are their own FSDP units over the
-     expert-gradient mesh (dp x cp), because ep ranks hold different experts.
+     expert-gradient mesh (dp x cp), because ep ranks hold different experts. With
+     ``dp_mode="replicate"`` FSDP2's twin ``replicate`` keeps them whole instead. Either
+     applies the one mixed-precision recipe (float32 master weights, bf16 compute, float32
+     gradient reduction), on a mesh of one rank too: every mesh computes the same way.
   3. context parallel needs no parameter change: attention modules get ring (or
      all-gather) attention and zigzag RoPE positions, and the trainer feeds each cp rank
      its zigzag slice.
   4. activation checkpointing and torch.compile wrap each block's forward (before FSDP,
      whose gathers and reduce-scatters run in hooks on the block, outside that region).
 The model may still be on the meta device: nothing is allocated until ``to_empty``.
+
+``parallelize_model`` does all of it to a whole model and returns the ``ShardedModel`` that
+runs its steps (``models.pipelined.pipeline_model`` is the pipeline's twin, and
+``models.distribute.distribute_model`` picks between them).
 """
 
 from __future__ import annotations
@@ -22,19 +29,23 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from core.activation_checkpoint import apply_activation_checkpointing
-from core.data_parallel import apply_fsdp
-from core.mesh import ParallelMesh
 from core.context_parallel import cp_attention
-from core.zigzag import zigzag_positions
+from core.data_parallel import apply_fsdp, apply_replicate
+from core.expert_parallel import expert_parallel_ffn
+from core.mesh import ParallelMesh
 from core.tensor_parallel import apply_tensor_parallel, wait_for_output
+from core.zigzag import zigzag_positions
 
 from .init import init_weights
 from .llama import Attention, Transformer
-from .moe import GroupedExperts, moe_layers
+from .moe import GroupedExperts, MoEConfig, moe_layers
+from .moe_load import StepLoad
+from .parallel_model import GradientRules, ShardedModel, StepRecipe
 from .plans import tensor_parallel_plan
-
+from .registry import build_model
 
 DP_MODES = ("fsdp", "hsdp", "replicate")
 
@@ -46,15 +57,16 @@ class ParallelOptions:
     ``dp_mode``: "fsdp" shards parameters over all data-parallel ranks (ZeRO-3); "hsdp" shards
     them within groups of ``dp_shard`` dp ranks and replicates them across groups (the mesh's
     ``dp_replicate`` dim: all-reduce of the reduce-scattered shards); "replicate" keeps them
-    whole and the trainer sums gradients itself (``core.data_parallel.all_reduce_gradients``).
-    ``param_dtype``: FSDP's compute dtype (None: float32).
+    whole and sums their gradients with one all-reduce (``core.data_parallel.apply_replicate``).
+    ``param_dtype``: the compute dtype parameters are cast to (None: float32, no cast).
     ``reshard_after_forward=False`` keeps FSDP parameters gathered from the forward to the
-    backward (a pipeline stage runs many microbatches per step; see ``train.pipelined``).
+    backward (a pipeline stage runs many microbatches per step; see ``models.pipelined``).
     ``fsdp_unit_params``: consecutive blocks smaller than this share one FSDP unit
     (``core.data_parallel.apply_fsdp``); 0: one unit per block.
     ``cp_method``: the context-parallel attention (``core.context_parallel``).
     ``activation_checkpoint``: none | full | selective (``core.activation_checkpoint``).
     ``compile``: torch.compile each block.
+    ``pp_schedule``, ``microbatches``: the pipeline schedule and its microbatches per step (0: 2 * pp).
     """
 
     dp_mode: str = "fsdp"
@@ -64,6 +76,8 @@ class ParallelOptions:
     cp_method: str = "ring"
     activation_checkpoint: str = "none"
     compile: bool = False
+    pp_schedule: str = "1f1b"
+    microbatches: int = 0
 
 
 def parallelize(model: Transformer, pm: ParallelMesh, options: ParallelOptions = ParallelOptions()) -> None:
@@ -76,10 +90,12 @@ def parallelize(model: Transformer, pm: ParallelMesh, options: ParallelOptions =
     blocks = list(model.layers.values())
     apply_expert_parallel(model, pm)
     apply_tensor_parallel(model, pm["tp"], tensor_parallel_plan(model))
+    if pm.size("tp") > 1:
+        check_tensor_parallel_coverage(model)
     if pm.size("cp") > 1:
         apply_context_parallel(model, pm["cp"].get_group(), pm.local_rank("cp"), pm.size("cp"), options.cp_method)
-    hsdp, fsdp = options.dp_mode == "hsdp", uses_fsdp(pm, options.dp_mode)
-    inner_units = expert_fsdp_units(model, pm, hsdp) if fsdp else []
+    hsdp, data_parallel = options.dp_mode == "hsdp", wraps_data_parallel(pm, options)
+    inner_units = expert_units(model, pm, options.dp_mode) if data_parallel else []
     if options.compile and pm.size("tp") > 1 and model.tok_embeddings is not None:
         wait_for_output(model.tok_embeddings)  # the first compiled block's input
     for block in blocks:
@@ -87,7 +103,9 @@ def parallelize(model: Transformer, pm: ParallelMesh, options: ParallelOptions =
         if mode == "selective" and _holds_any(block, inner_units):
             mode = "full"  # FSDP's hooks inside do not replay the same ops in a recompute, as selective needs
         checkpoint_and_compile(block, mode, options.compile)
-    if fsdp:
+    if data_parallel and options.dp_mode == "replicate":
+        apply_replicate(model, pm["dense_grad"], param_dtype=options.param_dtype, inner_units=inner_units)
+    elif data_parallel:
         apply_fsdp(model, pm["dense_grad_hsdp" if hsdp else "dense_grad"], blocks, param_dtype=options.param_dtype,
                    reshard_after_forward=options.reshard_after_forward, inner_units=inner_units,
                    min_unit_params=options.fsdp_unit_params)
@@ -124,30 +142,65 @@ def checkpoint_and_compile(block: nn.Module, checkpoint_mode: str, compile: bool
         block.forward = torch.compile(block.forward)
 
 
-def uses_fsdp(pm: ParallelMesh, dp_mode: str) -> bool:
-    """Whether ``parallelize`` shards with FSDP (and FSDP's mixed precision casts the compute)."""
-    return dp_mode in ("fsdp", "hsdp") and pm.size("dense_grad") > 1
+def wraps_data_parallel(pm: ParallelMesh, options: ParallelOptions) -> bool:
+    """Whether ``parallelize`` wraps the model in FSDP or ``replicate``: with data parallel ranks to
+    sum gradients over, or to cast parameters to a lower compute dtype (on one rank too, so that
+    bf16 is one recipe on every mesh)."""
+    return pm.size("dense_grad") > 1 or options.param_dtype is not None
 
 
 def apply_expert_parallel(model: nn.Module, pm: ParallelMesh) -> None:
-    """Give every MoE layer its groups and (ep > 1) only its ep rank's experts. No communication."""
+    """With ep > 1, every MoE layer keeps only its ep rank's experts and sends each routed token
+    to the rank holding its expert (``core.expert_parallel``). No communication here."""
+    if pm.size("ep") == 1:
+        return
     for moe in moe_layers(model):
-        moe.ep_group = pm["ep"].get_group() if pm.size("ep") > 1 else None
-        moe.seq_group = pm["sequence"].get_group() if pm.size("sequence") > 1 else None
-        moe.stats_group = pm["tokens"].get_group() if pm.size("tokens") > 1 else None
-        if pm.size("ep") > 1:
-            moe.experts.shard(pm["ep"])
+        moe.routed_ffn = functools.partial(expert_parallel_ffn, group=pm["ep"].get_group())
+        moe.experts.shard(pm["ep"])
 
 
 def token_split_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Parameters that each tp rank applies to its own slice of the tokens (the MoE layers':
     router, experts, shared expert; see ``MoE.tensor_parallel_plan``). Their gradients are
-    partial sums over tp, which the trainer adds up (``core.data_parallel.all_reduce_gradients``)."""
+    partial sums over tp, which ``ParallelModel.finish_gradients`` adds up."""
     return [p for moe in moe_layers(model) for p in moe.parameters() if p.requires_grad]
 
 
-def expert_fsdp_units(model: nn.Module, pm: ParallelMesh, hsdp: bool = False) -> list[tuple[nn.Module, object]]:
-    """The FSDP units experts form before the blocks are wrapped: (module, mesh) pairs.
+def check_tensor_parallel_coverage(model: nn.Module) -> None:
+    """Under tp > 1 every parameter must be placed by the TP plan (a DTensor over tp) or run on
+    this rank's own tokens (``token_split_parameters``): a plain parameter that neither covers
+    would silently get a partial or tp-fold gradient. Raises ValueError naming it."""
+    token_split = {id(p) for p in token_split_parameters(model)}
+    uncovered = [name for name, p in model.named_parameters()
+                 if not isinstance(p, DTensor) and id(p) not in token_split]
+    if uncovered:
+        raise ValueError(f"parameters {uncovered} are not in the tensor-parallel plan: give their module a "
+                         f"style in models.plans (or a token-split plan, like the MoE layers')")
+
+
+def gradient_rules(module: nn.Module, pm: ParallelMesh) -> GradientRules:
+    """The reductions ``ParallelModel.finish_gradients`` owes this layout (see ``GradientRules``)."""
+    tp_group = pm["tp"].get_group() if pm.size("tp") > 1 else None
+    return GradientRules(token_split_parameters(module), tp_group)
+
+
+def step_load(module: nn.Module, model_config, pm: ParallelMesh, recipe: StepRecipe,
+              device: torch.device) -> StepLoad | None:
+    """The step state of an MoE model's layers (``models.moe_load``); None for a dense model.
+
+    Sequences are split over cp x tp (context parallel, then sequence parallel); tokens over
+    dp x ep x cp x tp. The aux loss is the mean over the global batch's sequences.
+    """
+    if not isinstance(model_config, MoEConfig):
+        return None
+    sequence_group = pm["sequence"].get_group() if pm.size("sequence") > 1 else None
+    token_group = pm["tokens"].get_group() if pm.size("tokens") > 1 else None
+    return StepLoad(moe_layers(module), model_config.n_experts, sequence_group, token_group,
+                    recipe.global_batch_size, device)
+
+
+def expert_units(model: nn.Module, pm: ParallelMesh, dp_mode: str) -> list[tuple[nn.Module, object]]:
+    """The FSDP (or ``replicate``) units experts form before the blocks are wrapped: (module, mesh) pairs.
 
     With ep == 1 the experts are ordinary parameters of their block (dp x cp is then the
     whole dense-gradient mesh). With ep > 1 their gradients must be summed over dp x cp
@@ -159,15 +212,8 @@ def expert_fsdp_units(model: nn.Module, pm: ParallelMesh, hsdp: bool = False) ->
     """
     if pm.size("ep") == 1:
         return []
-    mesh = pm["expert_grad_hsdp" if hsdp else "expert_grad"]
+    mesh = pm["expert_grad_hsdp" if dp_mode == "hsdp" else "expert_grad"]
     return [(moe.experts, mesh) for moe in moe_layers(model)]
-
-
-def dense_and_expert_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """Split trainable parameters: dense ones (grads summed over dp x ep x cp) and experts (over dp x cp)."""
-    expert_ids = {id(p) for moe in moe_layers(model) for p in moe.experts.parameters()}
-    params = [p for p in model.parameters() if p.requires_grad]
-    return [p for p in params if id(p) not in expert_ids], [p for p in params if id(p) in expert_ids]
 
 
 def materialize(model: nn.Module, device: torch.device) -> None:
@@ -185,6 +231,17 @@ def parallelize_and_initialize(model: Transformer, pm: ParallelMesh, device: tor
     parallelize(model, pm, options)
     materialize(model, device)
     init_weights(model, model.config.n_layers, seed)
+
+
+def parallelize_model(model_config, pm: ParallelMesh, device: torch.device, options: ParallelOptions,
+                      recipe: StepRecipe, seed: int) -> ShardedModel:
+    """The whole model of ``model_config``, sharded over ``pm`` and initialized, with its step
+    rules. Collective where ``parallelize`` is (FSDP setup)."""
+    with torch.device("meta"):
+        model = build_model(model_config)
+    parallelize_and_initialize(model, pm, device, seed, options)
+    return ShardedModel(model, pm, device, recipe, gradient_rules(model, pm),
+                        step_load(model, model_config, pm, recipe, device))
 
 
 def apply_context_parallel(model: nn.Module, cp_group, cp_rank: int, cp_size: int, method: str = "ring") -> None:

@@ -37,7 +37,8 @@ def check_tensor_parallel(config, tp: int) -> None:
                         ("ffn_dim", config.ffn_dim), ("vocab_size", config.vocab_size), ("dim", config.dim)):
         if tp > 1 and value % tp:
             raise ValueError(f"model {what}={value} is not divisible by tp={tp}: choose tp dividing {what} "
-                             f"(e.g. tp=1, 2 or {_largest_divisor_up_to(value, tp)}) or a model whose {what} is a multiple of {tp}")
+                             f"(e.g. tp=1, 2 or {_largest_divisor_up_to(value, tp)}) or a model whose {what} "
+                             f"is a multiple of {tp}")
 
 
 def _largest_divisor_up_to(value: int, limit: int) -> int:
@@ -57,7 +58,8 @@ def block_plan(prefix: str, block: nn.Module) -> dict[str, ParallelStyle]:
     }
     if isinstance(block.feed_forward, FeedForward):
         plan.update({
-            f"{prefix}.feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+            f"{prefix}.feed_forward": PrepareModuleInput(input_layouts=(Shard(1),),
+                                                          desired_input_layouts=(Replicate(),)),
             f"{prefix}.feed_forward.w1": ColwiseParallel(),
             f"{prefix}.feed_forward.w3": ColwiseParallel(),
             f"{prefix}.feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),

@@ -19,12 +19,16 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from core.checkpoint import (CheckpointError, find_latest_checkpoint, model_tensors, optimizer_tensors,
-                             read_checkpoint_meta)
+from core.checkpoint import (
+    CheckpointError,
+    find_latest_checkpoint,
+    model_tensors,
+    optimizer_tensors,
+    read_checkpoint_meta,
+)
 from core.checkpoint_layout import is_complete
 
 from .optim import build_scheduler, lr_lambda
-from .pipelined import ModelParts
 
 
 def checkpoint_root(cfg) -> Path:
@@ -37,10 +41,8 @@ def state_tensors(t) -> dict[str, torch.Tensor]:
     Under pipeline parallel the names are the whole model's (``layers.5...``), not those of
     the rank's list of stages (``1.layers.5...``), so a checkpoint loads on any pp/schedule.
     """
-    tensors = {**model_tensors(t.model), **optimizer_tensors(t.optimizer, t.model)}
-    if isinstance(t.model, ModelParts):
-        tensors = {ModelParts.whole_model_name(name): value for name, value in tensors.items()}
-    return tensors
+    module = t.model.module
+    return t.model.whole_model_names({**model_tensors(module), **optimizer_tensors(t.optimizer, module)})
 
 
 def training_meta(t, wandb_run_id: str | None) -> dict:
@@ -55,7 +57,7 @@ def training_meta(t, wandb_run_id: str | None) -> dict:
         "model_name": t.cfg.model,
         "model_config": dataclasses.asdict(t.model_config),
         "train_config": t.cfg.to_dict(),
-        "mesh": str(t.pm.shape),
+        "mesh": str(t.model.mesh.shape),
         "wandb_run_id": wandb_run_id,
     }
 
@@ -124,7 +126,8 @@ def restore(t, path: Path) -> dict:
     saved_model = meta.get("model_config")
     if saved_model != dataclasses.asdict(t.model_config):
         raise CheckpointError(f"{path} holds a different model ({meta.get('model_name')}: {saved_model}) than "
-                              f"--model {t.cfg.model} ({dataclasses.asdict(t.model_config)}); resume with the same model")
+                              f"--model {t.cfg.model} ({dataclasses.asdict(t.model_config)}); "
+                              f"resume with the same model")
     changed = schedule_changes(meta.get("train_config", {}), t.cfg, int(meta["step"]))
     if changed and not t.cfg.override_lr_schedule:
         raise CheckpointError(f"{path} was trained with {', '.join(changed)}: resuming would silently change the "

@@ -27,8 +27,8 @@ different ``R`` and continue exactly.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -148,7 +148,8 @@ class TokenBatches:
         for name in ("seed", "seq_len", "streaming", "fingerprint"):
             if state[name] != getattr(self, name):
                 raise ValueError(
-                    f"data state was saved with {name}={state[name]!r} but this run has {name}={getattr(self, name)!r}: "
+                    f"data state was saved with {name}={state[name]!r} but this run has "
+                    f"{name}={getattr(self, name)!r}: "
                     f"resuming would not continue the same sample order; use the original {name} (or start afresh)")
         self.samples_consumed = int(state["samples_consumed"])
 
@@ -162,7 +163,8 @@ def _check_shape(seq_len: int, global_batch_size: int, batch_rank: int, batch_wo
         lower = global_batch_size // batch_world * batch_world
         raise ValueError(
             f"global_batch_size={global_batch_size} is not divisible by batch_world={batch_world} (= dp x ep): "
-            f"use a multiple of {batch_world}, e.g. {lower or batch_world} or {lower + batch_world}, or change the mesh")
+            f"use a multiple of {batch_world}, e.g. {lower or batch_world} or {lower + batch_world}, "
+            f"or change the mesh")
     if not 0 <= batch_rank < batch_world:
         raise ValueError(f"batch_rank={batch_rank} is outside [0, batch_world={batch_world})")
 
@@ -174,7 +176,8 @@ class SyntheticBatches:
     a generator seeded by (seed, k), so it is reproducible after a restart.
     """
 
-    def __init__(self, vocab_size: int, seq_len: int, global_batch_size: int, batch_rank: int, batch_world: int, seed: int):
+    def __init__(self, vocab_size: int, seq_len: int, global_batch_size: int, batch_rank: int, batch_world: int,
+                 seed: int):
         self.vocab_size, self.seq_len, self.seed = vocab_size, seq_len, seed
         self.global_batch_size = global_batch_size
         self.local = global_batch_size // batch_world
@@ -198,7 +201,12 @@ class SyntheticBatches:
         self.position = int(state["position"])
 
 
-def build_batches(cfg, tokenizer: Tokenizer, batch_rank: int, batch_world: int, vocab_size: int):
+# What the trainer draws its batches from: next() gives this batch rank's (inputs, labels), state_dict()
+# its position for a checkpoint.
+Batches = TokenBatches | SyntheticBatches
+
+
+def build_batches(cfg, tokenizer: Tokenizer, batch_rank: int, batch_world: int, vocab_size: int) -> Batches:
     """The trainer's batches: this batch rank's (dp x ep coordinate's) rows of every global batch."""
     if cfg.dataset == "synthetic":
         return SyntheticBatches(vocab_size, cfg.seq_len, cfg.global_batch_size, batch_rank, batch_world, cfg.seed)

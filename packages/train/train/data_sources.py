@@ -26,9 +26,10 @@ import importlib.util
 import json
 import os
 import tempfile
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -171,7 +172,8 @@ def _read_file(datasets, path: Path, column: str):
     Keeping only the text column lets files with different extra columns be concatenated.
     """
     if path.suffix == ".txt":  # the whole file is one document, in column "text"
-        part = datasets.load_dataset("text", data_files=[str(path)], split="train", streaming=True, sample_by="document")
+        part = datasets.load_dataset("text", data_files=[str(path)], split="train", streaming=True,
+                                     sample_by="document")
         return part if column == "text" else part.rename_column("text", column)
     part = datasets.load_dataset(LOCAL_BUILDERS[path.suffix], data_files=[str(path)], split="train", streaming=True)
     if part.column_names is not None and column not in part.column_names:
@@ -268,7 +270,8 @@ def _write_cache(source: Source, tokenizer: Tokenizer, bin_path: Path, meta_path
             n_tokens += len(ids)
             n_docs += 1
     meta = {**key_fields, "description": source.description, "dtype": dtype.name, "n_tokens": n_tokens,
-            "n_documents": n_docs, "sha256": digest.hexdigest(), "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id}
+            "n_documents": n_docs, "sha256": digest.hexdigest(), "vocab_size": tokenizer.vocab_size,
+            "eos_id": tokenizer.eos_id}
     # the metadata file is written last: its presence means the token file is complete
     with _atomic_file(meta_path) as out:
         out.write(json.dumps(meta, indent=1).encode())

@@ -20,10 +20,8 @@ import math
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from core.pipeline import broadcast_from_last_stage
-from core.tensor_parallel import loss_context, local_tensor, token_loss_sum
+from models.parallel_model import ParallelModel
 
 from .data import SyntheticBatches, TokenBatches
 
@@ -50,7 +48,8 @@ class HeldOutBatches:
             yield tokens[:, :-1], tokens[:, 1:]
 
 
-def build_eval_batches(cfg, tokenizer, train_batches, batch_rank: int, batch_world: int, vocab_size: int):
+def build_eval_batches(cfg, tokenizer, train_batches, batch_rank: int, batch_world: int,
+                       vocab_size: int) -> EvalBatches:
     """This batch rank's evaluation set (module docstring); iterable any number of times."""
     if (cfg.eval_dataset or cfg.dataset) == "synthetic":
         return _SyntheticEvalBatches(vocab_size, cfg, batch_rank, batch_world)
@@ -72,39 +71,15 @@ class _SyntheticEvalBatches:
         return (next(batches) for _ in range(self.n_batches))
 
 
-@torch.no_grad()
-def evaluate(t, batches) -> dict[str, float]:
+# This batch rank's rows of the evaluation set, iterable any number of times (``n_batches`` global batches).
+EvalBatches = HeldOutBatches | _SyntheticEvalBatches
+
+
+def evaluate(model: ParallelModel, batches: EvalBatches) -> dict[str, float]:
     """``eval_loss`` (mean token loss of the set) and ``eval_perplexity``, the same on every rank.
 
-    Collectives: the forward passes' own (TP, CP, EP, FSDP gathers; pipeline P2P), one
-    all-reduce over dp x ep x cp and, under pp, one broadcast from the last stage.
+    Collectives: those of ``ParallelModel.evaluate`` (the forwards' own, one all-reduce over
+    dp x ep x cp and, under pp, one broadcast from the last stage).
     """
-    tokens_per_batch = t.cfg.global_batch_size * t.cfg.seq_len
-    for part in t.model_parts:
-        part.eval()
-    loss_share = torch.zeros((), device=t.device)
-    try:
-        for inputs, labels in batches:
-            documents = t.documents_of(inputs)
-            with loss_context(t.pm.size("tp") > 1), t.compute_context():
-                loss_share += _forward_loss_share(t, t.local_tokens(inputs), t.local_tokens(labels), documents,
-                                                  tokens_per_batch)
-    finally:
-        for part in t.model_parts:
-            part.train()
-    if t.pipeline:
-        broadcast_from_last_stage(loss_share, t.pm["pp"].get_group(), t.pm.size("pp"), t.pipeline.schedule_name)
-    dist.all_reduce(loss_share, group=t.pm["dense_grad"].get_group())
-    loss = loss_share.item() / batches.n_batches
+    loss = model.evaluate(batches, batches.n_batches)
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700.0))}
-
-
-def _forward_loss_share(t, inputs: torch.Tensor, labels: torch.Tensor, documents, tokens_per_batch: int) -> torch.Tensor:
-    """This rank's share of one batch's mean token loss; under pp, the last stage's (0 elsewhere)."""
-    if t.pipeline is None:
-        logits = t.model(inputs, documents=documents)
-        return local_tensor(token_loss_sum(logits, labels)).float() / tokens_per_batch
-    pipe, losses = t.pipeline, []
-    args = (inputs.contiguous(),) if pipe.has_first else ()
-    pipe.schedule.eval(*args, target=labels if pipe.has_last else None, losses=losses)
-    return sum((local_tensor(loss).float() for loss in losses), torch.zeros((), device=t.device))

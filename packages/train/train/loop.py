@@ -1,128 +1,75 @@
-"""The training loop: build the parallel model on the mesh, then step.
+"""The training loop: build this rank's parallel model, then step.
 
-One step on one rank (no pipeline):
+One step, the same on every mesh (``train_step``):
 
-    inputs, labels = this batch-rank's rows of the global batch      [B/(dp*ep), S]
-    context parallel: keep this cp rank's zigzag slice of S          [B/(dp*ep), S/cp]
-    for each of grad_accum_steps micro-batches:
-        loss = sum of token losses / tokens in the GLOBAL batch      (so summed grads = grad of the mean)
-        loss.backward()                                              (MoE: + the aux loss, via its backward;
-                                                                      FSDP reduce-scatters, summing, after
-                                                                      the last micro-batch only)
-    clip by the norm over the whole mesh, AdamW step, LR schedule step
-    MoE: move expert biases by the step's global load
-    report: loss summed over dp x ep x cp                           (= global mean token loss)
+    inputs, labels = this batch-rank's rows of the global batch   [B/(dp*ep), S]
+    forward-backward      loss share = token losses / tokens in the GLOBAL batch, so that the
+                          ranks' summed gradients are the gradient of the global mean loss
+    finish gradients      every reduction the parallel layout implies
+    clip                  by the gradient norm over the whole mesh
+    optimizer step        AdamW (a non-finite step never reaches the weights), LR schedule
+    after-step            what the layout updates after it (e.g. router biases)
+    report                loss summed over the mesh (= global mean token loss), norm, metrics
 
-With pipeline parallel (pp > 1) the forward/backward is a pipeline schedule instead
-(``train.pipelined``) and ``Trainer.model`` holds this rank's stage(s); the rest of the
-step (gradient sync, clipping over the whole mesh, optimizer) is the same.
+What each of these means for a mesh (micro-batches or a schedule of stages, context-parallel
+slices, TP/FSDP/replicate reductions, routing statistics) is the
+``models.parallel_model.ParallelModel``'s business, built once by ``models.distribute.distribute_model``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import resource
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch import nn
-from torch.distributed.fsdp import FSDPModule
 
 from core.checkpoint import Checkpointer
-from core.data_parallel import all_reduce_gradients
-from core.documents import Documents, document_ids, document_positions
-from core.grad_norm import clip_grad_norm_
-from core.mesh import ParallelMesh, build_mesh
-from core.zigzag import zigzag_shard
-from core.tensor_parallel import loss_context, reduce_partial_gradients, local_tensor, token_loss_sum
+from core.mesh import build_mesh
+from models.distribute import distribute_model
 from models.hf_format import load_hf_weights_
-from models.moe import (MoEConfig, active_parameter_count, expert_load_metrics,
-                        set_sequences_per_step, sum_step_load, update_expert_bias)
-from models.parallelize import (ParallelOptions, dense_and_expert_parameters, parallelize_and_initialize,
-                                token_split_parameters)
-from models.registry import build_model
+from models.llama import LlamaConfig
+from models.parallel_model import ParallelModel, StepRecipe
+from models.parallelize import ParallelOptions
 
 from . import checkpointing
 from .config import TrainConfig
-from .data import build_batches
+from .data import Batches, build_batches
+from .distributed import init_distributed, resolve_device, world_size_from_env
 from .divergence import TrainingDiverged, check_dropped_steps
-from .evaluation import build_eval_batches, evaluate
-from .flops import peak_flops, transformer_flops_per_token
+from .evaluation import EvalBatches, build_eval_batches, evaluate
+from .flops import model_flops_per_token, peak_flops
 from .optim import build_optimizer, build_scheduler
 from .profiling import StepProfiler
 from .tracking import MetricsLogger
-from .distributed import init_distributed, resolve_device, world_size_from_env
-from .pipelined import ModelParts, Pipeline, build_pipeline, pipeline_forward_backward
 from .validation import validate
 
 DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# Reported steps whose metrics a Trainer keeps in memory (all of them go to metrics.jsonl).
+HISTORY_LENGTH = 1000
 
 
 @dataclass
 class Trainer:
     cfg: TrainConfig
-    pm: ParallelMesh
+    model: ParallelModel                  # this rank's part of the model and its step rules
+    model_config: LlamaConfig             # the whole model's architecture (an MoEConfig for MoE)
     device: torch.device
-    model_config: object
-    model: nn.Module                     # the whole model, or under pp > 1 this rank's ModelParts
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    batches: object
+    optimizer: torch.optim.AdamW
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    batches: Batches                      # this batch rank's rows of every global batch
+    eval_batches: EvalBatches | None = None  # this rank's evaluation set, with --eval-every
     flops_per_token: float = 0.0
     step: int = 0
-    history: list[dict] = field(default_factory=list)
+    history: deque[dict] = field(default_factory=lambda: deque(maxlen=HISTORY_LENGTH))  # the latest reports
     skipped_steps: int = 0               # updates dropped by --skip-nonfinite-steps
     checkpointer: Checkpointer = field(default_factory=Checkpointer)  # its groups and the async save in flight
-    pipeline: Pipeline | None = None     # set when pp > 1
-    eval_batches: object = None          # this rank's evaluation set, with --eval-every
-    eos_id: int = 0                      # the tokenizer's end-of-text id: documents end there
     unchecked_nonfinite: torch.Tensor | None = None  # steps dropped on the device since the last report
     last_report: tuple[int, float] = (0, 0.0)         # (step, time) of the last reported step
-
-    @property
-    def params(self) -> list[nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad]
-
-    @property
-    def model_parts(self) -> list[nn.Module]:
-        """The model pieces this rank holds: [model], or its pipeline stages in stage order."""
-        return list(self.model) if isinstance(self.model, ModelParts) else [self.model]
-
-    def named_parameters(self):
-        """(name, parameter) with the whole model's names (``layers.3.attention.wq.weight``) on any mesh."""
-        for part in self.model_parts:
-            yield from part.named_parameters()
-
-    def named_buffers(self):
-        """(name, buffer) with the whole model's names, like ``named_parameters``."""
-        for part in self.model_parts:
-            yield from part.named_buffers()
-
-    def compute_context(self) -> contextlib.AbstractContextManager:
-        """bf16 compute for models FSDP does not manage (FSDP casts parameters itself via its
-        MixedPrecisionPolicy, which also all-gathers them in bf16: half the bytes)."""
-        if self.cfg.dtype == "float32" or all(isinstance(part, FSDPModule) for part in self.model_parts):
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=DTYPE[self.cfg.dtype])
-
-    def documents_of(self, inputs: torch.Tensor) -> Documents | None:
-        """With --document-masking: the document ids of whole sequences ``inputs`` [b, S] and the
-        rotary positions of this rank's tokens (its zigzag slice under cp); else None."""
-        if not self.cfg.document_masking:
-            return None
-        ids = document_ids(inputs, self.eos_id)
-        return Documents(ids.to(self.device), self.local_tokens(document_positions(ids)))
-
-    def local_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """This rank's part of a batch on its device: [b, S] -> [b, S/cp], the cp rank's zigzag
-        chunks r and 2cp-1-r (all of S when cp = 1)."""
-        if self.pm.size("cp") > 1:
-            tokens = zigzag_shard(tokens, 1, self.pm.local_rank("cp"), self.pm.size("cp"))
-        return tokens.to(self.device)
 
 
 def build_trainer(cfg: TrainConfig) -> Trainer:
@@ -132,41 +79,35 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     init_distributed(device, cfg.dist_timeout_s)
     pm = build_mesh(checked.shape, device.type, checked.dp_shard)
     torch.manual_seed(cfg.seed)
-    with torch.device("meta"):
-        model = build_model(checked.model_config)
-    flops_per_token = model_flops_per_token(model, checked.model_config, cfg.seq_len)
-    options = parallel_options(cfg)
-    pipeline = None
-    if pm.size("pp") > 1:  # this rank's stage(s) replace the whole meta model
-        model, pipeline = build_pipeline(cfg, pm, checked.model_config, device, options)
-    else:
-        parallelize_and_initialize(model, pm, device, cfg.seed, options)
+    tokenizer, model_config = checked.tokenizer, checked.model_config
+    model = distribute_model(model_config, pm, device, parallel_options(cfg), step_recipe(cfg, tokenizer.eos_id),
+                             cfg.seed)
     if cfg.init_from:
-        for part in (model if pipeline else [model]):
+        for part in model.parts:
             load_hf_weights_(part, cfg.init_from)  # each rank copies its own shards; no collective
-    set_sequences_per_step(model, cfg.global_batch_size)
-    optimizer = build_optimizer(cfg, model)
+    optimizer = build_optimizer(cfg, model.module)
     scheduler = build_scheduler(cfg, optimizer)
-    vocab_size, tokenizer = checked.model_config.vocab_size, checked.tokenizer
-    batches = build_batches(cfg, tokenizer, pm.local_rank("batch"), pm.size("batch"), vocab_size)
-    eval_batches = build_eval_batches(cfg, tokenizer, batches, pm.local_rank("batch"), pm.size("batch"),
+    batch_rank, batch_world = model.batch_shard
+    vocab_size = model_config.vocab_size
+    batches = build_batches(cfg, tokenizer, batch_rank, batch_world, vocab_size)
+    eval_batches = build_eval_batches(cfg, tokenizer, batches, batch_rank, batch_world,
                                       vocab_size) if cfg.eval_every else None
-    return Trainer(cfg, pm, device, checked.model_config, model, optimizer, scheduler, batches, flops_per_token,
-                   pipeline=pipeline, eval_batches=eval_batches, eos_id=tokenizer.eos_id)
+    return Trainer(cfg, model, model_config, device, optimizer, scheduler, batches, eval_batches,
+                   flops_per_token=model_flops_per_token(model_config, cfg.seq_len))
 
 
 def parallel_options(cfg: TrainConfig) -> ParallelOptions:
     """The run's flags as ``models.parallelize`` takes them."""
     return ParallelOptions(dp_mode=cfg.dp_mode, param_dtype=DTYPE[cfg.dtype] if cfg.dtype != "float32" else None,
                            fsdp_unit_params=cfg.fsdp_unit_params, cp_method=cfg.cp_method,
-                           activation_checkpoint=cfg.activation_checkpoint, compile=cfg.compile)
+                           activation_checkpoint=cfg.activation_checkpoint, compile=cfg.compile,
+                           pp_schedule=cfg.pp_schedule, microbatches=cfg.microbatches)
 
 
-def model_flops_per_token(model: nn.Module, model_config, seq_len: int) -> float:
-    """Training FLOPs per token of the whole (unsharded) model: see ``train.flops``."""
-    embedding = sum(p.numel() for name, p in model.named_parameters() if "tok_embeddings" in name)
-    non_embedding = active_parameter_count(model) - embedding  # the embedding is a lookup, not a matmul
-    return transformer_flops_per_token(non_embedding, model_config.n_layers, model_config.dim, seq_len)
+def step_recipe(cfg: TrainConfig, eos_id: int) -> StepRecipe:
+    """What each step computes: batch, micro-batches, document masking, compute dtype."""
+    return StepRecipe(cfg.global_batch_size, cfg.seq_len, cfg.grad_accum_steps,
+                      document_eos=eos_id if cfg.document_masking else None, compute_dtype=DTYPE[cfg.dtype])
 
 
 def model_flops_utilization(t: Trainer, tokens_per_sec: float) -> float | None:
@@ -175,68 +116,25 @@ def model_flops_utilization(t: Trainer, tokens_per_sec: float) -> float | None:
     return None if peak is None else t.flops_per_token * tokens_per_sec / (peak * dist.get_world_size())
 
 
-def forward_backward(t: Trainer, inputs: torch.Tensor, labels: torch.Tensor,
-                     documents: Documents | None) -> torch.Tensor:
-    """Run the micro-batches of one step; return this rank's share of the global mean loss.
-
-    inputs, labels: [local_batch, local_seq] on ``t.device``; ``documents`` for their rows, or None.
-    """
-    tokens_in_global_batch = t.cfg.global_batch_size * t.cfg.seq_len
-    loss_share = torch.zeros((), device=t.device)
-    micro = t.cfg.grad_accum_steps
-    micro_documents = [None] * micro if documents is None else \
-        [Documents(ids, pos) for ids, pos in zip(documents.ids.chunk(micro), documents.positions.chunk(micro))]
-    batches = zip(inputs.chunk(micro), labels.chunk(micro), micro_documents)
-    for index, (micro_inputs, micro_labels, micro_docs) in enumerate(batches):
-        if micro > 1:  # FSDP reduce-scatters only after the last micro-batch; before it, grads accumulate unsharded
-            set_gradient_sync(t, index == micro - 1)
-        with loss_context(t.pm.size("tp") > 1), t.compute_context():
-            logits = t.model(micro_inputs, documents=micro_docs)
-            loss = token_loss_sum(logits, micro_labels) / tokens_in_global_batch
-            loss.backward()
-        loss_share += local_tensor(loss).detach()
-    return loss_share
-
-
-def set_gradient_sync(t: Trainer, enabled: bool) -> None:
-    """Whether FSDP reduce-scatters gradients in the next backward (no-op without FSDP)."""
-    for part in t.model_parts:
-        if isinstance(part, FSDPModule):
-            part.set_requires_gradient_sync(enabled)
-
-
 def compute_gradients(t: Trainer) -> tuple[torch.Tensor, float]:
-    """Fetch the next batch, run forward/backward, sync gradients over dp.
+    """Fetch the next batch, forward-backward, finish the gradients.
 
     Returns (this rank's loss share, seconds spent waiting for data). Afterwards every
-    parameter's ``.grad`` holds its shard of the gradient of the global mean loss.
+    parameter's ``.grad`` holds its part of the gradient of the global mean loss.
     """
     start = time.perf_counter()
     inputs, labels = next(t.batches)
-    documents = t.documents_of(inputs)
-    inputs, labels = t.local_tokens(inputs), t.local_tokens(labels)
     data_time = time.perf_counter() - start
-    if t.pipeline:
-        loss = pipeline_forward_backward(t, inputs, labels, t.compute_context())
-    else:
-        loss = forward_backward(t, inputs, labels, documents)
-    sum_step_load(t.model)  # MoE: the step's expert load over every rank's tokens
-    reduce_partial_gradients(t.params)
-    if t.pm.size("tp") > 1:  # MoE layers run on each tp rank's own tokens: add up their gradients
-        all_reduce_gradients(token_split_parameters(t.model), t.pm["tp"].get_group())
-    if t.cfg.dp_mode == "replicate":
-        dense, experts = dense_and_expert_parameters(t.model)
-        all_reduce_gradients(dense, t.pm["dense_grad"].get_group())
-        all_reduce_gradients(experts, t.pm["expert_grad"].get_group())
-    return loss, data_time
+    loss_share = t.model.forward_backward(inputs, labels)
+    t.model.finish_gradients()
+    return loss_share, data_time
 
 
 def apply_gradients(t: Trainer, loss: float | torch.Tensor) -> tuple:
-    """Clip over the whole mesh, step AdamW and the LR schedule (and MoE expert biases).
+    """Clip over the whole mesh, step AdamW and the LR schedule, then the layout's after-step.
 
-    Returns (grad norm, lr used, whether the update was applied). The norm adds each
-    pipeline stage's sum of squares over pp (one all-reduce), so every stage clips by the
-    same global factor. A non-finite loss or norm never reaches the weights:
+    Returns (grad norm, lr used, whether the update was applied). A non-finite loss or norm
+    never reaches the weights:
 
     - ``loss`` a float (a reported step): the norm is read on the host; a non-finite step
       raises ``TrainingDiverged`` before anything changes, or with ``--skip-nonfinite-steps``
@@ -246,25 +144,25 @@ def apply_gradients(t: Trainer, loss: float | torch.Tensor) -> tuple:
       (``found_inf``, as for a gradient scaler), and the norm and "applied" come back as
       device tensors for ``train_step`` to check at the next report.
     """
-    norm = clip_grad_norm_(t.params, t.cfg.max_grad_norm, t.pm["pp"].get_group())
+    norm = t.model.clip_gradients(t.cfg.max_grad_norm)
     lr = t.scheduler.get_last_lr()[0]
     if isinstance(loss, torch.Tensor):
-        finite = torch.isfinite(loss) & torch.isfinite(norm)
-        t.optimizer.found_inf = (~finite).float()
+        applied = torch.isfinite(loss) & torch.isfinite(norm)
+        t.optimizer.found_inf = (~applied).float()
         t.optimizer.step()
         t.optimizer.found_inf = None
         grad_norm = norm
     else:
         grad_norm = norm.item()
-        finite = math.isfinite(loss) and math.isfinite(grad_norm)
-        if not finite and not t.cfg.skip_nonfinite_steps:
+        applied = math.isfinite(loss) and math.isfinite(grad_norm)
+        if not applied and not t.cfg.skip_nonfinite_steps:
             raise TrainingDiverged(t, loss, grad_norm)
-        if finite:
+        if applied:
             t.optimizer.step()
-    update_expert_bias(t.model, apply=finite)
+    t.model.after_optimizer_step(applied)
     t.scheduler.step()
     t.optimizer.zero_grad(set_to_none=True)
-    return grad_norm, lr, finite
+    return grad_norm, lr, applied
 
 
 def reports_step(t: Trainer, step: int) -> bool:
@@ -277,13 +175,6 @@ def reports_step(t: Trainer, step: int) -> bool:
             or (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0))
 
 
-def global_loss(t: Trainer, loss_share: torch.Tensor, on_host: bool = True) -> float | torch.Tensor:
-    """Sum the ranks' shares over dp x ep x cp: the mean token loss of the global batch
-    (a float, or with ``on_host=False`` the device tensor: no host sync)."""
-    dist.all_reduce(loss_share, group=t.pm["dense_grad"].get_group())
-    return loss_share.item() if on_host else loss_share
-
-
 def train_step(t: Trainer) -> dict:
     """One optimizer step. Returns its metrics (identical on every rank) on a reported step
     (``reports_step``), else {}: between reports nothing is read on the host, so the device
@@ -293,8 +184,7 @@ def train_step(t: Trainer) -> dict:
         check_dropped_steps(t)  # the steps since the last report, before this one can raise on its own
     step_start = time.perf_counter()
     loss_share, data_time = compute_gradients(t)
-    moe = moe_metrics(t) if report else {}  # before apply_gradients clears the step's expert load
-    loss = global_loss(t, loss_share, on_host=report)
+    loss = t.model.reduce_loss(loss_share, on_host=report)
     grad_norm, lr, applied = apply_gradients(t, loss)
     t.step += 1
     if not report:
@@ -303,6 +193,12 @@ def train_step(t: Trainer) -> dict:
         return {}
     if not applied:
         t.skipped_steps += 1
+    return step_report(t, loss, grad_norm, lr, step_start, data_time)
+
+
+def step_report(t: Trainer, loss: float, grad_norm: float, lr: float, step_start: float, data_time: float) -> dict:
+    """The metrics of the step just taken; the layout adds its own (``ParallelModel.metrics``, a
+    collective at the same step on every rank)."""
     if t.device.type == "cuda":
         torch.cuda.synchronize()
     now = time.perf_counter()
@@ -314,7 +210,8 @@ def train_step(t: Trainer) -> dict:
     tokens_per_sec = t.cfg.global_batch_size * t.cfg.seq_len / step_time
     metrics = {
         "step": t.step, "loss": loss, "grad_norm": grad_norm, "lr": lr, "tokens_per_sec": tokens_per_sec,
-        "step_time_s": step_time, "data_time_s": data_time, "mem_peak_mib": peak_memory_mib(t.device), **moe,
+        "step_time_s": step_time, "data_time_s": data_time, "mem_peak_mib": peak_memory_mib(t.device),
+        **t.model.metrics(),
     }
     if t.skipped_steps:
         metrics["skipped_steps"] = t.skipped_steps
@@ -322,13 +219,6 @@ def train_step(t: Trainer) -> dict:
     if mfu is not None:
         metrics["mfu"] = mfu
     return metrics
-
-
-def moe_metrics(t: Trainer) -> dict:
-    """Tokens per expert over the global batch, summed over MoE layers, and the aux loss ({} for dense models)."""
-    if not isinstance(t.model_config, MoEConfig):
-        return {}
-    return expert_load_metrics(t.model, t.model_config.n_experts, t.pm["pp"].get_group())
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -362,7 +252,7 @@ def train(cfg: TrainConfig) -> Trainer:
                 metrics = train_step(t)
                 profiler.after_step(t.step)
                 if cfg.eval_every and (t.step % cfg.eval_every == 0 or t.step == cfg.steps):
-                    metrics.update(evaluate(t, t.eval_batches))
+                    metrics.update(evaluate(t.model, t.eval_batches))
                 if metrics:
                     t.history.append(metrics)
                     logger.log(t.step, {k: v for k, v in metrics.items() if k != "step"})

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 # Names that tokenizer families use for their end-of-text token, most specific first.
 EOS_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eot_id|>", "[SEP]", "<|im_end|>")
@@ -101,7 +102,8 @@ class HFTokenizer:
 
 
 def load_tokenizer(spec: str) -> Tokenizer:
-    """``"byte"`` (or empty) -> :class:`ByteTokenizer`; a path to a tokenizer.json (or a folder holding one) -> :class:`HFTokenizer`."""
+    """``"byte"`` (or empty) -> :class:`ByteTokenizer`; a path to a tokenizer.json (or a folder holding
+    one) -> :class:`HFTokenizer`."""
     if spec in ("", "byte", "bytes"):
         return ByteTokenizer()
     path = Path(spec).expanduser()

@@ -112,7 +112,7 @@ class MetricsLogger:
             self._run = None
             self._guard("finish", run.finish)
 
-    def __enter__(self) -> "MetricsLogger":
+    def __enter__(self) -> MetricsLogger:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -21,6 +21,7 @@ from core.context_parallel import cp_attention
 from core.mesh import MeshConfigError, MeshShape, check_divisible, hsdp_shard_size
 from core.pipeline import PipelineConfigError, check_pipeline, default_microbatches, schedule_spec
 from models.hf_format import check_hf_config_matches
+from models.llama import LlamaConfig
 from models.moe import MoEConfig, check_expert_parallel
 from models.parallelize import DP_MODES
 from models.plans import check_tensor_parallel
@@ -30,14 +31,14 @@ from .config import DTYPES, TrainConfig
 from .data_sources import check_local_dataset
 from .distributed import device_type
 from .profiling import check_profiling
-from .tokenizer import load_tokenizer
+from .tokenizer import Tokenizer, load_tokenizer
 
 
 @dataclass(frozen=True)
 class ValidatedRun:
     shape: MeshShape
-    model_config: object
-    tokenizer: object       # loaded once here; the data and document masking use this one
+    model_config: LlamaConfig  # an MoEConfig for MoE models
+    tokenizer: Tokenizer       # loaded once here; the data and document masking use this one
     dp_shard: int | None    # HSDP's shard-group size along dp (None: no HSDP)
 
 
