@@ -53,6 +53,9 @@ class StepLoad(LoadBalancing):
     def sequences_in_loss(self, forward_sequences: int) -> int:
         return self.sequences_per_step
 
+    # Kept out of torch.compile's graph: bookkeeping on the host's per-layer index, which
+    # compiled code would specialize on (one recompile per layer).
+    @torch.compiler.disable
     @torch.no_grad()
     def record(self, layer: MoE, load: Tensor, aux_share: Tensor) -> None:
         row = self.totals[self._row[id(layer)]]

@@ -11,8 +11,8 @@ Order matters and follows what each API expects:
      applies the one mixed-precision recipe (float32 master weights, bf16 compute, float32
      gradient reduction), on a mesh of one rank too: every mesh computes the same way.
   3. context parallel needs no parameter change: attention modules get ring (or
-     all-gather) attention and zigzag RoPE positions, and the trainer feeds each cp rank
-     its zigzag slice.
+     all-gather) attention and zigzag RoPE positions, and ``ParallelModel.local_batch``
+     gives each cp rank its zigzag slice of the sequence.
   4. activation checkpointing and torch.compile wrap each block's forward (before FSDP,
      whose gathers and reduce-scatters run in hooks on the block, outside that region).
 The model may still be on the meta device: nothing is allocated until ``to_empty``.

@@ -130,7 +130,8 @@ def compute_gradients(t: Trainer) -> tuple[torch.Tensor, float]:
     return loss_share, data_time
 
 
-def apply_gradients(t: Trainer, loss: float | torch.Tensor) -> tuple:
+def apply_gradients(t: Trainer, loss: float | torch.Tensor
+                    ) -> tuple[float | torch.Tensor, float, bool | torch.Tensor]:
     """Clip over the whole mesh, step AdamW and the LR schedule, then the layout's after-step.
 
     Returns (grad norm, lr used, whether the update was applied). A non-finite loss or norm
