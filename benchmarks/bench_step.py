@@ -1,7 +1,7 @@
 """The lean step, measured side by side in one run: data parallel, activation checkpointing,
 compile and grouped-GEMM experts, each as a ratio to its honest baseline.
 
-    python benchmarks/bench_step.py            # about 13 minutes on 2 CPU cores
+    python benchmarks/bench_step.py            # minutes: each row runs 3 rounds
     python benchmarks/bench_step.py --smoke    # every row once, tiny (the test suite runs this)
 
 Every training row is the real CLI (``python -m train`` / ``torchrun -m train``) on synthetic

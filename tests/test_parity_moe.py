@@ -73,7 +73,7 @@ def test_expert_bias_routing_under_pipeline_parallel_over_many_steps():
 
 @pytest.mark.slow
 def test_sixteen_ranks_dp_cp_tp_ep():
-    """dp=2,cp=2,tp=2,ep=2: ~40 s on 2 CPU cores."""
+    """dp=2,cp=2,tp=2,ep=2: every dimension but pp at once (slow: 16 ranks on a CPU)."""
     assert_same_run(single_process(), on_mesh("dp=2,cp=2,tp=2,ep=2", 16))
 
 
