@@ -19,7 +19,6 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed._composable.replicate_with_fsdp import replicate
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
@@ -73,6 +72,10 @@ def apply_replicate(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype
     ``replicate``), with ``apply_fsdp``'s mixed precision. ``inner_units``: (module, mesh) pairs
     replicated over their own mesh first (MoE experts over the expert-gradient mesh).
     """
+    # A private torch module (FSDP2's replicate, checked on torch 2.13): imported where it is
+    # used, so that other data-parallel modes do not depend on it.
+    from torch.distributed._composable.replicate_with_fsdp import replicate
+
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for unit, unit_mesh in inner_units:
         replicate(unit, mesh=unit_mesh, mp_policy=policy)
