@@ -1,6 +1,6 @@
 """One rank's share of a model on a mesh, and everything a training step needs from its layout.
 
-``models.parallelize.parallelize_model`` builds one of two implementations of ``ParallelModel``:
+``models.distribute.distribute_model`` builds one of two implementations of ``ParallelModel``:
 
   - ``ShardedModel``: the whole model on this rank, sharded by TP/SP, FSDP, EP and CP;
     a step runs its micro-batches one after another;
@@ -237,7 +237,6 @@ class ShardedModel(ParallelModel):
     def __init__(self, model: nn.Module, pm: ParallelMesh, device: torch.device, recipe: StepRecipe,
                  rules: GradientRules, moe_load: StepLoad | None):
         super().__init__(model, [model], pm, device, recipe, rules, moe_load)
-        self.model = model
 
     def forward_backward(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Micro-batches of [b/accum, S/cp] rows; FSDP reduce-scatters (summing) after the last
@@ -254,17 +253,16 @@ class ShardedModel(ParallelModel):
             if micro > 1:
                 self._set_gradient_sync(index == micro - 1)
             with self.loss_context():
-                loss = self.recipe.step_loss(self.model(micro_inputs, documents=micro_docs), micro_labels)
+                loss = self.recipe.step_loss(self.module(micro_inputs, documents=micro_docs), micro_labels)
                 loss.backward()
             loss_share += local_tensor(loss).detach()
         return loss_share
 
     def _set_gradient_sync(self, enabled: bool) -> None:
         """Whether FSDP reduce-scatters gradients in the next backward (no-op without FSDP)."""
-        if isinstance(self.model, FSDPModule):
-            self.model.set_requires_gradient_sync(enabled)
+        if isinstance(self.module, FSDPModule):
+            self.module.set_requires_gradient_sync(enabled)
 
     def _eval_loss_share(self, inputs: torch.Tensor, labels: torch.Tensor,
                          documents: Documents | None) -> torch.Tensor:
-        logits = self.model(inputs, documents=documents)
-        return local_tensor(token_loss_sum(logits, labels)).float() / self.recipe.tokens_per_step
+        return local_tensor(self.recipe.step_loss(self.module(inputs, documents=documents), labels)).float()

@@ -40,7 +40,8 @@ from core.pipeline import (
 from core.tensor_parallel import local_tensor
 
 from .moe import active_parameter_count
-from .parallel_model import ParallelModel, StepRecipe
+from .moe_load import StepLoad
+from .parallel_model import GradientRules, ParallelModel, StepRecipe
 from .parallelize import ParallelOptions, gradient_rules, parallelize_and_initialize, step_load
 from .pipeline_split import split_stage
 from .registry import build_model
@@ -122,7 +123,8 @@ def pipeline_model(model_config, pm: ParallelMesh, device: torch.device, options
     stages = build_stages(list(parts), stage_ids, n_stages, device, pm["pp"].get_group(), io)
     schedule = build_schedule(options.pp_schedule, stages, microbatches, recipe.step_loss)
     pipeline = Pipeline(options.pp_schedule, schedule, stages, stage_ids, n_stages, microbatches)
-    return PipelinedModel(parts, pipeline, pm, device, recipe, options, model_config)
+    return PipelinedModel(parts, pipeline, pm, device, recipe, gradient_rules(parts, pm),
+                          step_load(parts, model_config, pm, recipe, device))
 
 
 def stage_io(recipe: StepRecipe, options: ParallelOptions, pm: ParallelMesh, model_config,
@@ -150,12 +152,9 @@ class PipelinedModel(ParallelModel):
     """This rank's pipeline stage(s) (``parts``, in stage order) and the schedule over them (``pipeline``)."""
 
     def __init__(self, parts: ModelParts, pipeline: Pipeline, pm: ParallelMesh, device: torch.device,
-                 recipe: StepRecipe, options: ParallelOptions, model_config):
-        super().__init__(parts, list(parts), pm, device, recipe, gradient_rules(parts, pm),
-                         step_load(parts, model_config, pm, recipe, device))
+                 recipe: StepRecipe, rules: GradientRules, moe_load: StepLoad | None):
+        super().__init__(parts, list(parts), pm, device, recipe, rules, moe_load)
         self.pipeline = pipeline
-        self._pp = pm.size("pp")
-        self._pp_group = pm["pp"].get_group()
 
     def forward_backward(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Run one step's schedule; return this rank's share of the global mean loss (on every stage).
@@ -187,7 +186,8 @@ class PipelinedModel(ParallelModel):
 
     def _share_over_stages(self, loss_share: torch.Tensor) -> torch.Tensor:
         """Collective: one broadcast over pp from the rank running the last stage."""
-        return broadcast_from_last_stage(loss_share, self._pp_group, self._pp, self.pipeline.schedule_name)
+        pp = self.mesh.size("pp")
+        return broadcast_from_last_stage(loss_share, self._stage_group, pp, self.pipeline.schedule_name)
 
     def whole_model_names(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {ModelParts.whole_model_name(name): value for name, value in tensors.items()}
