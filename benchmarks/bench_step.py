@@ -52,7 +52,7 @@ def launch(args: list[str], ranks: int, steps: int, threads: int | None, out: st
     if threads or ranks > 1:
         env["OMP_NUM_THREADS"] = str(threads or max(1, (os.cpu_count() or 1) // ranks))
     command = launcher + ["--dataset", "synthetic", "--steps", str(steps), "--output-dir", out,
-                          "--resume", "none", "--warmup-steps", "1", *args]
+                          "--resume", "none", "--warmup-steps", "1", "--checkpoint-every", "0", *args]
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

@@ -20,12 +20,14 @@ from train.loop import apply_gradients, build_trainer, compute_gradients
 # reduction-order noise in a near-zero gradient element could flip a whole lr-sized update.
 # A larger eps makes updates of tiny gradients proportional to them and the weights
 # comparable; it does not touch the loss and gradient checks.
-BASE = dict(dataset="synthetic", steps=3, global_batch_size=8, seq_len=32, lr=1e-2, warmup_steps=1, adam_eps=1e-5)
+# checkpoint_every=0: each rank of these in-process runs writes to its own temporary folder, so none is shared
+BASE = dict(dataset="synthetic", steps=3, global_batch_size=8, seq_len=32, lr=1e-2, warmup_steps=1, adam_eps=1e-5,
+            checkpoint_every=0)
 
 # bf16 runs are compared with fp32 on text the model learns (the bundled corpus: the loss
 # falls from 6.2 to ~3.1 in 8 steps), not on random tokens, where it stays near ln(vocab)
 # and a run that learns nothing would look the same as one that learns.
-LEARNING = dict(dataset="default", steps=8)
+LEARNING = dict(dataset="templates", tokenizer="byte", steps=8)  # a corpus 8 steps learn visibly
 
 
 @contextlib.contextmanager

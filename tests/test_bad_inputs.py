@@ -48,7 +48,7 @@ def files(tmp_path):
     (["--dataset", "{d}/missing.txt"], "--dataset '{d}/missing.txt' looks like a local path but {d}/missing.txt does "
                                        "not exist"),
     (["--dataset", "{d}/missing/"], "looks like a local path"),
-    (["--tokenizer", "{d}/missing.json"], "--tokenizer '{d}/missing.json': expected 'byte' or the path"),
+    (["--tokenizer", "{d}/missing.json"], "--tokenizer '{d}/missing.json': expected 'default', 'byte' or the path"),
     (["--tokenizer", "{d}/garbage.json"], "tokenizer {d}/garbage.json is not a Hugging Face tokenizer.json"),
     (["--device", "cuda"], "--device cuda but no CUDA device is visible"),
     (["--config", "{d}/bad.toml"], "--config {d}/bad.toml is not valid TOML"),
@@ -83,6 +83,12 @@ def files(tmp_path):
     (["--eval-batches", "0"], "--eval-batches 0: must be >= 1"),
     (["--eval-dataset", "{d}/missing.jsonl"], "--dataset '{d}/missing.jsonl' looks like a local path"),
     (["--eval-every", "1", "--streaming", "--dataset", "default"], "--eval-every with --streaming data"),
+    (["--run-name", "a/b"], "--run-name 'a/b': use letters, digits"),
+    (["--run-name", "latest"], "not 'latest'"),
+    (["--wandb-tags", "ok," + "x" * 70], "W&B takes tags of at most 64"),
+    (["--dataset", "default", "--dataset-split", "validation"], "--dataset-split applies to Hugging Face hub"),
+    (["--dataset", "default", "--dataset-config", "en"], "--dataset-config applies to Hugging Face hub"),
+    (["--dataset", "default", "--text-column", " "], "--text-column is empty"),
 ])
 def test_bad_input_is_one_line(files, capsys, flags, message):
     argv = [*FAST, "--output-dir", str(files / "out"), *(f.format(d=files) for f in flags)]
@@ -91,7 +97,7 @@ def test_bad_input_is_one_line(files, capsys, flags, message):
 
 def test_tensorboard_without_its_package_is_one_line(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr("train.validation.importlib.util.find_spec", lambda name: None)
-    assert "--tensorboard needs the tensorboard package: pip install 'meshtron[tensorboard]'" in error_of(
+    assert "--tensorboard needs the tensorboard package: pip install -e '.[tensorboard]'" in error_of(
         [*FAST, "--tensorboard", "--output-dir", str(tmp_path)], capsys)
 
 
@@ -102,6 +108,17 @@ def test_help_lists_every_option_once_with_its_default(capsys):
     assert "--dtype {float32,bfloat16}" in text and "--dp-mode {fsdp,hsdp,replicate}" in text
     assert "--device {auto,cpu,cuda}" in text and "--pp-schedule {1f1b,gpipe,interleaved-1f1b,zbv}" in text
     assert "--model {debug," in text and "--lr LR               peak learning rate (AdamW) (default: 0.003)" in text
+    from dataclasses import fields
+
+    from train.config import HELP_GROUPS, TrainConfig
+
+    grouped = [name for names in HELP_GROUPS.values() for name in names]
+    assert sorted(grouped) == sorted(f.name for f in fields(TrainConfig))  # each option in exactly one group
+
+    headings = [text.index(f"\n{title}:\n") for title in HELP_GROUPS]  # grouped by topic, in this order
+    assert headings == sorted(headings)
+    run_folder = text[text.index("\nrun folder and checkpoints:\n"):text.index("\ntracking:\n")]
+    assert "--run-name RUN_NAME" in run_folder and "--resume RESUME" in run_folder and "--lr " not in run_folder
 
 
 def test_a_lost_peer_is_one_line(monkeypatch, capsys):

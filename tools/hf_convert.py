@@ -4,8 +4,8 @@ A dense model becomes a ``LlamaForCausalLM`` folder, a Mixtral-style MoE (softma
 renormalized top-k, no shared expert / dense layer / expert bias, e.g. ``debug-mixtral``)
 a ``MixtralForCausalLM`` one; any other MoE is refused before anything is read.
 
-    python tools/hf_convert.py export runs/x/checkpoints out/hf            # newest complete checkpoint
-    python tools/hf_convert.py export runs/x/checkpoints/step_00000100 out/hf --dtype bfloat16
+    python tools/hf_convert.py export outputs/NAME/checkpoints out/hf            # newest complete checkpoint
+    python tools/hf_convert.py export outputs/NAME/checkpoints/step_00000100 out/hf --dtype bfloat16
     python tools/hf_convert.py export CKPT OUT --model debug --max-shard-size 2GB
 
 The model config comes from the checkpoint's meta.json (``model_config``, else ``model_name``),

@@ -1,15 +1,17 @@
 """Plot training curves from one or more ``metrics.jsonl`` files (written by train.tracking.MetricsLogger).
 
-    python tools/plot_metrics.py runs/a/metrics.jsonl runs/b/metrics.jsonl -o curves.png
+    python tools/plot_metrics.py outputs/a/metrics.jsonl outputs/b/metrics.jsonl -o curves.png
 
 Draws loss and tokens/s against the step, one line per run, labelled by the run's folder name
-(or ``--labels``). A resumed run appends to its file and may repeat steps: the last record of
-each step wins, as it is the one the run continued from.
+(or ``--labels``). Needs matplotlib (``pip install -e '.[tools]'``). The trainer keeps one row
+per step; files from older versions, where a resumed run appended repeated steps, are read
+with the last record of each step winning, the one the run continued from.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -61,6 +63,14 @@ def main(argv: list[str] | None = None) -> int:
     labels = args.labels or [path.resolve().parent.name for path in args.files]
     if len(labels) != len(args.files):
         parser.error(f"{len(labels)} labels for {len(args.files)} files")
+    missing = [str(path) for path in args.files if not path.is_file()]
+    if missing:
+        print(f"error: no such metrics file: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    if importlib.util.find_spec("matplotlib") is None:
+        print("error: plot_metrics needs matplotlib: pip install -e '.[tools]' in the Meshtron folder "
+              "(or pip install matplotlib)", file=sys.stderr)
+        return 2
     plot(args.files, labels, args.output)
     print(f"wrote {args.output}")
     return 0

@@ -48,6 +48,16 @@ MOE_CONFIGS: dict[str, MoEConfig] = {
                                   aux_loss_coef=0.001),
 }
 CONFIGS: dict[str, LlamaConfig] = {**LLAMA_CONFIGS, **MOE_CONFIGS}
+# Models with no tokenizer of their own: trained on real text, their vocabulary is the tokenizer's
+# (rounded up to VOCAB_MULTIPLE) unless --model-args sets vocab_size. The real sizes keep theirs.
+TOKENIZER_SIZED = frozenset({"debug", "debug-moe", "debug-mixtral", "debug-moe-v3"})
+# Padding the vocabulary to a multiple of 64 keeps the output matmul aligned and divisible by any tp <= 64.
+VOCAB_MULTIPLE = 64
+
+
+def vocab_for_tokenizer(tokens: int) -> int:
+    """The vocabulary a tokenizer-sized model gets for a tokenizer of ``tokens`` tokens."""
+    return -(-tokens // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
 
 def model_names() -> list[str]:

@@ -14,6 +14,7 @@ samples) means the same thing, so the run continues with the same global batches
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 
 import torch
@@ -68,6 +69,20 @@ def save(t, wandb_run_id: str | None):
                                keep_last=t.cfg.keep_checkpoints or None, async_save=t.cfg.async_checkpoint)
 
 
+def save_and_report(t, wandb_run_id: str | None) -> None:
+    """``save``, then one line on global rank 0: the checkpoint's size and the seconds training waited."""
+    start = time.perf_counter()
+    saved = save(t, wandb_run_id)
+    seconds = time.perf_counter() - start
+    if dist.get_rank() != 0:
+        return
+    if isinstance(saved, Path):
+        size = sum(f.stat().st_size for f in saved.rglob("*") if f.is_file())
+        print(f"saved {saved} ({size / 2**20:.1f} MiB in {seconds:.2f} s)", flush=True)
+    else:
+        print(f"saving step {t.step} in the background (training waited {seconds:.2f} s)", flush=True)
+
+
 def should_save(t) -> bool:
     every = t.cfg.checkpoint_every
     return every > 0 and (t.step % every == 0 or t.step == t.cfg.steps)
@@ -83,13 +98,15 @@ def resolve_resume_path(cfg) -> Path | None:
 
     ``none``: start fresh. ``auto``: the newest complete checkpoint in ``<output_dir>/checkpoints``,
     or a fresh start if there is none. A path: that checkpoint, or the newest complete one
-    under it; an error if there is none. Collective: one broadcast_object_list.
+    under it; an error if there is none. A fresh start in a folder whose ``metrics.jsonl``
+    already holds another run's steps is an error: two runs' rows must never mix.
+    Collective: one broadcast_object_list.
     """
-    if cfg.resume == "none":
-        return None
     decision: list = [None, None]  # [path or None, error message or None]
     if dist.get_rank() == 0:
         decision = _find_resume_target(cfg)
+        if decision == [None, None]:
+            decision[1] = _another_run_in(Path(cfg.output_dir))
     dist.broadcast_object_list(decision, src=0)
     path, error = decision
     if error:
@@ -98,6 +115,8 @@ def resolve_resume_path(cfg) -> Path | None:
 
 
 def _find_resume_target(cfg) -> list:
+    if cfg.resume == "none":
+        return [None, None]
     if cfg.resume == "auto":
         latest = latest_checkpoint(cfg)
         return [str(latest) if latest else None, None]
@@ -109,6 +128,16 @@ def _find_resume_target(cfg) -> list:
         return [None, f"--resume {cfg.resume}: no complete checkpoint there (a step_XXXXXXXX folder with "
                       f"COMPLETE.json, or a folder holding some); use --resume auto or none to start fresh"]
     return [str(latest), None]
+
+
+def _another_run_in(run_dir: Path) -> str | None:
+    """The error for a fresh start in a folder that already logged a run, else None."""
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.is_file() or metrics.stat().st_size == 0:
+        return None
+    return (f"{run_dir} already holds a run's metrics.jsonl but no checkpoint this run resumes from, so two runs "
+            f"would mix there: pick a new --run-name (or leave it out for a new folder), or delete {run_dir} to "
+            f"start over")
 
 
 # The options that define the LR at every step: a resumed run must agree with its checkpoint on them.

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import math
 import sys
 import tomllib
 from dataclasses import dataclass, fields
@@ -48,7 +50,7 @@ class TrainConfig:
     compile: bool = option(False, "torch.compile each transformer block (inductor; the first step includes "
                                   "compile time)")
     # optimization
-    steps: int = option(300, "optimizer steps to train for (the LR schedule's length)")
+    steps: int = option(600, "optimizer steps to train for (the LR schedule's length)")
     global_batch_size: int = option(16, "sequences per optimizer step, over the whole mesh")
     grad_accum_steps: int = option(1, "forward/backward passes per step, splitting each rank's batch")
     seq_len: int = option(128, "tokens per sequence")
@@ -76,23 +78,34 @@ class TrainConfig:
                                      "<output-dir>/profile/")
     memory_snapshot: bool = option(False, "with --profile-steps on CUDA: also a CUDA memory snapshot of those steps")
     # data
-    dataset: str = option("default", "default (bundled corpus), synthetic, a local .txt/.jsonl/.json/.parquet "
-                                     "file or folder, or a Hugging Face hub name")
-    tokenizer: str = option("byte", "byte, or the path of a Hugging Face tokenizer.json (or its folder)")
+    dataset: str = option("default", "default (the bundled Shakespeare corpus), templates (bundled template "
+                                     "stories), synthetic, a local .txt/.jsonl/.json/.parquet file or folder "
+                                     "(.gz too), or a Hugging Face hub name")
+    dataset_config: str = option("", "the configuration of a hub --dataset (its second load_dataset argument)")
+    dataset_split: str = option("train", "the split of a hub --dataset to train on")
+    text_column: str = option("text", "the field that holds the text in .jsonl/.json/.parquet and hub records")
+    tokenizer: str = option("default", "default (the bundled 4096-token BPE), byte, or the path of a Hugging Face "
+                                       "tokenizer.json (or its folder); the debug models' vocab follows it")
     document_masking: bool = option(False, "tokens attend only within their own document (EOS-separated) and "
                                            "rotary positions restart at each document")
     streaming: bool = option(False, "stream the dataset instead of tokenizing it into a cache first")
     # runtime
     device: str = option("auto", "auto picks CUDA when a GPU is visible", DEVICES)
-    output_dir: str = option("outputs/run", "where metrics, config and checkpoints go")
+    run_name: str = option("", "this run's name; its folder is outputs/NAME. Default: a new name "
+                               "(<model>-<date>-<time>); pass an earlier run's name to resume it")
+    output_dir: str = option("", "the run's folder, instead of outputs/<run name>")
     dist_timeout_s: int = option(600, "seconds a rank waits in a collective before failing instead of hanging")
     # tracking
-    wandb: bool = option(False, "log to Weights & Biases (offline unless WANDB_API_KEY is set)")
+    wandb: bool = option(False, "log to Weights & Biases (online or offline as wandb's own login and WANDB_MODE "
+                                "say)")
     wandb_project: str = option("meshtron", "W&B project name")
+    wandb_entity: str = option("", "W&B entity (team or user) that owns the project (default: your own)")
+    wandb_run_name: str = option("", "the run's display name in W&B (default: the run name)")
+    wandb_tags: str = option("", "comma-separated W&B tags, e.g. baseline,tp2")
     tensorboard: bool = option(False, "also write the metrics as TensorBoard scalars under <output-dir>/tensorboard "
                                       "(needs the tensorboard package)")
     # checkpoints
-    checkpoint_every: int = option(0, "save every N steps and at the end (0: never)")
+    checkpoint_every: int = option(500, "save every N steps and at the last step (0: never)")
     keep_checkpoints: int = option(3, "keep the newest N checkpoints (0: keep all)")
     resume: str = option("auto", "auto (newest in <output-dir>/checkpoints), none, or a checkpoint path")
     override_lr_schedule: bool = option(False, "on resume, use this run's --lr/--steps/--warmup-steps/"
@@ -104,6 +117,22 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+# --help lists the options by topic, in this order (every field is in exactly one group).
+HELP_GROUPS = {
+    "model": ("model", "model_args", "init_from", "dtype", "device"),
+    "parallelism": ("mesh", "dp_mode", "dp_shard", "fsdp_unit_params", "pp_schedule", "microbatches", "cp_method"),
+    "memory and speed": ("activation_checkpoint", "compile", "log_every"),
+    "data": ("dataset", "dataset_config", "dataset_split", "text_column", "tokenizer", "document_masking",
+             "streaming"),
+    "optimization": ("steps", "global_batch_size", "grad_accum_steps", "seq_len", "lr", "min_lr_ratio",
+                     "warmup_steps", "weight_decay", "beta1", "beta2", "adam_eps", "max_grad_norm", "seed",
+                     "skip_nonfinite_steps"),
+    "evaluation": ("eval_every", "eval_batches", "eval_dataset"),
+    "run folder and checkpoints": ("run_name", "output_dir", "checkpoint_every", "keep_checkpoints", "resume",
+                                   "override_lr_schedule", "async_checkpoint"),
+    "tracking": ("wandb", "wandb_project", "wandb_entity", "wandb_run_name", "wandb_tags", "tensorboard"),
+    "profiling and faults": ("profile_steps", "memory_snapshot", "dist_timeout_s"),
+}
 TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
 
@@ -140,17 +169,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(prog="python -m train", usage="%(prog)s [--config FILE] [--option VALUE ...]",
                                 description="Meshtron trainer: train a model on a "
                                 "parallel mesh (python -m train, or torchrun -m train --mesh ...).")
-    parser.add_argument("--config", type=Path, help="a TOML file with any of the options below (flags win)")
-    for f in fields(TrainConfig):
-        help_text = f"{f.metadata['help']} (default: {f.default!r})".replace("%", "%%")  # argparse formats with %
-        choices = registered.get(f.name, f.metadata["choices"])
-        if field_type(f) is bool:
-            parser.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=None,
-                                help=help_text)
-        else:
-            parser.add_argument(_flag(f.name), dest=f.name, type=field_type(f), default=None, choices=choices,
-                                help=help_text, metavar=None if choices else f.name.upper())
+    parser.add_argument("--config", type=Path, help="a TOML file with any of the options below (flags win); a "
+                        "run's own outputs/<run>/config.toml reruns it")
+    by_name = {f.name: f for f in fields(TrainConfig)}
+    for title, names in HELP_GROUPS.items():
+        group = parser.add_argument_group(title)
+        for name in names:
+            _add_option(group, by_name[name], registered.get(name, by_name[name].metadata["choices"]))
     return parser
+
+
+def _add_option(group, f: dataclasses.Field, choices) -> None:
+    help_text = f"{f.metadata['help']} (default: {f.default!r})".replace("%", "%%")  # argparse formats with %
+    if field_type(f) is bool:
+        group.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                           help=help_text)
+    else:
+        group.add_argument(_flag(f.name), dest=f.name, type=field_type(f), default=None, choices=choices,
+                           help=help_text, metavar=None if choices else f.name.upper())
 
 
 def load_toml(path: Path) -> dict[str, Any]:
@@ -179,6 +215,29 @@ def _typed_toml_value(path: Path, f: dataclasses.Field, value: Any) -> Any:
     if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
         raise ValueError(f"{path}: {f.name} = {value!r} should be {kind.__name__}, not {type(value).__name__}")
     return value
+
+
+def to_toml(cfg: TrainConfig, leave_out: tuple[str, ...] = ()) -> str:
+    """``cfg`` as the flat TOML table ``--config`` reads, every option but ``leave_out``.
+
+    Strings are written as JSON strings, which are valid TOML basic strings (the same escapes);
+    TOML spells the infinite float ``inf``.
+    """
+    lines = []
+    for f in fields(TrainConfig):
+        if f.name in leave_out:
+            continue
+        value = getattr(cfg, f.name)
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, float) and math.isinf(value):
+            text = "inf" if value > 0 else "-inf"
+        elif isinstance(value, (int, float)):
+            text = repr(value)
+        else:
+            text = json.dumps(value, ensure_ascii=False)
+        lines.append(f"{f.name} = {text}")
+    return "\n".join(lines) + "\n"
 
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:

@@ -40,7 +40,7 @@ from .tokenizer import ByteTokenizer, Tokenizer, load_tokenizer, tokenizer_finge
 __all__ = ["TokenBatches", "SyntheticBatches", "build_batches", "Tokenizer", "ByteTokenizer", "load_tokenizer",
            "default_corpus_path", "unigram_entropy_nats"]
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: a streamed run also records the stream's position
 
 
 def unigram_entropy_nats(path_or_tokens: str | Path | Iterable[int]) -> float:
@@ -65,12 +65,15 @@ class TokenBatches:
 
     ``streaming=True`` reads documents as a stream instead of through the token cache; see
     :class:`train.data_streaming.StreamingWindows` for what that costs and guarantees.
-    ``text_column`` names the text field of .jsonl/.json/.parquet/hub records.
+    ``text_column`` names the text field of .jsonl/.json/.parquet/hub records; ``hub_config`` and
+    ``split`` pick a hub dataset's configuration and split; ``block_documents`` is the streamed
+    mode's shuffle block.
     """
 
     def __init__(self, dataset: str, tokenizer: Tokenizer, seq_len: int, global_batch_size: int,
                  batch_rank: int, batch_world: int, seed: int, streaming: bool = False,
-                 cache_dir: Path | None = None, text_column: str = "text", shuffle_buffer: int = 10_000):
+                 cache_dir: Path | None = None, text_column: str = "text", hub_config: str = "",
+                 split: str = "train", block_documents: int = 10_000):
         _check_shape(seq_len, global_batch_size, batch_rank, batch_world)
         self.seq_len, self.global_batch_size, self.seed = seq_len, global_batch_size, seed
         self.batch_rank, self.batch_world = batch_rank, batch_world
@@ -78,13 +81,14 @@ class TokenBatches:
         self.streaming = streaming
         self.samples_consumed = 0  # the whole state: position in the global sample sequence
         self._permutations: dict[int, np.ndarray] = {}
+        source = open_source(dataset, text_column, streaming, hub_config, split)
+        self.description = source.description
         if streaming:
-            source = open_source(dataset, text_column, streaming=True, shuffle_seed=seed, shuffle_buffer=shuffle_buffer)
-            self._stream = StreamingWindows(source, tokenizer, seq_len)
-            self.fingerprint = f"{source.fingerprint}|{tokenizer_fingerprint(tokenizer)}"
+            self._stream = StreamingWindows(source, tokenizer, seq_len, seed, block_documents)
+            self.fingerprint = f"{source.fingerprint}|{tokenizer_fingerprint(tokenizer)}|block{block_documents}"
             return
-        source = open_source(dataset, text_column)
-        self.tokens, self.fingerprint = load_token_cache(source, tokenizer, cache_dir)
+        self.tokens, meta = load_token_cache(source, tokenizer, cache_dir, report=_print_line)
+        self.fingerprint, self.n_documents = meta["sha256"][:16], meta["n_documents"]
         all_windows = (len(self.tokens) - 1) // seq_len
         if all_windows < 1:
             raise ValueError(f"{source.description} has {len(self.tokens)} tokens, fewer than one window of "
@@ -106,7 +110,8 @@ class TokenBatches:
         first = self.samples_consumed + self.batch_rank * self.local_batch_size
         rows = range(first, first + self.local_batch_size)  # this rank's slice of the global batch
         if self.streaming:
-            windows = self._stream.rows(self.samples_consumed, self.global_batch_size, rows)
+            windows = self._stream.rows(self.global_batch_size, range(rows.start - self.samples_consumed,
+                                                                      rows.stop - self.samples_consumed))
         else:
             windows = np.stack([self._window(g) for g in rows])
         self.samples_consumed += self.global_batch_size
@@ -134,16 +139,19 @@ class TokenBatches:
 
     def state_dict(self) -> dict:
         """JSON-able position. It does not mention the rank count: any batch_world may load it."""
-        return {"version": STATE_VERSION, "samples_consumed": self.samples_consumed, "epoch": self.epoch,
-                "seed": self.seed, "seq_len": self.seq_len, "global_batch_size": self.global_batch_size,
-                "streaming": self.streaming, "fingerprint": self.fingerprint}
+        state = {"version": STATE_VERSION, "samples_consumed": self.samples_consumed, "epoch": self.epoch,
+                 "seed": self.seed, "seq_len": self.seq_len, "global_batch_size": self.global_batch_size,
+                 "streaming": self.streaming, "fingerprint": self.fingerprint}
+        if self.streaming:
+            state["stream"] = self._stream.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Continue at ``state``'s position. The seed, seq_len, mode and data must be the same.
 
         A different global_batch_size is allowed: the next batch starts at the same sample.
         """
-        if state.get("version") != STATE_VERSION:
+        if state.get("version") not in (1, STATE_VERSION):  # 1 differs only for streamed runs (checked below)
             raise ValueError(f"data state version {state.get('version')!r} is not {STATE_VERSION}")
         for name in ("seed", "seq_len", "streaming", "fingerprint"):
             if state[name] != getattr(self, name):
@@ -152,6 +160,15 @@ class TokenBatches:
                     f"{name}={getattr(self, name)!r}: "
                     f"resuming would not continue the same sample order; use the original {name} (or start afresh)")
         self.samples_consumed = int(state["samples_consumed"])
+        if self.streaming:
+            if "stream" not in state:
+                raise ValueError("this streamed run's checkpoint predates stream positions (data state version 1): "
+                                 "resume it with the Meshtron version that wrote it, or start afresh")
+            self._stream.load_state_dict(state["stream"])
+
+
+def _print_line(line: str) -> None:
+    print(line, flush=True)
 
 
 def _check_shape(seq_len: int, global_batch_size: int, batch_rank: int, batch_world: int) -> None:
@@ -210,5 +227,6 @@ def build_batches(cfg, tokenizer: Tokenizer, batch_rank: int, batch_world: int, 
     """The trainer's batches: this batch rank's (dp x ep coordinate's) rows of every global batch."""
     if cfg.dataset == "synthetic":
         return SyntheticBatches(vocab_size, cfg.seq_len, cfg.global_batch_size, batch_rank, batch_world, cfg.seed)
-    return TokenBatches(cfg.dataset, tokenizer, cfg.seq_len, cfg.global_batch_size,
-                        batch_rank, batch_world, cfg.seed, streaming=cfg.streaming)
+    return TokenBatches(cfg.dataset, tokenizer, cfg.seq_len, cfg.global_batch_size, batch_rank, batch_world,
+                        cfg.seed, streaming=cfg.streaming, text_column=cfg.text_column,
+                        hub_config=cfg.dataset_config, split=cfg.dataset_split)

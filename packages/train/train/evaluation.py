@@ -54,8 +54,9 @@ def build_eval_batches(cfg, tokenizer, train_batches, batch_rank: int, batch_wor
     if (cfg.eval_dataset or cfg.dataset) == "synthetic":
         return _SyntheticEvalBatches(vocab_size, cfg, batch_rank, batch_world)
     if cfg.eval_dataset:  # a dataset of its own: every window of it is evaluation data
-        data = TokenBatches(cfg.eval_dataset, tokenizer, cfg.seq_len, cfg.global_batch_size,
-                            batch_rank, batch_world, cfg.seed)
+        data = TokenBatches(cfg.eval_dataset, tokenizer, cfg.seq_len, cfg.global_batch_size, batch_rank,
+                            batch_world, cfg.seed, text_column=cfg.text_column, hub_config=cfg.dataset_config,
+                            split=cfg.dataset_split)
         return HeldOutBatches(data, np.arange(data.num_windows + len(data.held_out_windows)), cfg.eval_batches)
     return HeldOutBatches(train_batches, train_batches.held_out_windows, cfg.eval_batches)
 

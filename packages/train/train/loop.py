@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import resource
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from models.parallel_model import ParallelModel, StepRecipe
 from models.parallelize import ParallelOptions
 
 from . import checkpointing
+from .banner import startup_banner
 from .config import TrainConfig
 from .data import Batches, build_batches
 from .distributed import init_distributed, resolve_device, world_size_from_env
@@ -45,7 +47,8 @@ from .evaluation import EvalBatches, build_eval_batches, evaluate
 from .flops import model_flops_per_token, peak_flops
 from .optim import build_optimizer, build_scheduler
 from .profiling import StepProfiler
-from .tracking import MetricsLogger
+from .runs import agree_on_run_dir, point_latest_at, write_run_config
+from .tracking import MetricsLogger, WandbOptions
 from .validation import validate
 
 DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -77,6 +80,7 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     checked = validate(cfg, world_size_from_env())
     device = resolve_device(cfg.device)
     init_distributed(device, cfg.dist_timeout_s)
+    cfg = agree_on_run_dir(cfg)
     pm = build_mesh(checked.shape, device.type, checked.dp_shard)
     torch.manual_seed(cfg.seed)
     tokenizer, model_config = checked.tokenizer, checked.model_config
@@ -94,6 +98,14 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
                                       vocab_size) if cfg.eval_every else None
     return Trainer(cfg, model, model_config, device, optimizer, scheduler, batches, eval_batches,
                    flops_per_token=model_flops_per_token(model_config, cfg.seq_len))
+
+
+def wandb_options(cfg: TrainConfig) -> WandbOptions | None:
+    """The W&B run's project, entity, name (default: the run's) and tags; None without ``--wandb``."""
+    if not cfg.wandb:
+        return None
+    tags = tuple(tag.strip() for tag in cfg.wandb_tags.split(",") if tag.strip())
+    return WandbOptions(cfg.wandb_project, cfg.wandb_entity, cfg.wandb_run_name or cfg.run_name, tags)
 
 
 def parallel_options(cfg: TrainConfig) -> ParallelOptions:
@@ -226,7 +238,8 @@ def peak_memory_mib(device: torch.device) -> float:
     """Peak GPU memory allocated by torch, or the process's peak resident set on the CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # macOS counts bytes, Linux KiB
 
 
 def train(cfg: TrainConfig) -> Trainer:
@@ -236,14 +249,16 @@ def train(cfg: TrainConfig) -> Trainer:
     same on every rank (the loss is reduced over the mesh), so which rank logs is arbitrary.
     """
     t = build_trainer(cfg)
+    cfg = t.cfg  # with the run's folder decided
     resume_from = checkpointing.resolve_resume_path(cfg)
     meta = checkpointing.restore(t, resume_from) if resume_from else {}
     t.last_report = (t.step, 0.0)  # a resumed run reports from its own first step on
-    if resume_from and dist.get_rank() == 0:
-        print(f"resumed from {resume_from} at step {t.step}", flush=True)
+    if dist.get_rank() == 0:
+        write_run_config(cfg)
+        point_latest_at(Path(cfg.output_dir))
+        print(startup_banner(t, resume_from), flush=True)
     logger = MetricsLogger(Path(cfg.output_dir), cfg.to_dict(), is_logging_rank=dist.get_rank() == 0,
-                           wandb=cfg.wandb, wandb_project=cfg.wandb_project,
-                           wandb_run_id=meta.get("wandb_run_id"), total_steps=cfg.steps,
+                           wandb=wandb_options(cfg), wandb_run_id=meta.get("wandb_run_id"), total_steps=cfg.steps,
                            tensorboard=cfg.tensorboard, first_step=t.step + 1)
     profiler = StepProfiler(cfg.profile_steps, cfg.memory_snapshot, Path(cfg.output_dir), dist.get_rank(), t.device)
     with logger:
@@ -258,7 +273,7 @@ def train(cfg: TrainConfig) -> Trainer:
                     t.history.append(metrics)
                     logger.log(t.step, {k: v for k, v in metrics.items() if k != "step"})
                 if checkpointing.should_save(t):
-                    checkpointing.save(t, logger.run_id)
+                    checkpointing.save_and_report(t, logger.run_id)
                 if metrics:  # the next report times training only, not this one's eval, logging or save
                     t.last_report = (t.step, time.perf_counter())
         except TrainingDiverged as err:

@@ -1,4 +1,4 @@
-"""Tokenizers: the byte-level default and any Hugging Face ``tokenizers`` tokenizer.json.
+"""Tokenizers: the bundled BPE (the default), bytes, and any Hugging Face ``tokenizers`` tokenizer.json.
 
 A tokenizer here is anything with ``vocab_size``, ``eos_id``, ``encode`` and ``decode``
 (the :class:`Tokenizer` protocol). Both classes below also carry a ``fingerprint`` string:
@@ -101,17 +101,23 @@ class HFTokenizer:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
 
+def default_tokenizer_path() -> Path:
+    """The bundled tokenizer: a 4096-token byte-level BPE trained on the bundled corpus
+    (``tools/corpus/make_tokenizer.py``)."""
+    return Path(__file__).resolve().parent / "assets" / "tokenizer.json"
+
+
 def load_tokenizer(spec: str) -> Tokenizer:
-    """``"byte"`` (or empty) -> :class:`ByteTokenizer`; a path to a tokenizer.json (or a folder holding
-    one) -> :class:`HFTokenizer`."""
-    if spec in ("", "byte", "bytes"):
+    """``"default"`` -> the bundled BPE; ``"byte"`` -> :class:`ByteTokenizer`; a path to a tokenizer.json
+    (or a folder holding one) -> :class:`HFTokenizer`."""
+    if spec in ("byte", "bytes"):
         return ByteTokenizer()
-    path = Path(spec).expanduser()
+    path = default_tokenizer_path() if spec in ("", "default") else Path(spec).expanduser()
     if path.is_dir():
         path = path / "tokenizer.json"
     if not path.is_file():
         raise ValueError(
-            f"--tokenizer {spec!r}: expected 'byte' or the path of a Hugging Face tokenizer.json "
+            f"--tokenizer {spec!r}: expected 'default', 'byte' or the path of a Hugging Face tokenizer.json "
             f"(or of a folder holding one); {path} does not exist")
     return HFTokenizer(path)
 

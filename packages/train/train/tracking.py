@@ -16,6 +16,7 @@ import math
 import os
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,19 +31,31 @@ CONSOLE_FORMATS = {
 }
 
 
-class MetricsLogger:
-    """Writes ``output_dir/metrics.jsonl`` (appending, so a resumed run continues the file),
-    ``output_dir/config.json``, a console line per step, and, if ``wandb``, a W&B run whose
-    files live in ``output_dir/wandb``.
+@dataclass(frozen=True)
+class WandbOptions:
+    """Where a W&B run goes and what it is called (``--wandb-project`` etc.; empty: W&B's default)."""
 
-    W&B runs online when ``WANDB_API_KEY`` is set, offline otherwise (``WANDB_MODE``, when set,
-    wins). Store :attr:`run_id` in checkpoints and pass it back as ``wandb_run_id`` on restart:
+    project: str = "meshtron"
+    entity: str = ""
+    name: str = ""
+    tags: tuple[str, ...] = ()
+
+
+class MetricsLogger:
+    """Writes ``output_dir/metrics.jsonl``, a console line per step, and, with ``wandb`` options,
+    a W&B run whose files live in ``output_dir/wandb``.
+
+    ``metrics.jsonl`` holds one run: given ``first_step`` (the trainer's next step), the logger first
+    drops the rows of that step and later ones (what a stopped run logged after the checkpoint
+    this one resumes from), then appends, so every step appears once.
+    W&B decides online or offline itself (``wandb login`` or ``WANDB_API_KEY``, ``WANDB_MODE``).
+    Store :attr:`run_id` in checkpoints and pass it back as ``wandb_run_id`` on restart:
     the run is resumed (``resume="allow"``) instead of a new one being started.
     """
 
-    def __init__(self, output_dir: Path, config: dict, is_logging_rank: bool, wandb: bool = False,
-                 wandb_project: str = "meshtron", wandb_run_id: str | None = None, total_steps: int | None = None,
-                 tensorboard: bool = False, first_step: int = 1):
+    def __init__(self, output_dir: Path, config: dict, is_logging_rank: bool, wandb: WandbOptions | None = None,
+                 wandb_run_id: str | None = None, total_steps: int | None = None,
+                 tensorboard: bool = False, first_step: int | None = None):
         self.output_dir, self.is_logging_rank, self.total_steps = Path(output_dir), is_logging_rank, total_steps
         self._run_id = wandb_run_id
         self._run = None  # the wandb Run, while it works
@@ -52,15 +65,17 @@ class MetricsLogger:
         if not is_logging_rank:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        (self.output_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
-        self._file = open(self.output_dir / "metrics.jsonl", "a", encoding="utf-8")
-        if wandb:
-            self._guard("start", self._start_wandb, config, wandb_project)
+        metrics = self.output_dir / "metrics.jsonl"
+        if first_step is not None:
+            _drop_rows_from(metrics, first_step)
+        self._file = open(metrics, "a", encoding="utf-8")
+        if wandb is not None:
+            self._guard("start", self._start_wandb, config, wandb)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step: a resumed run drops what the stopped one logged after its checkpoint,
-            # so the event stream reads as one run, like metrics.jsonl's "last record wins".
+            # so the event stream reads as one run, like metrics.jsonl.
             self._tensorboard = SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=first_step)
 
     @property
@@ -120,13 +135,15 @@ class MetricsLogger:
 
     # ---------------------------------------------------------------- W&B
 
-    def _start_wandb(self, config: dict, project: str) -> None:
+    def _start_wandb(self, config: dict, options: WandbOptions) -> None:
         import wandb
 
-        mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+        # No mode here: wandb.init picks online (logged in via `wandb login` or WANDB_API_KEY) or asks
+        # for offline itself (WANDB_MODE=offline), as W&B users expect.
         self._run = wandb.init(
-            project=project, id=self._run_id, resume="allow",  # id None: W&B draws one
-            dir=str(self.output_dir), config=config, mode=mode, reinit="create_new",
+            project=options.project, entity=options.entity or None, name=options.name or None,
+            tags=list(options.tags) or None, id=self._run_id, resume="allow",  # id None: W&B draws one
+            dir=str(self.output_dir), config=config, reinit="create_new",
             # console="off": our own console line is enough, and W&B's stdout capture is one more
             # thing that could interfere with training output
             settings=wandb.Settings(console="off", init_timeout=120, quiet=True))
@@ -139,6 +156,28 @@ class MetricsLogger:
             warnings.warn(f"W&B {what} failed ({type(error).__name__}: {error}); continuing with "
                           f"{self.output_dir / 'metrics.jsonl'} only", RuntimeWarning, stacklevel=3)
             self._run = None
+
+
+def _drop_rows_from(metrics: Path, first_step: int) -> None:
+    """Rewrite ``metrics`` without the rows of steps >= ``first_step`` (atomically; nothing to do when
+    there are none): what a stopped run logged after the checkpoint this run resumes from."""
+    if not metrics.is_file():
+        return
+    lines = metrics.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [line for line in lines if _step_of(line) < first_step]
+    if len(kept) == len(lines):
+        return
+    tmp = metrics.with_name(f".{metrics.name}.tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    os.replace(tmp, metrics)
+
+
+def _step_of(line: str) -> float:
+    """The step of one metrics.jsonl row; a torn row (a crash mid-write) counts as past every step."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def _plain(value: Any) -> Any:

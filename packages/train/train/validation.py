@@ -25,12 +25,13 @@ from models.llama import LlamaConfig
 from models.moe import MoEConfig, check_expert_parallel
 from models.parallelize import DP_MODES
 from models.plans import check_tensor_parallel
-from models.registry import get_config, parse_model_args
+from models.registry import TOKENIZER_SIZED, get_config, parse_model_args, vocab_for_tokenizer
 
 from .config import DTYPES, TrainConfig
 from .data_sources import check_local_dataset
 from .distributed import device_type
 from .profiling import check_profiling
+from .runs import RUNS_ROOT, check_run_name, requested_run_dir
 from .tokenizer import Tokenizer, load_tokenizer
 
 
@@ -46,8 +47,10 @@ def validate(cfg: TrainConfig, world_size: int) -> ValidatedRun:
     """Resolve the mesh against ``world_size`` and check options, model, batch, sequence and files."""
     _check_ranges(cfg)
     _check_choices(cfg)
+    check_run_name(cfg.run_name)
     shape = MeshShape.parse(cfg.mesh).resolve(world_size)
-    model_config = get_config(cfg.model, **parse_model_args(cfg.model, cfg.model_args))
+    tokenizer = load_tokenizer(cfg.tokenizer)  # a bad --tokenizer is a mistake even where unused
+    model_config = _model_config(cfg, tokenizer)
     _check_model_fits_mesh(model_config, shape)
     _check_batch(cfg, shape)
     _check_pipeline(cfg, model_config, shape)
@@ -57,8 +60,29 @@ def validate(cfg: TrainConfig, world_size: int) -> ValidatedRun:
                          "block kernels here take no attention bias yet): use cp=1 on CUDA")
     if cfg.seq_len > model_config.max_seq_len:
         raise ValueError(f"--seq-len {cfg.seq_len} exceeds the model's max_seq_len {model_config.max_seq_len}")
-    tokenizer = _check_files(cfg, model_config)
+    _check_files(cfg, model_config, tokenizer)
+    _check_tracking(cfg)
     return ValidatedRun(shape, model_config, tokenizer, dp_shard)
+
+
+def _model_config(cfg: TrainConfig, tokenizer: Tokenizer) -> LlamaConfig:
+    """The registry's config with ``--model-args``; a tokenizer-sized model trained on text gets the
+    tokenizer's vocabulary (``models.registry.TOKENIZER_SIZED``) unless the arguments set it."""
+    overrides = parse_model_args(cfg.model, cfg.model_args)
+    follows = cfg.model in TOKENIZER_SIZED and cfg.dataset != "synthetic"
+    if follows and "vocab_size" not in overrides:
+        overrides["vocab_size"] = vocab_for_tokenizer(tokenizer.vocab_size)
+    return get_config(cfg.model, **overrides)
+
+
+def _check_tracking(cfg: TrainConfig) -> None:
+    for tag in filter(None, (t.strip() for t in cfg.wandb_tags.split(","))):
+        if len(tag) > WANDB_TAG_MAX:
+            raise ValueError(f"--wandb-tags: {tag[:20]!r}... is {len(tag)} characters; W&B takes tags of at most "
+                             f"{WANDB_TAG_MAX}")
+
+
+WANDB_TAG_MAX = 64  # W&B refuses longer tags
 
 
 def _hsdp_shard(cfg: TrainConfig, shape: MeshShape, world_size: int) -> int | None:
@@ -115,23 +139,32 @@ def _check_choices(cfg: TrainConfig) -> None:
     check_profiling(cfg.profile_steps, cfg.memory_snapshot, device_type(cfg.device), cfg.steps)
 
 
-def _check_files(cfg: TrainConfig, model_config):
-    """What the run reads and writes: initial weights, tokenizer, dataset, output folder. Returns the tokenizer."""
+def _check_files(cfg: TrainConfig, model_config, tokenizer: Tokenizer) -> None:
+    """What the run reads and writes: initial weights, tokenizer, dataset, output folder."""
     if cfg.init_from:
         check_hf_config_matches(cfg.init_from, model_config)
-    tokenizer = load_tokenizer(cfg.tokenizer)  # a bad --tokenizer is a mistake even where unused
     if cfg.dataset != "synthetic":
         _check_vocab_fits_model(cfg.tokenizer, tokenizer.vocab_size, model_config)
-        check_local_dataset(cfg.dataset)
+        _check_dataset_options(cfg, local=check_local_dataset(cfg.dataset) is not None)
     if cfg.eval_dataset:
         check_local_dataset(cfg.eval_dataset)
     if cfg.eval_every and cfg.streaming and not cfg.eval_dataset:
         raise ValueError("--eval-every with --streaming data: a stream has no held-out split; pass --eval-dataset")
-    _check_output_dir(Path(cfg.output_dir))
+    _check_output_dir(requested_run_dir(cfg) or RUNS_ROOT)
     if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
-        raise ValueError("--tensorboard needs the tensorboard package: pip install 'meshtron[tensorboard]' "
-                         "(or pip install tensorboard)")
-    return tokenizer
+        raise ValueError("--tensorboard needs the tensorboard package: pip install -e '.[tensorboard]' in the "
+                         "Meshtron folder (or pip install tensorboard)")
+
+
+def _check_dataset_options(cfg: TrainConfig, local: bool) -> None:
+    if not cfg.text_column.strip():
+        raise ValueError("--text-column is empty: name the field that holds the text (e.g. text, content)")
+    if not cfg.dataset_split.strip():
+        raise ValueError("--dataset-split is empty: name a split of the hub dataset (e.g. train)")
+    if local and (cfg.dataset_config or cfg.dataset_split != "train"):
+        flag = "--dataset-config" if cfg.dataset_config else "--dataset-split"
+        raise ValueError(f"{flag} applies to Hugging Face hub datasets; --dataset {cfg.dataset or 'default'} is "
+                         f"local files, one split: point --dataset at that split's files instead")
 
 
 def _check_output_dir(path: Path) -> None:

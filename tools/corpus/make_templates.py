@@ -1,10 +1,11 @@
-"""Generate ``corpus.txt``, Meshtron's embedded default training text.
+"""Generate ``packages/train/train/assets/templates.txt``, the bundled ``--dataset templates``.
 
-Run ``python packages/train/train/assets/make_corpus.py`` to rewrite it; the output is a pure
-function of the seed below, so the shipped file can always be checked and regenerated.
+Run ``python tools/corpus/make_templates.py`` to rewrite it; the output is a pure function of
+the seed below, so the shipped file can always be checked and regenerated.
 
-Why generated text: the default run must learn something visible within a few hundred steps
-on a laptop, and we must not ship copyrighted bulk text. The corpus is a small world that is
+It was Meshtron's first default corpus; the default is now real text (Shakespeare, see
+``make_shakespeare.py``), and tests keep this one where a tiny, byte-predictable corpus that a
+small model learns within a few steps is the point. It is a small world that is
 *consistent*: every place always has the same colour and sound, every animal the same food
 and home, numbers add up. A tiny model first learns spelling and common words (the loss
 drops below the unigram byte entropy, about 2.9 nats), then the templates, then the facts.
@@ -103,6 +104,6 @@ def generate(seed: int = SEED, target_bytes: int = TARGET_BYTES) -> str:
 
 
 if __name__ == "__main__":
-    out = Path(__file__).with_name("corpus.txt")
+    out = Path(__file__).resolve().parents[2] / "packages" / "train" / "train" / "assets" / "templates.txt"
     out.write_text(generate(), encoding="utf-8")
     print(f"wrote {out} ({out.stat().st_size} bytes)")
