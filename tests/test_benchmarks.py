@@ -10,6 +10,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 @pytest.mark.parametrize("script, args, expect", [
+    ("bench_checkpoint.py", ["--smoke"], ["save s", "load s", "CRC-32"]),
     ("bench_context_parallel.py", ["--smoke"], ["attention op", "ring block", "training step"]),
     ("bench_meshes.py", ["--steps", "2", "--seq-len", "32", "--global-batch-size", "4", "--meshes", "dp=2"], ["dp=2"]),
     ("bench_moe_mesh.py", ["--mesh", "ep=2"], ["same run"]),
@@ -21,6 +22,7 @@ def test_benchmark_runs(script, args, expect):
     assert result.returncode == 0, result.stderr[-3000:]
     for text in expect:
         assert text in result.stdout, result.stdout[-3000:]
-    assert sorted(p.name for p in BENCHMARKS.glob("*.py")) == ["bench_context_parallel.py", "bench_meshes.py",
-                                                                "bench_moe_mesh.py", "bench_step.py"], \
+    assert sorted(p.name for p in BENCHMARKS.glob("*.py")) == ["bench_checkpoint.py", "bench_context_parallel.py",
+                                                                "bench_meshes.py", "bench_moe_mesh.py",
+                                                                "bench_step.py"], \
         "a new benchmark needs a row here"

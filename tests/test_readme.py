@@ -53,6 +53,7 @@ COMMANDS = {
     ".venv/bin/pip install -e '.[tensorboard]'": "an install; make test installs the same extra",
     ".venv/bin/pip install -e '.[tools]'": "an install; make test installs the same packages",
     ".venv/bin/python benchmarks/bench_step.py": "13 minutes; test_benchmarks runs its --smoke",
+    ".venv/bin/python benchmarks/bench_checkpoint.py": "a minute; test_benchmarks runs its --smoke",
     ".venv/bin/python benchmarks/bench_context_parallel.py": "10 minutes; test_benchmarks runs its --smoke",
     "make train": "python -m train with the defaults: test_first_run runs them (60 steps)",
     "make TORCH_INDEX=https://download.pytorch.org/whl/cpu train": "an install with another index; as make train",

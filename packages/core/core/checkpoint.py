@@ -26,6 +26,7 @@ only read and issue none.
 
 from __future__ import annotations
 
+import datetime
 import json
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from torch.distributed.tensor import DTensor
 from core import checkpoint_layout as layout
 from core.checkpoint_layout import CheckpointError, step_dir_name
 from core.checkpoint_state import model_tensors, optimizer_tensors
+from core.failures import checkpoint_failure_message, is_collective_timeout
 
 __all__ = ["CheckpointError", "Checkpointer", "AsyncCheckpoint", "find_latest_checkpoint", "read_checkpoint_meta",
            "model_tensors", "optimizer_tensors"]
@@ -51,10 +53,12 @@ def _rank() -> int:
 
 
 def _attempt(what: str, fn, *args) -> tuple[Any, str | None]:
-    """Run ``fn`` and turn any failure into a message for ``Checkpointer._raise_together``.
+    """Run ``fn`` and turn any failure into a one-line message for ``Checkpointer._raise_together``
+    (a full disk: ``writing checkpoint step 8 into DIR failed on rank 0: No space left on device ...``).
 
     DCP raises ``CheckpointException``, which derives from BaseException (it would slip
-    through ``except Exception``); it already carries every rank's failure.
+    through ``except Exception``); it carries every rank's failure. A timed-out collective is
+    re-raised as it is: a peer is unreachable, so no agreement on the error is possible.
     """
     from torch.distributed.checkpoint.api import CheckpointException  # _attempt wraps checkpoint I/O only
 
@@ -63,7 +67,10 @@ def _attempt(what: str, fn, *args) -> tuple[Any, str | None]:
     except CheckpointError as e:
         return None, str(e)
     except (Exception, CheckpointException) as e:  # noqa: BLE001
-        return None, f"{what} failed: {type(e).__name__}: {e}"
+        causes = [e, *(failure[0] for failure in (getattr(e, "failures", None) or {}).values())]
+        if any(is_collective_timeout(cause) for cause in causes):
+            raise
+        return None, checkpoint_failure_message(what, e)
 
 
 def _dcp():
@@ -81,11 +88,15 @@ class Checkpointer:
     It owns what checkpoint I/O needs across calls: two gloo process groups (created on
     first use; creating groups is collective, so it happens inside calls every rank makes)
     and the async save still in flight, which the next save or load commits first.
+    ``timeout`` bounds each of their collectives, as the trainer's ``--dist-timeout-s`` does
+    the training's: a peer that stops mid-save fails the save instead of hanging it.
     """
 
-    def __init__(self):
+    def __init__(self, timeout: datetime.timedelta | None = None, checksums: bool = True):
         self._groups: dict[str, dist.ProcessGroup] = {}
         self.pending: AsyncCheckpoint | None = None
+        self.timeout = timeout  # of every collective on its groups (None: torch's default, 30 minutes)
+        self.checksums = checksums  # record each shard's CRC-32 in the manifest (verified on load)
 
     def _group(self, role: str) -> dist.ProcessGroup | None:
         """A gloo group of all ranks for ``role``: "io" (DCP's own collectives, possibly in the
@@ -98,8 +109,8 @@ class Checkpointer:
         if not _distributed():
             return None
         if not self._groups:
-            self._groups["io"] = dist.new_group(backend="gloo")
-            self._groups["control"] = dist.new_group(backend="gloo")
+            self._groups["io"] = dist.new_group(backend="gloo", timeout=self.timeout)
+            self._groups["control"] = dist.new_group(backend="gloo", timeout=self.timeout)
         return self._groups[role]
 
     def _raise_together(self, error: str | None) -> None:
@@ -164,30 +175,33 @@ class Checkpointer:
         dcp_io = _dcp()
         writer = dcp_io.ShardWriter(str(tmp), save_distributed=True)
         planner = dcp_io.DefaultSavePlanner()
-        commit = lambda metadata: self._commit(root, tmp, step, writer.written, metadata, keep_last)  # noqa: E731
+        commit = lambda metadata: self._commit(root, tmp, step, writer, metadata, keep_last)  # noqa: E731
         if async_save:
-            future, error = _attempt("dcp.async_save", lambda: dcp_io.dcp.async_save(
+            future, error = _attempt(f"staging checkpoint step {step} for {tmp}", lambda: dcp_io.dcp.async_save(
                 tensors, storage_writer=writer, planner=planner, process_group=group))
             self._raise_together(error)
             self.pending = AsyncCheckpoint(future, commit, self._raise_together)
             return self.pending
         # dcp.save returns on every rank only after the coordinator gathered all ranks' write
         # results, i.e. every shard is written and fsynced (FileSystemWriter sync_files=True).
-        metadata, error = _attempt("dcp.save", lambda: dcp_io.dcp.save(
+        metadata, error = _attempt(f"writing checkpoint step {step} into {tmp}", lambda: dcp_io.dcp.save(
             tensors, storage_writer=writer, planner=planner, process_group=group))
         self._raise_together(error)
         return commit(metadata)
 
-    def _commit(self, root: Path, tmp: Path, step: int, files: set[str], metadata, keep_last: int | None) -> Path:
-        """Rank 0 writes the manifest, renames tmp into place, prunes; then all ranks agree.
+    def _commit(self, root: Path, tmp: Path, step: int, writer, metadata, keep_last: int | None) -> Path:
+        """Each rank checksums the shards it wrote; rank 0 writes the manifest with them, renames tmp
+        into place, prunes; then all ranks agree.
 
-        Collective: one all_reduce (``_raise_together``), which also makes every rank wait
-        until the checkpoint is published before save returns.
+        Collectives: a gather of the checksums, then one all_reduce (``_raise_together``), which
+        also makes every rank wait until the checkpoint is published before save returns.
         """
         final = root / step_dir_name(step)
+        checksums = self._gather_checksums(tmp, writer.local_files()) if self.checksums else None
 
         def publish():
-            layout.write_json(tmp / layout.MANIFEST, layout.build_manifest(tmp, step, files, metadata))
+            manifest = layout.build_manifest(tmp, step, writer.written, metadata, checksums)
+            layout.write_json(tmp / layout.MANIFEST, manifest)
             layout.publish(tmp, final)
             if keep_last is not None:
                 layout.prune(root, keep_last, just_saved=final)
@@ -196,7 +210,35 @@ class Checkpointer:
         self._raise_together(error)
         return final
 
-    def load(self, path: Path, tensors: dict[str, torch.Tensor]) -> dict:
+    def _gather_checksums(self, tmp: Path, local_files: list[str]) -> dict[str, str] | None:
+        """Rank 0: every shard's checksum, each computed by the rank that wrote it (the bytes are
+        still in its page cache), gathered on the control group. Other ranks: None."""
+        mine, error = _attempt(f"checksumming the shards in {tmp}",
+                               lambda: {name: layout.file_checksum(tmp / name) for name in local_files})
+        self._raise_together(error)
+        if not _distributed():
+            return mine
+        gathered = [None] * dist.get_world_size() if _rank() == 0 else None
+        dist.gather_object(mine, gathered, dst=0, group=self._group("control"))
+        return {name: crc for part in gathered for name, crc in part.items()} if _rank() == 0 else None
+
+    def verify(self, path: Path) -> str | None:
+        """Whether every shard of the checkpoint at ``path`` still has the checksum saved with it: None,
+        or the first mismatch's message, the same on every rank. Each rank reads its share of the
+        files (a second read of the checkpoint, spread over the ranks). Collective: one all_reduce,
+        two broadcasts if something failed.
+        """
+        path = Path(path)
+        manifest = layout.read_manifest(path)
+        names = sorted(manifest["files"])[_rank()::dist.get_world_size() if _distributed() else 1]
+        found, error = _attempt(f"verifying {path}", layout.checksum_mismatch, path, manifest, names)
+        try:
+            self._raise_together(error or found)
+        except CheckpointError as mismatch:
+            return str(mismatch)
+        return None
+
+    def load(self, path: Path, tensors: dict[str, torch.Tensor], verified: bool = False) -> dict:
         """Load the checkpoint at ``path`` IN PLACE into ``tensors``; return its meta dict.
 
         ``tensors`` may be any subset of the saved keys (e.g. the model only), as DTensors on
@@ -205,7 +247,8 @@ class Checkpointer:
 
         Before any data is read: rank 0 checks every shard (present, size as saved, valid
         safetensors header); each rank checks meta.json, its keys and global shapes against the
-        manifest. Any failure raises CheckpointError on all ranks.
+        manifest; unless ``verified``, the shards' checksums (``verify``). Any failure raises
+        CheckpointError on all ranks.
 
         Collectives: a pre-check all_reduce, DCP's plan exchange, DCP's final gather.
         """
@@ -214,10 +257,13 @@ class Checkpointer:
         shapes = {key: tuple(t.shape) for key, t in tensors.items()}  # DTensor.shape is the global shape
         _, error = _attempt("validating " + str(path), _validate, path, shapes)
         self._raise_together(error)
+        mismatch = None if verified else self.verify(path)
+        if mismatch:
+            raise CheckpointError(mismatch)
 
         dcp_io = _dcp()
         reader = dcp_io.HuggingFaceStorageReader(str(path))
-        _, error = _attempt("dcp.load", lambda: dcp_io.dcp.load(
+        _, error = _attempt(f"reading checkpoint {path}", lambda: dcp_io.dcp.load(
             tensors, storage_reader=reader, planner=dcp_io.DefaultLoadPlanner(), process_group=self._group("io")))
         self._raise_together(error)
         return layout.read_json(path / layout.META)
@@ -237,7 +283,7 @@ class AsyncCheckpoint:
 
     def wait(self) -> Path:
         if self._result is None:
-            metadata, error = _attempt("async checkpoint write", self._future.result)
+            metadata, error = _attempt("writing an async checkpoint", self._future.result)
             self._raise_together(error)
             self._result = self._commit(metadata)
         return self._result

@@ -22,6 +22,18 @@ class ShardWriter(HuggingFaceStorageWriter):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.written: set[str] = set()
+        self._local_writes = None  # this rank's write future
+
+    def write_data(self, plan, planner):
+        """The base class's writes; the future is kept so ``local_files`` can name this rank's files."""
+        self._local_writes = super().write_data(plan, planner)
+        return self._local_writes
+
+    def local_files(self) -> list[str]:
+        """The shard files THIS rank wrote (after the save returned), for their checksums."""
+        if self._local_writes is None:
+            return []
+        return sorted({result.storage_data.relative_path for result in self._local_writes.value()})
 
     def finish(self, metadata, results) -> None:
         self.written = {result.storage_data.relative_path for rank in results for result in rank}

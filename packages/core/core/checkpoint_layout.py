@@ -10,7 +10,7 @@ Layout under a checkpoint root::
         shard-00001-model-00001-of-00001.safetensors   one file per rank that wrote data
         shard-00002-model-00001-of-00001.safetensors   (DCP's HuggingFaceStorageWriter names)
         meta.json                         the caller's JSON meta (step, data position, RNG, ...)
-        COMPLETE.json                     written last: the manifest (files + sizes, tensor shapes)
+        COMPLETE.json                     written last: the manifest (files + sizes + CRC-32s, tensor shapes)
       .tmp-step_00000200/                 a save in progress, or one that crashed: ignored
       .trash-step_00000050/               a checkpoint being deleted by pruning: ignored
 
@@ -25,6 +25,7 @@ import json
 import os
 import re
 import shutil
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +96,33 @@ def read_json(path: Path) -> Any:
 
 # ---- the manifest -----------------------------------------------------------------------
 
-def build_manifest(directory: Path, step: int, files: set[str], dcp_metadata: Any) -> dict:
+CHECKSUM = "crc32"  # zlib's: catches flipped bits and torn copies cheaply (not tampering)
+CHECKSUM_CHUNK = 8 * 2**20
+
+
+def file_checksum(path: Path) -> str:
+    """CRC-32 of a file's bytes, read in 8 MiB chunks, as 8 hex digits."""
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(CHECKSUM_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
+
+
+def checksum_mismatch(path: Path, manifest: dict, names: list[str]) -> str | None:
+    """The first of ``names`` (shards of the checkpoint at ``path``) whose bytes no longer match the
+    checksum saved with them, as an error message; None when they all match. A manifest from before
+    checksums (none recorded) passes."""
+    saved = manifest.get("checksums", {})
+    for name in names:
+        if name in saved and file_checksum(path / name) != saved[name]:
+            return (f"checkpoint {path}: shard {name} does not match the checksum saved with it: its bytes changed "
+                    f"after the save (bit rot, a partial copy); restore it or resume from an older checkpoint")
+    return None
+
+
+def build_manifest(directory: Path, step: int, files: set[str], dcp_metadata: Any,
+                   checksums: dict[str, str] | None = None) -> dict:
     """Describe what ``dcp.save`` wrote into ``directory``: shard files (with sizes) and tensors.
 
     ``files`` comes from DCP's write results (every rank's, gathered by the coordinator),
@@ -113,7 +140,10 @@ def build_manifest(directory: Path, step: int, files: set[str], dcp_metadata: An
         sizes[name] = shard.stat().st_size
     tensors = {key: {"shape": list(md.size), "dtype": str(md.properties.dtype).removeprefix("torch.")}
                for key, md in dcp_metadata.state_dict_metadata.items()}
-    return {"format": FORMAT, "step": step, "files": sizes, "tensors": tensors}
+    manifest = {"format": FORMAT, "step": step, "files": sizes, "tensors": tensors}
+    if checksums is not None:
+        manifest.update(checksum=CHECKSUM, checksums=dict(sorted(checksums.items())))
+    return manifest
 
 
 def read_manifest(path: Path) -> dict:

@@ -1,7 +1,9 @@
 """``python -m train [flags]`` or ``torchrun --nproc_per_node=N -m train --mesh dp=2,tp=4,pp=2 [flags]``.
 
 Exit codes: 0 done; 2 a bad option, file or checkpoint (one ``error: ...`` line, the same on
-every rank); 3 training diverged (a NaN/inf loss or gradient norm); 1 anything else.
+every rank); 3 training diverged (a NaN/inf loss or gradient norm); 4 stopped by a signal after
+saving (``train.preemption``: rerun the same command to resume); 5 stopped by a signal whose
+save did not finish in time; 1 anything else.
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ import traceback
 import torch.distributed as dist
 
 from core.checkpoint import CheckpointError
+from core.failures import CollectiveTimeout, is_collective_timeout, timeout_message
 
 from .config import parse_config
 from .distributed import shutdown_and_exit
 from .divergence import TrainingDiverged
-from .loop import train
+from .loop import SILENT_RANK_WAIT_S, train
+from .preemption import EXIT_PREEMPTED, Preempted
 
 # Words in the errors gloo/NCCL raise on a rank whose peer has gone away.
 PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL communicator was aborted")
@@ -38,12 +42,23 @@ def run(argv: list[str] | None) -> int:
     except TrainingDiverged as err:
         _error(str(err))
         return 3
+    except Preempted as stop:
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            sys.stderr.write(f"preempted: {stop}\n")
+            sys.stderr.flush()
+        return EXIT_PREEMPTED
+    except CollectiveTimeout as err:
+        _error(str(err))
+        return 1
     except KeyboardInterrupt:
         _error("interrupted")
         return 130
     except SystemExit as exit_:  # argparse: --help (0) or a bad flag (2, its line already printed)
         return exit_.code if isinstance(exit_.code, int) else 0
     except BaseException as err:  # noqa: BLE001 - report, then exit without hanging at interpreter shutdown
+        if dist.is_initialized() and is_collective_timeout(err):  # before the run folder exists
+            _error(timeout_message(err, SILENT_RANK_WAIT_S))
+            return 1
         if _peer_failed(err):
             rank = dist.get_rank() if dist.is_initialized() else os.environ.get("RANK", "0")
             first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -14,6 +14,7 @@ samples) means the same thing, so the run continues with the same global batches
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from core.checkpoint import (
     optimizer_tensors,
     read_checkpoint_meta,
 )
-from core.checkpoint_layout import is_complete
+from core.checkpoint_layout import complete_checkpoints, is_complete
 
 from .optim import build_scheduler, lr_lambda
 
@@ -69,18 +70,24 @@ def save(t, wandb_run_id: str | None):
                                keep_last=t.cfg.keep_checkpoints or None, async_save=t.cfg.async_checkpoint)
 
 
-def save_and_report(t, wandb_run_id: str | None) -> None:
-    """``save``, then one line on global rank 0: the checkpoint's size and the seconds training waited."""
+def save_and_report(t, wandb_run_id: str | None):
+    """``save``, then one line on global rank 0: the checkpoint's size and the seconds training waited.
+    Returns what ``save`` does (a path, or the async save's handle)."""
     start = time.perf_counter()
-    saved = save(t, wandb_run_id)
+    try:
+        saved = save(t, wandb_run_id)
+    except CheckpointError as err:  # every rank raises it together
+        raise CheckpointError(f"{err}. The newest complete checkpoint, {latest_checkpoint(t.cfg) or 'none'}, is "
+                              f"intact: fix the folder (space, permissions) and resume from it") from None
     seconds = time.perf_counter() - start
     if dist.get_rank() != 0:
-        return
+        return saved
     if isinstance(saved, Path):
         size = sum(f.stat().st_size for f in saved.rglob("*") if f.is_file())
         print(f"saved {saved} ({size / 2**20:.1f} MiB in {seconds:.2f} s)", flush=True)
     else:
         print(f"saving step {t.step} in the background (training waited {seconds:.2f} s)", flush=True)
+    return saved
 
 
 def should_save(t) -> bool:
@@ -93,41 +100,59 @@ def latest_checkpoint(cfg) -> Path | None:
     return find_latest_checkpoint(checkpoint_root(cfg))
 
 
-def resolve_resume_path(cfg) -> Path | None:
-    """Which checkpoint to resume from, decided on rank 0 and broadcast (the file system may lag on others).
+def resolve_resume_path(cfg) -> list[Path]:
+    """The checkpoints to try resuming from, newest first, decided on rank 0 and broadcast (the file
+    system may lag on others); empty: start fresh.
 
-    ``none``: start fresh. ``auto``: the newest complete checkpoint in ``<output_dir>/checkpoints``,
-    or a fresh start if there is none. A path: that checkpoint, or the newest complete one
-    under it; an error if there is none. A fresh start in a folder whose ``metrics.jsonl``
-    already holds another run's steps is an error: two runs' rows must never mix.
-    Collective: one broadcast_object_list.
+    ``none``: start fresh. ``auto``: the complete checkpoints in ``<output_dir>/checkpoints``
+    (``first_intact`` takes the newest that passes its checksums), or a fresh start if there is
+    none. A path: that checkpoint, or the newest complete one under it; an error if there is
+    none. A fresh start in a folder whose ``metrics.jsonl`` already holds another run's steps is
+    an error: two runs' rows must never mix. Collective: one broadcast_object_list.
     """
-    decision: list = [None, None]  # [path or None, error message or None]
+    decision: list = [[], None]  # [paths, error message or None]
     if dist.get_rank() == 0:
         decision = _find_resume_target(cfg)
-        if decision == [None, None]:
+        if decision == [[], None]:
             decision[1] = _another_run_in(Path(cfg.output_dir))
     dist.broadcast_object_list(decision, src=0)
-    path, error = decision
+    paths, error = decision
     if error:
         raise CheckpointError(error)
-    return Path(path) if path else None
+    return [Path(p) for p in paths]
 
 
 def _find_resume_target(cfg) -> list:
     if cfg.resume == "none":
-        return [None, None]
+        return [[], None]
     if cfg.resume == "auto":
-        latest = latest_checkpoint(cfg)
-        return [str(latest) if latest else None, None]
+        return [[str(p) for p in reversed(complete_checkpoints(checkpoint_root(cfg)))], None]
     path = Path(cfg.resume)
     if path.is_dir() and is_complete(path):
-        return [str(path), None]
+        return [[str(path)], None]
     latest = find_latest_checkpoint(path) if path.is_dir() else None
     if latest is None:
-        return [None, f"--resume {cfg.resume}: no complete checkpoint there (a step_XXXXXXXX folder with "
-                      f"COMPLETE.json, or a folder holding some); use --resume auto or none to start fresh"]
-    return [str(latest), None]
+        return [[], f"--resume {cfg.resume}: no complete checkpoint there (a step_XXXXXXXX folder with "
+                    f"COMPLETE.json, or a folder holding some); use --resume auto or none to start fresh"]
+    return [[str(latest)], None]
+
+
+def first_intact(t, candidates: list[Path]) -> Path | None:
+    """The first of ``candidates`` whose shards match their checksums (collective: each check reads the
+    checkpoint once, spread over the ranks). With ``--resume auto`` a damaged one is skipped, with a
+    line saying so; a checkpoint named by ``--resume PATH`` must verify."""
+    for candidate in candidates:
+        problem = t.checkpointer.verify(candidate)
+        if problem is None:
+            return candidate
+        if t.cfg.resume != "auto":
+            raise CheckpointError(problem)
+        if dist.get_rank() == 0:
+            print(f"warning: {problem}; falling back to the next older checkpoint", file=sys.stderr, flush=True)
+    if candidates:
+        raise CheckpointError(f"no checkpoint in {checkpoint_root(t.cfg)} passes its checksums (see the warnings "
+                              f"above): restore a shard, or start afresh with --resume none in a new run folder")
+    return None
 
 
 def _another_run_in(run_dir: Path) -> str | None:
@@ -144,8 +169,9 @@ def _another_run_in(run_dir: Path) -> str | None:
 LR_SCHEDULE_OPTIONS = ("lr", "min_lr_ratio", "warmup_steps", "steps")
 
 
-def restore(t, path: Path) -> dict:
-    """Load ``path`` into the trainer in place (collective) and return its meta.
+def restore(t, path: Path, verified: bool = False) -> dict:
+    """Load ``path`` into the trainer in place (collective) and return its meta. ``verified``: its
+    checksums were just checked (``first_intact``), so loading does not read it twice.
 
     The checkpoint's meta.json is read and checked first (same model; the same LR at every
     remaining step unless ``--override-lr-schedule``), so a mismatch fails before any
@@ -162,7 +188,7 @@ def restore(t, path: Path) -> dict:
         raise CheckpointError(f"{path} was trained with {', '.join(changed)}: resuming would silently change the "
                               f"learning-rate schedule; pass the saved values, or --override-lr-schedule to "
                               f"continue on this run's schedule from step {meta['step']} (the LR may jump)")
-    t.checkpointer.load(path, state_tensors(t))
+    t.checkpointer.load(path, state_tensors(t), verified=verified)
     t.step = int(meta["step"])
     t.skipped_steps = int(meta.get("skipped_steps", 0))
     t.batches.load_state_dict(meta["data"])

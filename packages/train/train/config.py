@@ -95,6 +95,8 @@ class TrainConfig:
                                "(<model>-<date>-<time>); pass an earlier run's name to resume it")
     output_dir: str = option("", "the run's folder, instead of outputs/<run name>")
     dist_timeout_s: int = option(600, "seconds a rank waits in a collective before failing instead of hanging")
+    preemption_deadline_s: float = option(20.0, "on SIGTERM/SIGINT/SIGUSR1, seconds to finish the step and save it "
+                                                "before stopping anyway (the last complete checkpoint stays)")
     # tracking
     wandb: bool = option(False, "log to Weights & Biases (online or offline as wandb's own login and WANDB_MODE "
                                 "say)")
@@ -131,7 +133,7 @@ HELP_GROUPS = {
     "run folder and checkpoints": ("run_name", "output_dir", "checkpoint_every", "keep_checkpoints", "resume",
                                    "override_lr_schedule", "async_checkpoint"),
     "tracking": ("wandb", "wandb_project", "wandb_entity", "wandb_run_name", "wandb_tags", "tensorboard"),
-    "profiling and faults": ("profile_steps", "memory_snapshot", "dist_timeout_s"),
+    "profiling and faults": ("profile_steps", "memory_snapshot", "dist_timeout_s", "preemption_deadline_s"),
 }
 TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 

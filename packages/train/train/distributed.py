@@ -15,6 +15,8 @@ import sys
 import torch
 import torch.distributed as dist
 
+from core.failures import enable_flight_recorder
+
 from .config import DEVICES
 
 
@@ -78,8 +80,38 @@ def init_distributed(device: torch.device, timeout_s: int) -> None:
     if device.type == "cpu":
         torch.set_num_threads(cpu_threads_per_rank())
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
-                            device_id=device if device.type == "cuda" else None)
+    enable_flight_recorder()
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = agent_store_of_this_attempt(timeout)
+    rank_and_size = {"rank": int(os.environ["RANK"]), "world_size": int(os.environ["WORLD_SIZE"])} if store else {}
+    dist.init_process_group(backend, timeout=timeout, device_id=device if device.type == "cuda" else None,
+                            store=store, **rank_and_size)
+
+
+def agent_store_of_this_attempt(timeout: datetime.timedelta) -> dist.Store | None:
+    """Under torchrun's shared rendezvous store, this restart attempt's own namespace of it; else None
+    (``init_process_group`` reads MASTER_ADDR/PORT itself).
+
+    torchrun (c10d rendezvous) lets the workers share its agent's TCPStore
+    (``TORCHELASTIC_USE_AGENT_STORE=True``), and that store outlives a restart: the workers of
+    attempt 1 find the keys attempt 0 wrote, such as the gloo/NCCL addresses of ranks that are
+    dead, and init fails connecting to them (pytorch/pytorch#135712). Prefixing the keys with
+    the attempt keeps attempts apart. The attempt number (``TORCHELASTIC_RESTART_COUNT``) is
+    each agent's own count, consistent only when one agent started every worker; on several
+    nodes a restart is refused with the fix: ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (what
+    examples/slurm/train.sbatch sets), which gives every attempt a fresh store.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if attempt > 0 and int(os.environ.get("GROUP_WORLD_SIZE", "1")) > 1:
+        raise ValueError(f"this is torchrun restart attempt {attempt} on several nodes sharing torchrun's rendezvous "
+                         "store, which keeps the dead attempt's addresses (pytorch/pytorch#135712) and whose "
+                         "restart counts differ per node: launch with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in "
+                         "torchrun's environment (examples/slurm/train.sbatch does)")
+    shared = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                           int(os.environ["WORLD_SIZE"]), is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"meshtron/attempt_{attempt}", shared)
 
 
 def shutdown_and_exit(code: int) -> None:

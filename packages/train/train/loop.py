@@ -18,6 +18,7 @@ slices, TP/FSDP/replicate reductions, routing statistics) is the
 
 from __future__ import annotations
 
+import datetime
 import math
 import resource
 import sys
@@ -30,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from core.checkpoint import Checkpointer
+from core.failures import CollectiveTimeout, dump_flight_record, is_collective_timeout, timeout_message
 from core.mesh import build_mesh
 from models.distribute import distribute_model
 from models.hf_format import load_hf_weights_
@@ -46,12 +48,15 @@ from .divergence import TrainingDiverged, check_dropped_steps
 from .evaluation import EvalBatches, build_eval_batches, evaluate
 from .flops import model_flops_per_token, peak_flops
 from .optim import build_optimizer, build_scheduler
+from .preemption import Preempted, PreemptionWatch, signal_name
 from .profiling import StepProfiler
-from .runs import agree_on_run_dir, point_latest_at, write_run_config
+from .runs import agree_on_run_dir, lock_run_dir, point_latest_at, write_run_config
 from .tracking import MetricsLogger, WandbOptions
 from .validation import validate
 
 DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# Seconds a rank that timed out waits for the others to report in before naming the silent ones.
+SILENT_RANK_WAIT_S = 10.0
 # Reported steps whose metrics a Trainer keeps in memory (all of them go to metrics.jsonl).
 HISTORY_LENGTH = 1000
 
@@ -97,7 +102,8 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     eval_batches = build_eval_batches(cfg, tokenizer, batches, batch_rank, batch_world,
                                       vocab_size) if cfg.eval_every else None
     return Trainer(cfg, model, model_config, device, optimizer, scheduler, batches, eval_batches,
-                   flops_per_token=model_flops_per_token(model_config, cfg.seq_len))
+                   flops_per_token=model_flops_per_token(model_config, cfg.seq_len),
+                   checkpointer=Checkpointer(datetime.timedelta(seconds=cfg.dist_timeout_s)))
 
 
 def wandb_options(cfg: TrainConfig) -> WandbOptions | None:
@@ -234,6 +240,15 @@ def step_report(t: Trainer, loss: float, grad_norm: float, lr: float, step_start
     return metrics
 
 
+def stop_for_preemption(t: Trainer, signum: int, saved, wandb_run_id: str | None) -> None:
+    """Every rank, after the same step: make sure this step is saved (and committed), then raise
+    ``Preempted``. Saves even with ``--checkpoint-every 0``: a preempted run's work is the point."""
+    if saved is None:
+        saved = checkpointing.save_and_report(t, wandb_run_id)
+    committed = t.checkpointer.wait() or saved  # an async save commits here
+    raise Preempted(signal_name(signum), t.step, committed)
+
+
 def peak_memory_mib(device: torch.device) -> float:
     """Peak GPU memory allocated by torch, or the process's peak resident set on the CPU."""
     if device.type == "cuda":
@@ -250,8 +265,23 @@ def train(cfg: TrainConfig) -> Trainer:
     """
     t = build_trainer(cfg)
     cfg = t.cfg  # with the run's folder decided
-    resume_from = checkpointing.resolve_resume_path(cfg)
-    meta = checkpointing.restore(t, resume_from) if resume_from else {}
+    lock = lock_run_dir(cfg)
+    try:
+        return run_training(t, cfg)
+    except RuntimeError as err:
+        if not is_collective_timeout(err):
+            raise
+        dump = dump_flight_record(Path(cfg.output_dir))
+        where = f"; this rank's flight-recorder dump (its collectives and their states): {dump}" if dump else ""
+        raise CollectiveTimeout(timeout_message(err, SILENT_RANK_WAIT_S) + where) from None
+    finally:
+        lock.release()
+
+
+def run_training(t: Trainer, cfg: TrainConfig) -> Trainer:
+    """``train`` once the run's folder is this run's alone: resume, then step to ``cfg.steps``."""
+    resume_from = checkpointing.first_intact(t, checkpointing.resolve_resume_path(cfg))
+    meta = checkpointing.restore(t, resume_from, verified=True) if resume_from else {}
     t.last_report = (t.step, 0.0)  # a resumed run reports from its own first step on
     if dist.get_rank() == 0:
         write_run_config(cfg)
@@ -261,7 +291,8 @@ def train(cfg: TrainConfig) -> Trainer:
                            wandb=wandb_options(cfg), wandb_run_id=meta.get("wandb_run_id"), total_steps=cfg.steps,
                            tensorboard=cfg.tensorboard, first_step=t.step + 1)
     profiler = StepProfiler(cfg.profile_steps, cfg.memory_snapshot, Path(cfg.output_dir), dist.get_rank(), t.device)
-    with logger:
+    watch = PreemptionWatch(cfg.preemption_deadline_s, lambda: checkpointing.latest_checkpoint(cfg), cfg.dist_timeout_s)
+    with logger, watch:
         try:
             while t.step < cfg.steps:
                 profiler.before_step(t.step + 1)
@@ -272,8 +303,10 @@ def train(cfg: TrainConfig) -> Trainer:
                 if metrics:
                     t.history.append(metrics)
                     logger.log(t.step, {k: v for k, v in metrics.items() if k != "step"})
-                if checkpointing.should_save(t):
-                    checkpointing.save_and_report(t, logger.run_id)
+                saved = checkpointing.save_and_report(t, logger.run_id) if checkpointing.should_save(t) else None
+                signum = watch.agreed_signal()
+                if signum:
+                    stop_for_preemption(t, signum, saved, logger.run_id)
                 if metrics:  # the next report times training only, not this one's eval, logging or save
                     t.last_report = (t.step, time.perf_counter())
         except TrainingDiverged as err:

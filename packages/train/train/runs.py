@@ -3,9 +3,13 @@
 * ``--run-name NAME`` puts the run in ``outputs/NAME`` (``--output-dir`` names any folder
   instead). Without either, a run gets a new folder, ``outputs/<model>-<date>-<time>``, unless
   ``--resume PATH`` points into an earlier run's ``checkpoints/``: that run continues in its
-  own folder. ``--resume auto`` (the default) looks for checkpoints only inside the run's folder,
-  so a new run never picks up an unrelated one's state.
+  own folder. Under torchrun the new name is ``<model>-<rendezvous id>`` instead, the same
+  in every restart attempt of the launch, so a restarted group resumes its own run.
+  ``--resume auto`` (the default) looks for checkpoints only inside the run's folder, so a new
+  run never picks up an unrelated one's state.
 * ``outputs/latest`` is a symbolic link to the newest run started under ``outputs/``.
+* One run per folder: ``RunLock`` refuses a second concurrent run, naming the first one's host
+  and pid; a dead run's lock does not block a resume.
 * ``config.toml`` in the folder holds every option of the run except its name and folder;
   ``python -m train --config outputs/NAME/config.toml`` trains the same run again, in a new folder.
 """
@@ -13,8 +17,11 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
+import socket
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -68,13 +75,26 @@ def new_run_dir(model: str) -> Path:
     return candidate
 
 
+def launch_id() -> str | None:
+    """torchrun's rendezvous id (``--rdzv-id``, or the uuid ``--standalone`` draws) as a folder-name
+    part, the same for every rank and every restart attempt; None outside torchrun or without an id."""
+    raw = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    if raw in ("", "none"):
+        return None
+    cleaned = re.sub(r"[^A-Za-z0-9._-]", "-", raw)
+    return cleaned[:8] if len(cleaned) > 16 else cleaned  # a uuid's first 8 characters tell launches apart
+
+
 def agree_on_run_dir(cfg: TrainConfig) -> TrainConfig:
     """``cfg`` with ``output_dir`` and ``run_name`` filled in, the same on every rank.
 
-    A new name is drawn on rank 0 and sent to the others (one ``broadcast_object_list``):
-    ranks start a moment apart, so each drawing its own name from the clock could disagree.
+    Under torchrun a new run is named after the launch (``launch_id``). Otherwise a new name is
+    drawn on rank 0 and sent to the others (one ``broadcast_object_list``): ranks start a moment
+    apart, so each drawing its own name from the clock could disagree.
     """
     run_dir = requested_run_dir(cfg)
+    if run_dir is None and launch_id():
+        run_dir = RUNS_ROOT / f"{cfg.model}-{launch_id()}"
     if run_dir is None:
         chosen = [str(new_run_dir(cfg.model)) if dist.get_rank() == 0 else None]
         dist.broadcast_object_list(chosen, src=0)
@@ -104,3 +124,96 @@ def point_latest_at(run_dir: Path) -> None:
         tmp.unlink(missing_ok=True)
         tmp.symlink_to(run_dir.name, target_is_directory=True)
         os.replace(tmp, link)  # atomic: a reader sees the old link or the new one
+
+
+LOCK_FILE = ".lock"
+HEARTBEAT_S = 30.0     # the lock holder touches the lock this often
+STALE_AFTER_S = 180.0  # a lock untouched this long, from another host, belongs to a dead run
+
+
+class RunLock:
+    """One run per folder: ``<run folder>/.lock``, created exclusively by global rank 0.
+
+    The file holds the holder's host, pid, launch (torchrun's rendezvous id) and start time,
+    and a heartbeat thread touches it every ``HEARTBEAT_S``. A lock is stale, and is taken
+    over, when its pid is dead on this host, when it belongs to this same torchrun launch (a
+    restart attempt), or when it has not been touched for ``STALE_AFTER_S`` (a holder on a
+    host that is gone). Exclusive creation (``O_CREAT | O_EXCL``) is atomic on local disks,
+    NFSv3+, Lustre and GPFS; on a file system where it is not, two runs starting in the same
+    instant could both pass.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._stop = threading.Event()
+        self._heartbeat: threading.Thread | None = None
+
+    def try_acquire(self) -> str | None:
+        """Take the lock (no collective); None, or why not as the error a user sees."""
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "launch": launch_id(),
+              "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        for _ in range(2):  # a second try after removing a stale lock
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is not None and not self._stale(holder):
+                    return (f"{self.path.parent} is in use by another run (host {holder.get('host')}, pid "
+                            f"{holder.get('pid')}, since {holder.get('started')}): pick another --run-name, or wait "
+                            f"for it to end; if that run is dead, delete {self.path}")
+                with contextlib.suppress(FileNotFoundError):
+                    self.path.unlink()
+                continue
+            with os.fdopen(fd, "w") as out:
+                json.dump(me, out)
+            self._heartbeat = threading.Thread(target=self._beat, daemon=True)
+            self._heartbeat.start()
+            return None
+        return f"{self.path} keeps reappearing: another run is starting in {self.path.parent} right now"
+
+    def release(self) -> None:
+        if self._heartbeat is not None:
+            self._stop.set()
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+            self._heartbeat = None
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            with contextlib.suppress(OSError):
+                os.utime(self.path)
+
+    def _holder(self) -> dict | None:
+        try:
+            return {**json.loads(self.path.read_text()), "touched": self.path.stat().st_mtime}
+        except (OSError, ValueError):
+            return None  # vanished or half-written: treat as free
+
+    @staticmethod
+    def _stale(holder: dict) -> bool:
+        if holder.get("launch") and holder.get("launch") == launch_id():
+            return True  # an earlier attempt of this same torchrun launch
+        if holder.get("host") == socket.gethostname():
+            return not _pid_alive(int(holder.get("pid", 0)))
+        return time.time() - holder["touched"] > STALE_AFTER_S
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, another user's
+    return pid > 0
+
+
+def lock_run_dir(cfg: TrainConfig) -> RunLock:
+    """Rank 0 takes the run folder's lock; every rank learns the outcome (one ``broadcast_object_list``)
+    and raises the same ValueError if another run holds it. Release it with ``.release()`` (rank 0)."""
+    lock = RunLock(Path(cfg.output_dir) / LOCK_FILE)
+    refusal = [lock.try_acquire() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(refusal, src=0)
+    if refusal[0]:
+        raise ValueError(refusal[0])
+    return lock

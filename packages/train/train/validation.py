@@ -113,6 +113,7 @@ RANGES = (
     ("max_grad_norm", lambda v: v > 0, "> 0 (inf: no clipping)"),
     ("seed", lambda v: v >= 0, ">= 0"),
     ("dist_timeout_s", lambda v: v >= 1, ">= 1"),
+    ("preemption_deadline_s", lambda v: v > 0, "> 0"),
     ("checkpoint_every", lambda v: v >= 0, ">= 0 (0: never save)"),
     ("keep_checkpoints", lambda v: v >= 0, ">= 0 (0: keep all)"),
     ("eval_every", lambda v: v >= 0, ">= 0 (0: never evaluate)"),
