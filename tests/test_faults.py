@@ -123,6 +123,9 @@ def test_a_rank_that_stops_mid_save_ends_the_job_in_one_line_per_rank_within_the
                 "--dist-timeout-s", "5", "--run-name", "hang", ranks=2)
     wait_for_step(tmp_path / "outputs" / "hang", 3, run)
     silent = worker_pids(run)[1]
+    checkpoints = tmp_path / "outputs" / "hang" / "checkpoints"
+    while not list(checkpoints.glob(".tmp-step_*")):  # a save is under way: stop rank 1 inside it
+        time.sleep(0.001)
     os.kill(silent, signal.SIGSTOP)
     stopped_at = time.monotonic()
     try:
@@ -130,6 +133,9 @@ def test_a_rank_that_stops_mid_save_ends_the_job_in_one_line_per_rank_within_the
     finally:
         with contextlib.suppress(ProcessLookupError):  # torchrun has usually killed it
             os.kill(silent, signal.SIGCONT)
+        if run.poll() is None:  # a hang must not outlive the test
+            run.terminate()
+            run.wait(timeout=60)
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert errors and errors[0].startswith("error: rank 0: a collective timed out (--dist-timeout-s): rank 1 "
                                            "stopped answering (hung, stopped or dead)"), err
@@ -222,3 +228,28 @@ def test_one_run_per_folder_and_a_dead_runs_lock_does_not_block_a_resume(tmp_pat
     assert resumed.returncode == 0 and "resumed from outputs/shared/checkpoints/step_" in resumed.stdout, \
         resumed.stderr
     assert not (tmp_path / "outputs" / "shared" / ".lock").exists()  # released at the end
+
+
+def test_the_launcher_ends_a_signal_or_a_failure_in_lines_of_its_own_not_tracebacks(tmp_path):
+    """python -m train.launch is torchrun with torchrun's options; SIGTERM to it reaches the workers,
+    which save; a failed worker is named with its exit code."""
+    launcher = [sys.executable, "-m", "train.launch", "--standalone", "--nproc_per_node=2", "-m", "train"]
+    run = subprocess.Popen([*launcher, *FAST, "--steps", "5000", "--mesh", "dp=2", "--run-name", "l"], cwd=tmp_path,
+                           env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_step(tmp_path / "outputs" / "l", 3, run)
+    run.send_signal(signal.SIGTERM)
+    out, err = run.communicate(timeout=120)
+    stopped = steps_logged(tmp_path / "outputs" / "l")[-1]["step"]
+    assert run.returncode == 4, err
+    assert err.strip().splitlines() == [
+        "SIGTERM received: finishing this step and saving it (deadline 20 s)"] * 2 + [
+        f"preempted: stopped by SIGTERM after step {stopped}; saved outputs/l/checkpoints/step_{stopped:08d}: run "
+        f"the same command again to resume from it",
+        "launcher: SIGTERM passed to the workers, which finish their step and save it; their lines above name the "
+        "checkpoint"], err
+    bad = subprocess.run([*launcher, "--steps", "0"], cwd=tmp_path, env=ENV, capture_output=True, text=True,
+                         timeout=120)
+    *workers, last = bad.stderr.strip().splitlines()
+    assert bad.returncode == 2 and set(workers) == {"error: --steps 0: must be >= 1"}, bad.stderr  # 1 or 2 ranks:
+    assert last.startswith("error: launcher: rank ") and last.endswith(  # the first to fail stops the other
+        " ended with exit code 2 (a mistake in the input); its own lines above say more"), bad.stderr

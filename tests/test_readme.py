@@ -40,6 +40,7 @@ COMMANDS = {
     "--global-batch-size 1 --model-args max_seq_len=8192": [*SYNTHETIC, "--seq-len", "64", "--global-batch-size", "1",
                                                              "--model-args", "max_seq_len=64"],
     ".venv/bin/torchrun --nproc_per_node=4  -m train --model debug-moe --mesh ep=2,dp=2": SYNTHETIC,
+    ".venv/bin/python -m train.launch --nproc_per_node=4 -m train --mesh dp=2,tp=2": SYNTHETIC,
     ".venv/bin/torchrun --nproc_per_node=16 -m train --mesh dp=2,tp=4,pp=2":
         "16 ranks: test_parity_dense and test_pipeline run this mesh (slow tests)",
     ".venv/bin/torchrun --nproc_per_node=8  -m train --mesh cp=2,tp=2,dp=2 --seq-len 256":
