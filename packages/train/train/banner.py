@@ -23,8 +23,8 @@ def startup_banner(t, resumed_from: Path | None) -> str:
     """The banner's lines (``t`` is the Trainer; no collective)."""
     cfg = t.cfg
     rows = [("run", _run_line(cfg)), ("model", _model_line(cfg, t.model_config, t.device)),
-            ("mesh", _mesh_line(cfg)), ("step", _step_line(cfg)), ("data", _data_line(cfg, t.batches)),
-            ("checkpoints", _checkpoint_line(cfg, resumed_from, t.step))]
+            ("mesh", _mesh_line(cfg, t.model.mesh.shape)), ("step", _step_line(cfg)),
+            ("data", _data_line(cfg, t.batches)), ("checkpoints", _checkpoint_line(cfg, resumed_from, t.step))]
     return "\n".join(f"{name:<12}{text}" for name, text in rows)
 
 
@@ -64,9 +64,8 @@ def _speed_options(cfg) -> str:
     return "".join(f", {part}" for part in parts)
 
 
-def _mesh_line(cfg) -> str:
+def _mesh_line(cfg, shape: MeshShape) -> str:
     world = dist.get_world_size()
-    shape = MeshShape.parse(cfg.mesh).resolve(world)
     dp_kind = {"fsdp": "FSDP: parameters, gradients and AdamW state sharded",
                "hsdp": "HSDP: sharded within groups, replicated across them",
                "replicate": "replicated, gradients all-reduced"}[cfg.dp_mode]

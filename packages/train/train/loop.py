@@ -51,7 +51,7 @@ from .optim import build_optimizer, build_scheduler
 from .preemption import Preempted, PreemptionWatch, signal_name
 from .profiling import StepProfiler
 from .runs import agree_on_run_dir, lock_run_dir, point_latest_at, write_run_config
-from .tracking import MetricsLogger, WandbOptions
+from .tracking import MetricsLogger, WandbOptions, parse_tags
 from .validation import validate
 
 DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -110,8 +110,8 @@ def wandb_options(cfg: TrainConfig) -> WandbOptions | None:
     """The W&B run's project, entity, name (default: the run's) and tags; None without ``--wandb``."""
     if not cfg.wandb:
         return None
-    tags = tuple(tag.strip() for tag in cfg.wandb_tags.split(",") if tag.strip())
-    return WandbOptions(cfg.wandb_project, cfg.wandb_entity, cfg.wandb_run_name or cfg.run_name, tags)
+    return WandbOptions(cfg.wandb_project, cfg.wandb_entity, cfg.wandb_run_name or cfg.run_name,
+                        parse_tags(cfg.wandb_tags))
 
 
 def parallel_options(cfg: TrainConfig) -> ParallelOptions:

@@ -41,6 +41,11 @@ class WandbOptions:
     tags: tuple[str, ...] = ()
 
 
+def parse_tags(text: str) -> tuple[str, ...]:
+    """``--wandb-tags "a, b,,c"`` -> ("a", "b", "c")."""
+    return tuple(tag.strip() for tag in text.split(",") if tag.strip())
+
+
 class MetricsLogger:
     """Writes ``output_dir/metrics.jsonl``, a console line per step, and, with ``wandb`` options,
     a W&B run whose files live in ``output_dir/wandb``.

@@ -33,6 +33,7 @@ from .distributed import device_type
 from .profiling import check_profiling
 from .runs import RUNS_ROOT, check_run_name, requested_run_dir
 from .tokenizer import Tokenizer, load_tokenizer
+from .tracking import parse_tags
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ def _model_config(cfg: TrainConfig, tokenizer: Tokenizer) -> LlamaConfig:
 
 
 def _check_tracking(cfg: TrainConfig) -> None:
-    for tag in filter(None, (t.strip() for t in cfg.wandb_tags.split(","))):
+    for tag in parse_tags(cfg.wandb_tags):
         if len(tag) > WANDB_TAG_MAX:
             raise ValueError(f"--wandb-tags: {tag[:20]!r}... is {len(tag)} characters; W&B takes tags of at most "
                              f"{WANDB_TAG_MAX}")
