@@ -54,7 +54,7 @@ def files(tmp_path):
     (["--config", "{d}/bad.toml"], "--config {d}/bad.toml is not valid TOML"),
     (["--config", "{d}/unknown.toml"], "{d}/unknown.toml: unknown option(s) ['stepz']"),
     (["--config", "{d}/typed.toml"], "{d}/typed.toml: steps = 'ten' should be int, not str"),
-    (["--config", "{d}/choice.toml"], "--dtype 'fp16': use one of float32, bfloat16"),
+    (["--config", "{d}/choice.toml"], "--dtype 'fp16': use one of auto, float32, bfloat16"),
     (["--config", "{d}/missing.toml"], "--config {d}/missing.toml: cannot read it"),
     (["--output-dir", "{d}/a_file/run"], "--output-dir {d}/a_file/run cannot be created or written (Not a directory)"),
     (["--output-dir", "{d}/a_file"], "--output-dir {d}/a_file cannot be created or written (a file of that name"),
@@ -89,10 +89,17 @@ def files(tmp_path):
     (["--dataset", "default", "--dataset-split", "validation"], "--dataset-split applies to Hugging Face hub"),
     (["--dataset", "default", "--dataset-config", "en"], "--dataset-config applies to Hugging Face hub"),
     (["--dataset", "default", "--text-column", " "], "--text-column is empty"),
+    (["--float8", "--dtype", "float32"], "--float8 computes in bfloat16 around its float8 matmuls: drop --dtype"),
 ])
 def test_bad_input_is_one_line(files, capsys, flags, message):
     argv = [*FAST, "--output-dir", str(files / "out"), *(f.format(d=files) for f in flags)]
     assert message.format(d=files) in error_of(argv, capsys)
+
+
+def test_float8_without_torchao_is_one_line(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr("core.float8.torchao_available", lambda: False)
+    assert "--float8 needs torchao, which is not installed: pip install -e '.[float8]'" in error_of(
+        [*FAST, "--output-dir", str(tmp_path), "--float8"], capsys)
 
 
 def test_tensorboard_without_its_package_is_one_line(monkeypatch, capsys, tmp_path):
@@ -105,7 +112,7 @@ def test_help_lists_every_option_once_with_its_default(capsys):
     assert run(["--help"]) == 0
     text = capsys.readouterr().out
     assert "(default: None)" not in text and "(default '" not in text
-    assert "--dtype {float32,bfloat16}" in text and "--dp-mode {fsdp,hsdp,replicate}" in text
+    assert "--dtype {auto,float32,bfloat16}" in text and "--dp-mode {fsdp,hsdp,replicate}" in text
     assert "--device {auto,cpu,cuda}" in text and "--pp-schedule {1f1b,gpipe,interleaved-1f1b,zbv}" in text
     assert "--model {debug," in text and "--lr LR               peak learning rate (AdamW) (default: 0.003)" in text
     from dataclasses import fields

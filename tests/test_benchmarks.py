@@ -15,8 +15,11 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
     ("bench_meshes.py", ["--steps", "2", "--seq-len", "32", "--global-batch-size", "4", "--meshes", "dp=2"], ["dp=2"]),
     ("bench_moe_mesh.py", ["--mesh", "ep=2"], ["same run"]),
     ("bench_step.py", ["--smoke"], ["dp=2 fsdp", "no communication", "selective", "x eager", "grouped ms"]),
+    ("gpu_acceptance.py", ["--smoke", "--out", "{tmp}/gpu_acceptance.md"], ["Tests: 1 passed", "| bf16 |",
+                                                                           "| float8 |", "float8 / bf16 tokens/s"]),
 ])
-def test_benchmark_runs(script, args, expect):
+def test_benchmark_runs(script, args, expect, tmp_path):
+    args = [arg.format(tmp=tmp_path) for arg in args]
     result = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -24,5 +27,5 @@ def test_benchmark_runs(script, args, expect):
         assert text in result.stdout, result.stdout[-3000:]
     assert sorted(p.name for p in BENCHMARKS.glob("*.py")) == ["bench_checkpoint.py", "bench_context_parallel.py",
                                                                 "bench_meshes.py", "bench_moe_mesh.py",
-                                                                "bench_step.py"], \
+                                                                "bench_step.py", "gpu_acceptance.py"], \
         "a new benchmark needs a row here"

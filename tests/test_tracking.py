@@ -188,6 +188,12 @@ def test_flops_formula_and_peaks(monkeypatch):
                               ("NVIDIA A100-SXM4-80GB", torch.bfloat16, 312e12),
                               ("NVIDIA H100 PCIe", torch.bfloat16, 756e12),
                               ("NVIDIA H100 NVL", torch.bfloat16, None),
+                              ("NVIDIA B200", torch.bfloat16, 2250e12),
+                              ("NVIDIA GB200", torch.bfloat16, 2500e12),  # not the HGX B200's peak
+                              ("NVIDIA L40S", torch.bfloat16, 362.05e12),
+                              ("NVIDIA A10G", torch.bfloat16, 70e12),
+                              ("NVIDIA A10", torch.bfloat16, None),       # not the A10G
+                              ("AMD Instinct MI300X", torch.bfloat16, 1307.4e12),
                               ("NVIDIA GeForce RTX 4090", torch.bfloat16, None)]:
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
         assert peak_flops(torch.device("cuda", 0), dtype) == want, name

@@ -1,6 +1,7 @@
 """Apply the parallelisms to a model (or one pipeline stage of it) on a ParallelMesh.
 
-Order matters and follows what each API expects:
+Order matters and follows what each API expects (with ``float8``, Linear layers first become
+torchao's ``Float8Linear``, ``core.float8``; every step below treats them as the Linears they were):
   0. expert parallel: each MoE layer keeps its ep rank's experts (DTensors ``Shard(0)`` over
      ep) and dispatches its tokens over the ep group,
   1. tensor parallel (``parallelize_module``) turns Linear weights into tp-sharded DTensors,
@@ -35,6 +36,7 @@ from core.activation_checkpoint import apply_activation_checkpointing
 from core.context_parallel import cp_attention
 from core.data_parallel import apply_fsdp, apply_replicate
 from core.expert_parallel import expert_parallel_ffn
+from core.float8 import convert_to_float8
 from core.mesh import ParallelMesh
 from core.tensor_parallel import apply_tensor_parallel, wait_for_output
 from core.zigzag import zigzag_positions
@@ -67,6 +69,8 @@ class ParallelOptions:
     ``activation_checkpoint``: none | full | selective (``core.activation_checkpoint``).
     ``compile``: torch.compile each block.
     ``pp_schedule``, ``microbatches``: the pipeline schedule and its microbatches per step (0: 2 * pp).
+    ``float8``: the Linear layers' matmuls in float8 (``core.float8``; ``keeps_high_precision`` names
+    the layers that stay in the compute dtype).
     """
 
     dp_mode: str = "fsdp"
@@ -78,6 +82,15 @@ class ParallelOptions:
     compile: bool = False
     pp_schedule: str = "1f1b"
     microbatches: int = 0
+    float8: bool = False
+
+
+def keeps_high_precision(name: str) -> bool:
+    """Linear layers that ``--float8`` leaves in the compute dtype: the output projection, whose
+    logits go straight into the softmax over the vocabulary (float8 keeps ~2 significant digits:
+    the loss itself would carry its error), and MoE routers, whose top-k choice flips on small
+    errors and whose matmul (dim x n_experts) is too small for float8 to save time."""
+    return name == "output" or name.endswith("router.gate")
 
 
 def parallelize(model: Transformer, pm: ParallelMesh, options: ParallelOptions = ParallelOptions()) -> None:
@@ -88,6 +101,8 @@ def parallelize(model: Transformer, pm: ParallelMesh, options: ParallelOptions =
     if options.dp_mode not in DP_MODES:
         raise ValueError(f"unknown dp_mode {options.dp_mode!r}: use one of {', '.join(DP_MODES)}")
     blocks = list(model.layers.values())
+    if options.float8:
+        convert_to_float8(model, keeps_high_precision)
     apply_expert_parallel(model, pm)
     apply_tensor_parallel(model, pm["tp"], tensor_parallel_plan(model))
     if pm.size("tp") > 1:

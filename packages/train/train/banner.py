@@ -22,9 +22,9 @@ from .runs import RUN_IDENTITY, RUNS_ROOT
 def startup_banner(t, resumed_from: Path | None) -> str:
     """The banner's lines (``t`` is the Trainer; no collective)."""
     cfg = t.cfg
-    rows = [("run", _run_line(cfg)), ("model", _model_line(cfg, t.model_config, t.device)),
+    rows = [("run", _run_line(cfg)), ("model", _model_line(cfg, t.model_config, t.device, t.compute_dtype)),
             ("mesh", _mesh_line(cfg, t.model.mesh.shape)), ("step", _step_line(cfg)),
-            ("data", _data_line(cfg, t.batches)), ("checkpoints", _checkpoint_line(cfg, resumed_from, t.step))]
+            ("data", _data_line(cfg, t.batches.source)), ("checkpoints", _checkpoint_line(cfg, resumed_from, t.step))]
     return "\n".join(f"{name:<12}{text}" for name, text in rows)
 
 
@@ -48,12 +48,20 @@ def parameter_counts(model_config) -> tuple[int, int, int]:
     return total, int(active_parameter_count(model)), total - embedding
 
 
-def _model_line(cfg, model_config, device: torch.device) -> str:
+def _model_line(cfg, model_config, device: torch.device, dtype: torch.dtype) -> str:
     total, active, non_embedding = parameter_counts(model_config)
     active_text = f", {_count(active)} active per token" if active != total else ""
     return (f"{cfg.model}: {_count(total)} parameters{active_text}, {_count(non_embedding)} outside the embedding "
             f"and output layers; {model_config.n_layers} layers, dim {model_config.dim}, vocab "
-            f"{model_config.vocab_size}; {cfg.dtype} on {device.type}{_speed_options(cfg)}")
+            f"{model_config.vocab_size}; {_precision(cfg, dtype)} on {device.type}{_speed_options(cfg)}")
+
+
+def _precision(cfg, dtype: torch.dtype) -> str:
+    """E.g. "bfloat16 compute (--dtype auto), float8 matmuls", master weights always being float32."""
+    text = f"{str(dtype).removeprefix('torch.')} compute"
+    if cfg.dtype == "auto":
+        text += " (--dtype auto)"
+    return text + (", float8 matmuls" if cfg.float8 else "")
 
 
 def _speed_options(cfg) -> str:

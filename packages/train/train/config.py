@@ -18,7 +18,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("auto", "float32", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -49,6 +49,8 @@ class TrainConfig:
                                                 "and collective outputs; recompute element-wise ops)")
     compile: bool = option(False, "torch.compile each transformer block (inductor; the first step includes "
                                   "compile time)")
+    float8: bool = option(False, "run the transformer blocks' Linear matmuls in float8 with rowwise scales (torchao; "
+                                 "pip install -e '.[float8]'); the output projection and MoE routers stay bf16")
     # optimization
     steps: int = option(600, "optimizer steps to train for (the LR schedule's length)")
     global_batch_size: int = option(16, "sequences per optimizer step, over the whole mesh")
@@ -63,7 +65,8 @@ class TrainConfig:
     adam_eps: float = option(1e-8, "AdamW epsilon")
     max_grad_norm: float = option(1.0, "clip the global gradient norm to this (inf: no clipping)")
     seed: int = option(0, "seed of the initial weights and the data order")
-    dtype: str = option("float32", "compute dtype; master weights and optimizer state stay float32", DTYPES)
+    dtype: str = option("auto", "compute dtype; auto: bfloat16 on CUDA (and with --float8), float32 on CPU. Master "
+                                "weights, optimizer state and gradient reductions stay float32", DTYPES)
     log_every: int = option(1, "report metrics every N steps (and at eval, checkpoint and the last step); the "
                                "steps between read nothing on the host, so the GPU never waits for Python")
     skip_nonfinite_steps: bool = option(False, "on a NaN/inf loss or gradient norm, skip that step's update "
@@ -123,7 +126,7 @@ class TrainConfig:
 HELP_GROUPS = {
     "model": ("model", "model_args", "init_from", "dtype", "device"),
     "parallelism": ("mesh", "dp_mode", "dp_shard", "fsdp_unit_params", "pp_schedule", "microbatches", "cp_method"),
-    "memory and speed": ("activation_checkpoint", "compile", "log_every"),
+    "memory and speed": ("activation_checkpoint", "compile", "float8", "log_every"),
     "data": ("dataset", "dataset_config", "dataset_split", "text_column", "tokenizer", "document_masking",
              "streaming"),
     "optimization": ("steps", "global_batch_size", "grad_accum_steps", "seq_len", "lr", "min_lr_ratio",

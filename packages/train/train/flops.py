@@ -42,13 +42,28 @@ def transformer_flops_per_token(n_params_non_embedding_active: int, n_layers: in
     return 6.0 * n_params_non_embedding_active + 12.0 * n_layers * dim * seq_len
 
 
-# Dense (no sparsity) tensor-core peaks in FLOP/s, from NVIDIA's datasheets.
-# For float32 matmuls: "tf32" when torch allows TF32, else plain "fp32".
+# Dense (no 2:4 sparsity) tensor-core peaks per GPU in FLOP/s, from the vendors' datasheets (which
+# print the sparse figure first: these are half of it). For float32 matmuls: "tf32" when torch allows
+# TF32, else plain "fp32". float8 runs are rated against "bf16" too (as torchtitan reports them), so
+# a float8 run's MFU says how much faster it is than the bf16 ceiling.
+#   H100 SXM / H200 / H100 PCIe: NVIDIA H100 and H200 Tensor Core GPU datasheets.
+#   A100: NVIDIA A100 Tensor Core GPU datasheet (SXM and PCIe share these peaks).
+#   GB200, B200: NVIDIA GB200 NVL72 / HGX B200 specifications, per GPU (GB200 runs at up to
+#     1,200 W, an HGX B200 at 1,000 W: different clocks, different peaks).
+#   L40S: NVIDIA L40S datasheet.
+#   A10G (AWS G5 only; NVIDIA publishes no datasheet for it): AWS's figures as collected by
+#     Baseten, "NVIDIA A10 vs A10G for ML model inference" (A10G: 70 bf16, 35 TF32, 31.2 fp32).
+#   MI300X: AMD Instinct MI300X datasheet (ROCm builds of torch report it through torch.cuda).
 _PEAKS = {  # name fragment (most specific first) -> {dtype: FLOP/s}
     "H200": {"bf16": 989.5e12, "tf32": 494.7e12, "fp32": 66.9e12},
     "H100 PCIe": {"bf16": 756.0e12, "tf32": 378.0e12, "fp32": 51.2e12},
     "H100": {"bf16": 989.5e12, "tf32": 494.7e12, "fp32": 66.9e12},  # SXM (also "H100 80GB HBM3")
     "A100": {"bf16": 312.0e12, "tf32": 156.0e12, "fp32": 19.5e12},
+    "GB200": {"bf16": 2500.0e12, "tf32": 1250.0e12, "fp32": 80.0e12},
+    "B200": {"bf16": 2250.0e12, "tf32": 1100.0e12, "fp32": 75.0e12},
+    "L40S": {"bf16": 362.05e12, "tf32": 183.0e12, "fp32": 91.6e12},
+    "A10G": {"bf16": 70.0e12, "tf32": 35.0e12, "fp32": 31.2e12},
+    "MI300X": {"bf16": 1307.4e12, "tf32": 653.7e12, "fp32": 163.4e12},
 }
 
 

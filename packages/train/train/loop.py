@@ -42,19 +42,20 @@ from models.parallelize import ParallelOptions
 from . import checkpointing
 from .banner import startup_banner
 from .config import TrainConfig
-from .data import Batches, build_batches
+from .data import build_batches
 from .distributed import init_distributed, resolve_device, world_size_from_env
 from .divergence import TrainingDiverged, check_dropped_steps
 from .evaluation import EvalBatches, build_eval_batches, evaluate
 from .flops import model_flops_per_token, peak_flops
 from .optim import build_optimizer, build_scheduler
+from .precision import enable_tf32
 from .preemption import Preempted, PreemptionWatch, signal_name
+from .prefetch import PrefetchedBatches
 from .profiling import StepProfiler
 from .runs import agree_on_run_dir, lock_run_dir, point_latest_at, write_run_config
 from .tracking import MetricsLogger, WandbOptions, parse_tags
 from .validation import validate
 
-DTYPE = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # Seconds a rank that timed out waits for the others to report in before naming the silent ones.
 SILENT_RANK_WAIT_S = 10.0
 # Reported steps whose metrics a Trainer keeps in memory (all of them go to metrics.jsonl).
@@ -69,7 +70,8 @@ class Trainer:
     device: torch.device
     optimizer: torch.optim.AdamW
     scheduler: torch.optim.lr_scheduler.LambdaLR
-    batches: Batches                      # this batch rank's rows of every global batch
+    batches: PrefetchedBatches            # this batch rank's rows of every global batch, one read ahead
+    compute_dtype: torch.dtype = torch.float32  # what forward and backward compute in (--dtype, resolved)
     eval_batches: EvalBatches | None = None  # this rank's evaluation set, with --eval-every
     flops_per_token: float = 0.0
     step: int = 0
@@ -84,13 +86,15 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     """Validate, join the process group, build mesh, model, optimizer, data. Collective."""
     checked = validate(cfg, world_size_from_env())
     device = resolve_device(cfg.device)
+    enable_tf32(device)
     init_distributed(device, cfg.dist_timeout_s)
     cfg = agree_on_run_dir(cfg)
     pm = build_mesh(checked.shape, device.type, checked.dp_shard)
     torch.manual_seed(cfg.seed)
     tokenizer, model_config = checked.tokenizer, checked.model_config
-    model = distribute_model(model_config, pm, device, parallel_options(cfg), step_recipe(cfg, tokenizer.eos_id),
-                             cfg.seed)
+    dtype = checked.compute_dtype
+    model = distribute_model(model_config, pm, device, parallel_options(cfg, dtype),
+                             step_recipe(cfg, tokenizer.eos_id, dtype), cfg.seed)
     if cfg.init_from:
         for part in model.parts:
             load_hf_weights_(part, cfg.init_from)  # each rank copies its own shards; no collective
@@ -101,7 +105,8 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     batches = build_batches(cfg, tokenizer, batch_rank, batch_world, vocab_size)
     eval_batches = build_eval_batches(cfg, tokenizer, batches, batch_rank, batch_world,
                                       vocab_size) if cfg.eval_every else None
-    return Trainer(cfg, model, model_config, device, optimizer, scheduler, batches, eval_batches,
+    batches = PrefetchedBatches(batches, device)
+    return Trainer(cfg, model, model_config, device, optimizer, scheduler, batches, dtype, eval_batches,
                    flops_per_token=model_flops_per_token(model_config, cfg.seq_len),
                    checkpointer=Checkpointer(datetime.timedelta(seconds=cfg.dist_timeout_s)))
 
@@ -114,23 +119,23 @@ def wandb_options(cfg: TrainConfig) -> WandbOptions | None:
                         parse_tags(cfg.wandb_tags))
 
 
-def parallel_options(cfg: TrainConfig) -> ParallelOptions:
-    """The run's flags as ``models.parallelize`` takes them."""
-    return ParallelOptions(dp_mode=cfg.dp_mode, param_dtype=DTYPE[cfg.dtype] if cfg.dtype != "float32" else None,
+def parallel_options(cfg: TrainConfig, dtype: torch.dtype) -> ParallelOptions:
+    """The run's flags as ``models.parallelize`` takes them (``dtype``: the compute dtype)."""
+    return ParallelOptions(dp_mode=cfg.dp_mode, param_dtype=dtype if dtype != torch.float32 else None,
                            fsdp_unit_params=cfg.fsdp_unit_params, cp_method=cfg.cp_method,
                            activation_checkpoint=cfg.activation_checkpoint, compile=cfg.compile,
-                           pp_schedule=cfg.pp_schedule, microbatches=cfg.microbatches)
+                           pp_schedule=cfg.pp_schedule, microbatches=cfg.microbatches, float8=cfg.float8)
 
 
-def step_recipe(cfg: TrainConfig, eos_id: int) -> StepRecipe:
+def step_recipe(cfg: TrainConfig, eos_id: int, dtype: torch.dtype) -> StepRecipe:
     """What each step computes: batch, micro-batches, document masking, compute dtype."""
     return StepRecipe(cfg.global_batch_size, cfg.seq_len, cfg.grad_accum_steps,
-                      document_eos=eos_id if cfg.document_masking else None, compute_dtype=DTYPE[cfg.dtype])
+                      document_eos=eos_id if cfg.document_masking else None, compute_dtype=dtype)
 
 
 def model_flops_utilization(t: Trainer, tokens_per_sec: float) -> float | None:
     """Achieved FLOP/s over the peak of all devices in the mesh; None where the peak is unknown (CPU)."""
-    peak = peak_flops(t.device, DTYPE[t.cfg.dtype])
+    peak = peak_flops(t.device, t.compute_dtype)
     return None if peak is None else t.flops_per_token * tokens_per_sec / (peak * dist.get_world_size())
 
 
@@ -275,6 +280,7 @@ def train(cfg: TrainConfig) -> Trainer:
         where = f"; this rank's flight-recorder dump (its collectives and their states): {dump}" if dump else ""
         raise CollectiveTimeout(timeout_message(err, SILENT_RANK_WAIT_S) + where) from None
     finally:
+        t.batches.close()
         lock.release()
 
 

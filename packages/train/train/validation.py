@@ -16,6 +16,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from core.activation_checkpoint import check_mode as check_activation_checkpoint
 from core.context_parallel import cp_attention
 from core.mesh import MeshConfigError, MeshShape, check_divisible, hsdp_shard_size
@@ -30,6 +32,7 @@ from models.registry import TOKENIZER_SIZED, get_config, parse_model_args, vocab
 from .config import DTYPES, TrainConfig
 from .data_sources import check_local_dataset
 from .distributed import device_type
+from .precision import check_precision, compute_dtype
 from .profiling import check_profiling
 from .runs import RUNS_ROOT, check_run_name, requested_run_dir
 from .tokenizer import Tokenizer, load_tokenizer
@@ -42,6 +45,7 @@ class ValidatedRun:
     model_config: LlamaConfig  # an MoEConfig for MoE models
     tokenizer: Tokenizer       # loaded once here; the data and document masking use this one
     dp_shard: int | None    # HSDP's shard-group size along dp (None: no HSDP)
+    compute_dtype: torch.dtype  # what --dtype (auto: by device and --float8) computes in
 
 
 def validate(cfg: TrainConfig, world_size: int) -> ValidatedRun:
@@ -63,7 +67,9 @@ def validate(cfg: TrainConfig, world_size: int) -> ValidatedRun:
         raise ValueError(f"--seq-len {cfg.seq_len} exceeds the model's max_seq_len {model_config.max_seq_len}")
     _check_files(cfg, model_config, tokenizer)
     _check_tracking(cfg)
-    return ValidatedRun(shape, model_config, tokenizer, dp_shard)
+    check_precision(cfg.dtype, cfg.float8)
+    return ValidatedRun(shape, model_config, tokenizer, dp_shard,
+                        compute_dtype(cfg.dtype, device_type(cfg.device), cfg.float8))
 
 
 def _model_config(cfg: TrainConfig, tokenizer: Tokenizer) -> LlamaConfig:
