@@ -3,10 +3,11 @@
     python benchmarks/gpu_acceptance.py              # on a machine with one CUDA GPU
     python benchmarks/gpu_acceptance.py --smoke      # on the CPU in about a minute (the test suite runs this)
 
-1. the CUDA tests: the attention kernels against their reference, the prefetched batches
-   (``tests/test_prefetch.py``, whose CUDA test runs the steady-state loop under
-   ``torch.cuda.set_sync_debug_mode("error")``) and the float8 tests; with ``--smoke`` only
-   the CPU twin of the sync-free check (no tensor read on the host between reports);
+1. the CUDA tests (every test whose name says cuda: the attention kernels against their
+   reference, float8 on float8 tensor cores against bf16), then the sync-free check on its
+   own: steps between reports run under ``torch.cuda.set_sync_debug_mode("error")``
+   (``tests/test_prefetch.py``); with ``--smoke``, the CPU twin of that check (no tensor read
+   on the host between reports) and no CUDA tests;
 2. a 1B-class Llama (``llama3-1b``: Llama 3.2 1B's shape, 16 layers, dim 2048, 128k vocab) on
    synthetic tokens, each run the real CLI (``python -m train``) on one process:
      - bf16 (``--dtype auto``), ``--compile``, ``--activation-checkpoint selective``;
@@ -39,8 +40,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = [str(ROOT / "packages" / name) for name in ("core", "models", "train")]
-CUDA_TEST_FILES = ["tests/test_attention_kernels.py", "tests/test_prefetch.py", "tests/test_float8.py"]
-SMOKE_TESTS = ["tests/test_lean_step.py::test_steps_between_reports_read_nothing_on_the_host"]
+SYNC_CHECK = "tests/test_prefetch.py::test_cuda_steady_state_steps_never_wait_for_the_host"
+SYNC_CHECK_CPU_TWIN = "tests/test_lean_step.py::test_steps_between_reports_read_nothing_on_the_host"
 # Reports whose tokens/s is left out of the median: the first includes compile time, the second warm-up.
 WARMUP_REPORTS = 2
 
@@ -54,17 +55,25 @@ def environment() -> str:
     return f"{device}, torch {torch.__version__}, Python {platform.python_version()}"
 
 
-def run_tests(smoke: bool) -> str:
-    """Run the CUDA tests (or the CPU twin of the sync check); return pytest's summary line."""
-    selection = SMOKE_TESTS if smoke else CUDA_TEST_FILES
+def pytest_summary(selection: list[str]) -> str:
+    """Run pytest on ``selection``; return its summary line (e.g. "12 passed, 3 skipped in 40.1s")."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(PACKAGES)}
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *selection],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    lines = [line for line in result.stdout.splitlines() if re.search(r"\d+ (passed|failed|error)", line)]
+    lines = [line for line in result.stdout.splitlines() if re.search(r"\d+ (passed|failed|error|deselected)", line)]
     summary = lines[-1].strip("= ") if lines else f"pytest exited with {result.returncode}"
     if result.returncode != 0:
         print(result.stdout[-4000:], file=sys.stderr)
     return summary
+
+
+def run_checks(smoke: bool) -> dict[str, str]:
+    """The CUDA tests and the sync-free check (its CPU twin with ``--smoke``): name -> pytest's summary."""
+    if smoke:
+        return {"CUDA tests": "not run (--smoke)", "no host sync between reports (CPU twin)":
+                pytest_summary([SYNC_CHECK_CPU_TWIN])}
+    return {"CUDA tests": pytest_summary(["tests", "-k", "cuda", "--deselect", SYNC_CHECK]),
+            "no host sync between reports": pytest_summary([SYNC_CHECK])}
 
 
 def training_flags(args: argparse.Namespace) -> list[str]:
@@ -96,11 +105,11 @@ def train_run(flags: list[str], steps: int, log_every: int) -> dict:
             "peak_gib": max(r["mem_peak_mib"] for r in rows) / 1024, "loss": rows[-1]["loss"], "seconds": seconds}
 
 
-def table(env_line: str, tests: str, runs: dict[str, dict], smoke: bool) -> str:
+def table(env_line: str, checks: dict[str, str], runs: dict[str, dict], smoke: bool) -> str:
     """The markdown report."""
     lines = [f"# Meshtron GPU acceptance{' (smoke, CPU)' if smoke else ''}", "", f"Machine: {env_line}", "",
-             f"Tests: {tests}", "", "| run | tokens/s | MFU | peak memory GiB | last loss | wall s |",
-             "|---|---|---|---|---|---|"]
+             "| check | pytest |", "|---|---|", *(f"| {name} | {summary} |" for name, summary in checks.items()),
+             "", "| run | tokens/s | MFU | peak memory GiB | last loss | wall s |", "|---|---|---|---|---|---|"]
     for name, r in runs.items():
         if "error" in r:
             lines.append(f"| {name} | failed: {r['error']} | | | | |")
@@ -128,15 +137,15 @@ def main() -> int:
               file=sys.stderr)
         return 2
     steps, log_every = (6, 1) if args.smoke else (args.steps, 5)
-    tests = run_tests(args.smoke)
+    checks = run_checks(args.smoke)
     flags = training_flags(args)
     runs = {"bf16": train_run(flags, steps, log_every), "float8": train_run([*flags, "--float8"], steps, log_every)}
-    report = table(environment(), tests, runs, args.smoke)
+    report = table(environment(), checks, runs, args.smoke)
     print(report)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(report)
     print(f"written to {args.out}")
-    failed = "failed" in tests or "error" in tests or any("error" in r for r in runs.values())
+    failed = any("failed" in c or "error" in c for c in checks.values()) or any("error" in r for r in runs.values())
     return 1 if failed else 0
 
 

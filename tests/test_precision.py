@@ -98,6 +98,15 @@ def test_float8_meshes_match_one_float8_process(mesh, world):
     assert max_difference(on_mesh, run("", 1, float8=True)) < FLOAT8_TOLERANCE
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="needs a GPU with float8 tensor cores (sm89+: Ada, Hopper, Blackwell)")
+def test_cuda_float8_tracks_bfloat16():
+    """The same comparison on the GPU, where torch._scaled_mm runs on float8 tensor cores."""
+    float8, bf16 = run("", 1, float8=True, device="cuda"), run("", 1, device="cuda")
+    assert float8["dtype"] == bf16["dtype"] == torch.bfloat16 and float8["float8"] and not bf16["float8"]
+    assert 1e-3 < max_difference(float8, bf16) < FLOAT8_TOLERANCE
+
+
 def test_float8_without_torchao_or_with_float32_is_one_clear_error(monkeypatch):
     import core.float8
     from train.precision import check_precision

@@ -83,7 +83,7 @@ def test_prefetching_changes_no_loss():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_steady_state_steps_never_wait_for_the_gpu():
+def test_cuda_steady_state_steps_never_wait_for_the_host():
     """On CUDA, steps between reports run under ``set_sync_debug_mode("error")``: any host sync (a
     ``.item()``, a pageable copy, a ``nonzero``) raises. The CPU twin, which forbids reading a
     tensor on the host, is ``test_lean_step.py::test_steps_between_reports_read_nothing_on_the_host``."""

@@ -18,6 +18,10 @@ LLAMA_CONFIGS: dict[str, LlamaConfig] = {
                              vocab_size=128256, rope_theta=500000.0, max_seq_len=8192),
     "llama3-70b": LlamaConfig(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim=28672,
                               vocab_size=128256, rope_theta=500000.0, max_seq_len=8192),
+    # Llama 3.1 405B's shape (126 layers, 405.9B parameters); trained here without its long-context
+    # RoPE scaling, so up to the 8k context it was pretrained at.
+    "llama3-405b": LlamaConfig(dim=16384, n_layers=126, n_heads=128, n_kv_heads=8, ffn_dim=53248,
+                               vocab_size=128256, rope_theta=500000.0, max_seq_len=8192),
 }
 
 
