@@ -12,6 +12,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 @pytest.mark.parametrize("script, args, expect", [
     ("bench_checkpoint.py", ["--smoke"], ["save s", "load s", "CRC-32"]),
     ("bench_context_parallel.py", ["--smoke"], ["attention op", "ring block", "training step"]),
+    ("bench_init.py", ["--smoke"], ["| debug | dp=4 |", "| debug | dp=2,tp=2 |", "full / tiled"]),
     ("bench_meshes.py", ["--steps", "2", "--seq-len", "32", "--global-batch-size", "4", "--meshes", "dp=2"], ["dp=2"]),
     ("bench_moe_mesh.py", ["--mesh", "ep=2"], ["same run"]),
     ("bench_step.py", ["--smoke"], ["dp=2 fsdp", "no communication", "selective", "x eager", "grouped ms"]),
@@ -26,6 +27,6 @@ def test_benchmark_runs(script, args, expect, tmp_path):
     for text in expect:
         assert text in result.stdout, result.stdout[-3000:]
     assert sorted(p.name for p in BENCHMARKS.glob("*.py")) == ["bench_checkpoint.py", "bench_context_parallel.py",
-                                                                "bench_meshes.py", "bench_moe_mesh.py",
+                                                                "bench_init.py", "bench_meshes.py", "bench_moe_mesh.py",
                                                                 "bench_step.py", "gpu_acceptance.py"], \
         "a new benchmark needs a row here"

@@ -58,6 +58,7 @@ COMMANDS = {
     ".venv/bin/python benchmarks/gpu_acceptance.py --smoke": "test_benchmarks runs it",
     ".venv/bin/python benchmarks/bench_step.py": "13 minutes; test_benchmarks runs its --smoke",
     ".venv/bin/python benchmarks/bench_checkpoint.py": "a minute; test_benchmarks runs its --smoke",
+    ".venv/bin/python benchmarks/bench_init.py": "minutes and ~10 GB; test_benchmarks runs its --smoke",
     ".venv/bin/python benchmarks/bench_context_parallel.py": "10 minutes; test_benchmarks runs its --smoke",
     "make train": "python -m train with the defaults: test_first_run runs them (60 steps)",
     "make TORCH_INDEX=https://download.pytorch.org/whl/cpu train": "an install with another index; as make train",
