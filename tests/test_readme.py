@@ -30,6 +30,7 @@ COMMANDS = {
     ".venv/bin/python -m train --run-name first --steps 200 --override-lr-schedule": [*SMALL, "--steps", "6"],
     ".venv/bin/python -m train --config outputs/latest/config.toml --steps 50": ["--steps", "2"],
     ".venv/bin/python tools/evaluate.py outputs/latest/checkpoints": ["--eval-batches", "1"],
+    '.venv/bin/python tools/generate.py outputs/latest/checkpoints --prompt "ROMEO:"': ["--max-new-tokens", "4"],
     ".venv/bin/python tools/hf_convert.py export outputs/latest/checkpoints hf_model/": [],
     ".venv/bin/python -m train --init-from hf_model/ --run-name finetune --steps 20": [*SMALL, "--steps", "2"],
     ".venv/bin/python tools/evaluate.py hf_model/ --dataset default": [*SMALL, "--eval-batches", "1"],

@@ -1,0 +1,100 @@
+"""Generation with a K/V cache (``models.generation``, ``tools/generate.py``): greedy output equal
+to transformers' ``generate`` token for token, rows of a padded batch as if each ran alone, the
+cache equal to recomputing the whole sequence, and sampling that narrows to greedy."""
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_hf_format import full_state, unit_scale_model
+
+from models.generation import DecodeState, Sampling, generate
+from models.hf_format import save_hf_folder
+from models.registry import get_config
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = [[5, 17, 300, 42, 8, 9, 100], [77, 3], [1, 2, 3, 4]]  # lengths 7, 2, 4: two rows left-padded
+EOS = 511
+NEW_TOKENS = 20
+
+
+def transformers_greedy(folder: Path, prompts: list[list[int]]) -> list[list[int]]:
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    longest = max(map(len, prompts))
+    ids = torch.tensor([[EOS] * (longest - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in prompts])
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
+                         eos_token_id=EOS, pad_token_id=EOS)
+    rows = [row[longest:].tolist() for row in out]
+    return [row[:row.index(EOS) + 1] if EOS in row else row for row in rows]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
+@pytest.mark.parametrize("model_name", ["debug", "debug-mixtral"])
+def test_greedy_equals_transformers_generate(model_name, tmp_path):
+    config = get_config(model_name)
+    model = unit_scale_model(config, seed=3)  # O(1) logits: the greedy tokens vary, a wrong one shows
+    save_hf_folder(full_state(model), config, tmp_path)
+    ours = generate(model, PROMPTS, NEW_TOKENS, EOS)
+    assert ours == transformers_greedy(tmp_path, PROMPTS)
+    assert len(set(ours[0])) > 3, f"the test needs varied tokens, got {ours[0]}"
+
+
+def test_each_row_of_a_padded_batch_is_generated_as_if_alone(monkeypatch):
+    model = unit_scale_model(get_config("debug"), seed=3)
+    batch = generate(model, PROMPTS, NEW_TOKENS, EOS)
+    assert batch == [generate(model, [prompt], NEW_TOKENS, EOS)[0] for prompt in PROMPTS]
+
+    # Negative control: padding visible as keys changes the padded rows.
+    def advance_seeing_padding(self, fed, positions):
+        self.valid[:] = True
+        original_advance(self, fed, positions)
+
+    original_advance = DecodeState.advance
+    monkeypatch.setattr(DecodeState, "advance", advance_seeing_padding)
+    assert generate(model, PROMPTS, NEW_TOKENS, EOS)[1] != batch[1]
+
+
+@torch.no_grad()
+def test_the_cache_equals_recomputing_the_sequence():
+    model = unit_scale_model(get_config("debug-moe-v3"), seed=4).eval()
+    prompt = PROMPTS[0]
+    cached = generate(model, [prompt], 12, EOS)[0]
+    sequence = torch.tensor([prompt])
+    for _ in range(len(cached)):
+        next_token = model(sequence)[0, -1].argmax()
+        sequence = torch.cat([sequence, next_token.view(1, 1)], dim=1)
+    assert cached == sequence[0, len(prompt):].tolist()
+
+
+def test_sampling():
+    model = unit_scale_model(get_config("debug"), seed=3)
+    greedy = generate(model, PROMPTS, 8, EOS)
+
+    def sample(seed, **how):
+        return generate(model, PROMPTS, 8, EOS, Sampling(generator=torch.Generator().manual_seed(seed), **how))
+
+    assert sample(0, temperature=1.0, top_k=1) == greedy
+    assert sample(0, temperature=1.0, top_p=1e-6) == greedy
+    assert sample(1, temperature=1.0) == sample(1, temperature=1.0)
+    assert sample(1, temperature=1.0) != sample(2, temperature=1.0)
+
+
+def test_cli_continues_prompts_from_a_checkpoint(tmp_path):
+    train = [sys.executable, "-m", "train", "--steps", "2", "--checkpoint-every", "2", "--seq-len", "32",
+             "--global-batch-size", "4", "--output-dir", str(tmp_path / "run")]
+    assert subprocess.run(train, capture_output=True, text=True, timeout=300).returncode == 0
+    tool = [sys.executable, str(ROOT / "tools" / "generate.py"), str(tmp_path / "run" / "checkpoints")]
+    result = subprocess.run([*tool, "--prompt", "ROMEO:", "--prompt", "To be", "--max-new-tokens", "5"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("ROMEO:") and "To be" in result.stdout
+    bad = subprocess.run([*tool, "--prompt", "x", "--tokenizer", str(tmp_path / "missing.json")],
+                         capture_output=True, text=True, timeout=300)
+    lines = bad.stderr.strip().splitlines()
+    assert bad.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), bad.stderr
