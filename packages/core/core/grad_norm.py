@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.distributed.tensor import DTensor
 
 from core.tensor_parallel import local_tensor
@@ -22,7 +23,9 @@ def _layout_order(layout: tuple) -> str:
     mesh, placements = layout
     if mesh is None:
         return ""
-    return f"{mesh.mesh_dim_names}|{mesh.mesh.flatten().tolist()}|{placements}"
+    with unset_fake_temporarily():  # the rank map is a real tensor, also inside a dry run's fake-tensor mode
+        ranks = mesh.mesh.flatten().tolist()
+    return f"{mesh.mesh_dim_names}|{ranks}|{placements}"
 
 
 def _reduced_square_sum(grads: list[torch.Tensor]) -> torch.Tensor:

@@ -12,10 +12,11 @@ from .pipelined import pipeline_model
 
 
 def distribute_model(model_config, pm: ParallelMesh, device: torch.device, options: ParallelOptions,
-                     recipe: StepRecipe, seed: int) -> ParallelModel:
+                     recipe: StepRecipe, seed: int | None) -> ParallelModel:
     """This rank's part of the model of ``model_config`` on ``pm``, initialized (the same weights
     on every mesh), with everything its steps need: the pipeline's stages and schedule when
     pp > 1, else the whole model sharded by the other dims. Collective (process groups, FSDP).
+    ``seed`` None: no initial values (a dry run, on the meta device).
     """
     build = pipeline_model if pm.size("pp") > 1 else parallelize_model
     return build(model_config, pm, device, options, recipe, seed)

@@ -236,20 +236,22 @@ def materialize(model: nn.Module, device: torch.device) -> None:
     model.to_empty(device=device)
 
 
-def parallelize_and_initialize(model: Transformer, pm: ParallelMesh, device: torch.device, seed: int,
+def parallelize_and_initialize(model: Transformer, pm: ParallelMesh, device: torch.device, seed: int | None,
                                options: ParallelOptions = ParallelOptions()) -> None:
     """Shard a meta-device model (or pipeline stage) over ``pm``, allocate this rank's shards on
     ``device`` and fill them with the mesh-invariant initial values (``models.init``).
+    ``seed`` None leaves them uninitialized (a dry run, which allocates on the meta device).
 
     Collective only where ``parallelize`` is (FSDP setup); initialization issues none.
     """
     parallelize(model, pm, options)
     materialize(model, device)
-    init_weights(model, model.config.n_layers, seed)
+    if seed is not None:
+        init_weights(model, model.config.n_layers, seed)
 
 
 def parallelize_model(model_config, pm: ParallelMesh, device: torch.device, options: ParallelOptions,
-                      recipe: StepRecipe, seed: int) -> ShardedModel:
+                      recipe: StepRecipe, seed: int | None) -> ShardedModel:
     """The whole model of ``model_config``, sharded over ``pm`` and initialized, with its step
     rules. Collective where ``parallelize`` is (FSDP setup)."""
     with torch.device("meta"):

@@ -78,7 +78,7 @@ class Pipeline:
 
 
 def build_stage_module(model_config, layer_ids: list[int], first: bool, last: bool, pm: ParallelMesh,
-                       device: torch.device, options: ParallelOptions, seed: int) -> nn.Module:
+                       device: torch.device, options: ParallelOptions, seed: int | None) -> nn.Module:
     """One stage: cut on the meta device, parallelized on this rank's submesh, initialized by name.
 
     FSDP keeps parameters gathered after the forward (``reshard_after_forward=False``):
@@ -108,7 +108,7 @@ def compute_per_token(model_config, seq_len: int) -> tuple[list[float], float]:
 
 
 def pipeline_model(model_config, pm: ParallelMesh, device: torch.device, options: ParallelOptions,
-                   recipe: StepRecipe, seed: int) -> PipelinedModel:
+                   recipe: StepRecipe, seed: int | None) -> PipelinedModel:
     """This rank's stage modules and the schedule that drives them. Collective (process groups, FSDP)."""
     pp = pm.size("pp")
     stage_ids = stages_of_rank(pm.local_rank("pp"), pp, options.pp_schedule)

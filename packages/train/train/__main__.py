@@ -34,7 +34,13 @@ def main(argv: list[str] | None = None) -> None:
 def run(argv: list[str] | None) -> int:
     """Parse, train, and turn every way of ending into an exit code and at most one line."""
     try:
-        train(parse_config(argv))
+        cfg = parse_config(argv)
+        if cfg.dry_run:
+            from .dry_run import dry_run  # the fake backend and trackers load only for a dry run
+
+            dry_run(cfg)
+        else:
+            train(cfg)
         return 0
     except (ValueError, CheckpointError) as err:  # the user's input: options, files, checkpoints
         _error(str(err))

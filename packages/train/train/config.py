@@ -117,6 +117,13 @@ class TrainConfig:
                                                "--min-lr-ratio instead of refusing to change them")
     async_checkpoint: bool = option(False, "write checkpoints in the background while training goes on")
     init_from: str = option("", "initial weights from a Hugging Face folder (model.safetensors + config.json)")
+    # dry run
+    dry_run: bool = option(False, "simulate one rank of a --world-size N run in this process (fake process group, "
+                                  "fake tensors): memory and collective bytes per rank, no training")
+    world_size: int = option(0, "with --dry-run: the number of ranks to simulate")
+    dry_run_ranks: str = option("", "with --dry-run: which ranks, all or R,R,... (default: rank 0)")
+    dry_run_init: bool = option(False, "with --dry-run: also allocate the rank's shards for real and time their "
+                                       "initialization")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -137,6 +144,7 @@ HELP_GROUPS = {
                                    "override_lr_schedule", "async_checkpoint"),
     "tracking": ("wandb", "wandb_project", "wandb_entity", "wandb_run_name", "wandb_tags", "tensorboard"),
     "profiling and faults": ("profile_steps", "memory_snapshot", "dist_timeout_s", "preemption_deadline_s"),
+    "dry run": ("dry_run", "world_size", "dry_run_ranks", "dry_run_init"),
 }
 TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 

@@ -53,6 +53,7 @@ def validate(cfg: TrainConfig, world_size: int) -> ValidatedRun:
     _check_ranges(cfg)
     _check_choices(cfg)
     check_run_name(cfg.run_name)
+    _check_dry_run_options(cfg)
     shape = MeshShape.parse(cfg.mesh).resolve(world_size)
     tokenizer = load_tokenizer(cfg.tokenizer)  # a bad --tokenizer is a mistake even where unused
     model_config = _model_config(cfg, tokenizer)
@@ -80,6 +81,19 @@ def _model_config(cfg: TrainConfig, tokenizer: Tokenizer) -> LlamaConfig:
     if follows and "vocab_size" not in overrides:
         overrides["vocab_size"] = vocab_for_tokenizer(tokenizer.vocab_size)
     return get_config(cfg.model, **overrides)
+
+
+def _check_dry_run_options(cfg: TrainConfig) -> None:
+    """The dry run's own options mean nothing to a real run (its world size is torchrun's)."""
+    if cfg.dry_run:
+        if cfg.world_size < 1:
+            raise ValueError("--dry-run needs --world-size N (the number of ranks to simulate), N >= 1")
+        return
+    given = [flag for flag, value in (("--world-size", cfg.world_size), ("--dry-run-ranks", cfg.dry_run_ranks),
+                                      ("--dry-run-init", cfg.dry_run_init)) if value]
+    if given:
+        raise ValueError(f"{', '.join(given)} applies to --dry-run only: add --dry-run, or launch N ranks with "
+                         f"torchrun --nproc_per_node=N")
 
 
 def _check_tracking(cfg: TrainConfig) -> None:

@@ -1,0 +1,117 @@
+"""``python -m train --dry-run``: one simulated rank predicts a real rank's peak tensor memory
+(within 10%) and its collective bytes per mesh dim (exactly), and rejects what a real run rejects.
+
+"Measured" is the real run's second step on gloo, every tensor storage counted by torch's
+``MemTracker`` (the CPU has no allocator statistic like ``torch.cuda.max_memory_allocated``:
+the tracker sees each storage an operator creates and when it is freed). "Predicted" is the
+dry run of the same configuration, where nothing is allocated. The model is wide enough
+(dim 512) that tensors, not bookkeeping, make up the peak.
+"""
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+from rank_harness import run_on_ranks
+
+ROOT = Path(__file__).resolve().parents[1]
+WIDE = dict(model="debug", model_args="dim=512,n_heads=8,n_kv_heads=4,ffn_dim=1536,n_layers=2,vocab_size=4096",
+            dataset="synthetic", seq_len=256, global_batch_size=4)
+MEMORY_TOLERANCE = 0.10
+
+
+def flags(options: dict) -> list[str]:
+    return [part for name, value in options.items() for part in ("--" + name.replace("_", "-"), str(value))]
+
+
+def dry_run(world: int, mesh: str, options: dict, *extra: str) -> tuple[subprocess.CompletedProcess, dict | None]:
+    """The CLI's dry run (a child process: one process plays one rank); its dry_run.json if it succeeded."""
+    with tempfile.TemporaryDirectory() as out:
+        command = [sys.executable, "-m", "train", "--dry-run", "--world-size", str(world), "--mesh", mesh,
+                   "--device", "cpu", "--output-dir", out, *flags(options), *extra]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+        report = json.loads((Path(out) / "dry_run.json").read_text()) if result.returncode == 0 else None
+    return result, report
+
+
+def measured_second_step(mesh: str, options: dict) -> dict:
+    """On this rank of a real gloo run: peak bytes alive during its second step, and the bytes of
+    every collective of that step by mesh dim."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from train.config import TrainConfig
+    from train.dry_run import CollectiveBytes, group_dims
+    from train.loop import apply_gradients, build_trainer
+
+    with tempfile.TemporaryDirectory() as out:
+        t = build_trainer(TrainConfig(**{**options, "mesh": mesh, "output_dir": out, "checkpoint_every": 0}))
+        inputs, labels = next(t.batches)
+        for _step in (1, 2):  # the first creates the optimizer state; the trackers of the second are kept
+            memory, collectives = MemTracker(), CollectiveBytes(group_dims(t.model.mesh))
+            memory.track_external(t.model.module, t.optimizer)
+            with memory, collectives:
+                loss_share = t.model.forward_backward(inputs, labels)
+                t.model.finish_gradients()
+                apply_gradients(t, t.model.reduce_loss(loss_share, on_host=False))
+        t.batches.close()
+    peak = sum(device["Total"] for device in memory.get_tracker_snapshot("peak").values())
+    return {"peak": peak, "collectives": collectives.bytes}
+
+
+@pytest.mark.parametrize("mesh, world, extra", [
+    ("", 1, {}),
+    ("dp=2", 2, {}),                                  # FSDP
+    ("dp=2", 2, {"dp_mode": "replicate"}),
+    ("cp=2", 2, {}),                                  # ring attention
+    # tensor + sequence parallel, loss parallel, FSDP's bf16 casts on a one-rank mesh, recomputation
+    ("tp=2", 2, {"dtype": "bfloat16", "activation_checkpoint": "selective"}),
+])
+def test_dry_run_predicts_memory_and_collectives(mesh, world, extra):
+    options = {**WIDE, **extra}
+    measured = run_on_ranks(measured_second_step, world, mesh, options)[0]
+    result, report = dry_run(world, mesh, options)
+    assert result.returncode == 0, result.stderr[-3000:]
+    predicted = report["ranks"][0]
+    assert abs(predicted["memory_bytes"]["peak"] / measured["peak"] - 1) < MEMORY_TOLERANCE, \
+        (predicted["memory_bytes"]["peak"], measured["peak"])
+    assert predicted["collectives"] == measured["collectives"]
+
+
+def test_parameters_gradients_and_optimizer_state_are_the_closed_form():
+    """dp=2 FSDP: each rank holds half of every parameter (all dims even): 4 bytes an element,
+    the same for its gradient, twice that for AdamW's two moments."""
+    import torch
+
+    from models.registry import build_model, get_config, parse_model_args
+
+    _, report = dry_run(2, "dp=2", WIDE)
+    with torch.device("meta"):
+        model = build_model(get_config("debug", **parse_model_args("debug", WIDE["model_args"])))
+    half = sum(p.numel() for p in model.parameters()) // 2
+    memory = report["ranks"][0]["memory_bytes"]
+    assert (memory["params"], memory["grads"], memory["optimizer"]) == (4 * half, 4 * half, 8 * half)
+
+
+def test_several_ranks_and_init_timing():
+    result, report = dry_run(4, "dp=2,tp=2", WIDE, "--dry-run-ranks", "0,3", "--dry-run-init")
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = report["ranks"]
+    assert [r["rank"] for r in ranks] == [0, 3] and all(r["init_seconds"] > 0 for r in ranks)
+    assert "| 0 |" in result.stdout and "| 3 |" in result.stdout
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--mesh", "dp=2,tp=3"], "model n_heads=8 is not divisible by tp=3"),  # what a real run says
+    (["--mesh", "dp=3,pp=2", "--global-batch-size", "12"], "--dry-run does not simulate pipeline (pp)"),
+    (["--dry-run-ranks", "9"], "--dry-run-ranks '9': ranks must lie in [0, 5]"),
+    (["--world-size", "0"], "--dry-run needs --world-size N"),
+])
+def test_impossible_layouts_are_one_line(extra, message):
+    with tempfile.TemporaryDirectory() as out:
+        command = [sys.executable, "-m", "train", "--dry-run", "--world-size", "6", "--output-dir", out, *extra]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr[-2000:]
