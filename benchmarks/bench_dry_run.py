@@ -60,26 +60,16 @@ def _measure_rank(rank: int, world: int, port: int, argv: list[str], out: str) -
     """One rank of the real run: two steps, the second tracked; rank 0 writes peak and collectives."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
-    from torch.distributed._tools.mem_tracker import MemTracker
-
     from train.config import parse_config
-    from train.dry_run import CollectiveBytes, group_dims
-    from train.loop import apply_gradients, build_trainer
+    from train.dry_run import measure_real_step
+    from train.loop import build_trainer
 
     with tempfile.TemporaryDirectory() as run_dir:
         t = build_trainer(parse_config([*argv, "--output-dir", run_dir, "--checkpoint-every", "0"]))
-        inputs, labels = next(t.batches)
-        for _step in (1, 2):  # the first creates the optimizer state; the trackers of the second are kept
-            memory, collectives = MemTracker(), CollectiveBytes(group_dims(t.model.mesh))
-            memory.track_external(t.model.module, t.optimizer)
-            with memory, collectives:
-                loss_share = t.model.forward_backward(inputs, labels)
-                t.model.finish_gradients()
-                apply_gradients(t, t.model.reduce_loss(loss_share, on_host=False))
+        measured = measure_real_step(t)
         t.batches.close()
     if rank == 0:
-        peak = sum(device["Total"] for device in memory.get_tracker_snapshot("peak").values())
-        Path(out).write_text(json.dumps({"peak": peak, "collectives": collectives.bytes}))
+        Path(out).write_text(json.dumps(measured))
     dist.destroy_process_group()
 
 

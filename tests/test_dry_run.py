@@ -40,25 +40,15 @@ def dry_run(world: int, mesh: str, options: dict, *extra: str) -> tuple[subproce
 def measured_second_step(mesh: str, options: dict) -> dict:
     """On this rank of a real gloo run: peak bytes alive during its second step, and the bytes of
     every collective of that step by mesh dim."""
-    from torch.distributed._tools.mem_tracker import MemTracker
-
     from train.config import TrainConfig
-    from train.dry_run import CollectiveBytes, group_dims
-    from train.loop import apply_gradients, build_trainer
+    from train.dry_run import measure_real_step
+    from train.loop import build_trainer
 
     with tempfile.TemporaryDirectory() as out:
         t = build_trainer(TrainConfig(**{**options, "mesh": mesh, "output_dir": out, "checkpoint_every": 0}))
-        inputs, labels = next(t.batches)
-        for _step in (1, 2):  # the first creates the optimizer state; the trackers of the second are kept
-            memory, collectives = MemTracker(), CollectiveBytes(group_dims(t.model.mesh))
-            memory.track_external(t.model.module, t.optimizer)
-            with memory, collectives:
-                loss_share = t.model.forward_backward(inputs, labels)
-                t.model.finish_gradients()
-                apply_gradients(t, t.model.reduce_loss(loss_share, on_host=False))
+        measured = measure_real_step(t)
         t.batches.close()
-    peak = sum(device["Total"] for device in memory.get_tracker_snapshot("peak").values())
-    return {"peak": peak, "collectives": collectives.bytes}
+    return measured
 
 
 @pytest.mark.parametrize("mesh, world, extra", [

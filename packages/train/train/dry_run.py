@@ -211,6 +211,23 @@ def _time_init(model_config, pm: ParallelMesh, options, recipe, seed: int) -> fl
     return time.perf_counter() - start
 
 
+def measure_real_step(t) -> dict:
+    """What a dry run predicts, measured on a real Trainer ``t`` (any backend): two steps, the
+    second tracked. Returns {"peak": bytes of tensor storage alive at once, "collectives":
+    bytes per mesh dim}; the first step creates the optimizer state, as in the dry run."""
+    from .loop import apply_gradients
+
+    inputs, labels = next(t.batches)
+    for _step in (1, 2):  # the trackers of the second step are kept
+        memory, collectives = MemTracker(), CollectiveBytes(group_dims(t.model.mesh))
+        memory.track_external(t.model.module, t.optimizer)
+        with memory, collectives:
+            loss_share = t.model.forward_backward(inputs, labels)
+            t.model.finish_gradients()
+            apply_gradients(t, t.model.reduce_loss(loss_share, on_host=False))
+    return {"peak": _total(memory.get_tracker_snapshot("peak")), "collectives": collectives.bytes}
+
+
 def ranks_to_simulate(spec: str, world: int) -> list[int]:
     """``--dry-run-ranks``: "" (rank 0), "all", or "R,R,..."."""
     if not spec:
