@@ -116,13 +116,19 @@ def closed_form_bytes(module: torch.nn.Module) -> dict[str, int]:
     return {"params": params, "grads": params, "optimizer": 2 * params}
 
 
-def simulated_rank(cfg: TrainConfig, world: int, rank: int) -> dict:
-    """Rank ``rank``'s report (``module docstring``): build, one fake step, memory and collectives."""
+def check_dry_run(cfg: TrainConfig, world: int):
+    """The real run's checks for ``world`` ranks, and what the dry run cannot simulate. No collective."""
     os.environ.setdefault("LOCAL_WORLD_SIZE", str(min(world, GPUS_PER_NODE)))
     checked = validate(dataclasses.replace(cfg, device="cpu"), world)
     if checked.shape.pp > 1 or checked.shape.ep > 1:
         raise ValueError("--dry-run does not simulate pipeline (pp) or expert (ep) parallelism yet: use a mesh "
                          "of dp, cp and tp, or a real run")
+    return checked
+
+
+def simulated_rank(cfg: TrainConfig, world: int, rank: int) -> dict:
+    """Rank ``rank``'s report (``module docstring``): build, two fake steps, memory and collectives."""
+    checked = check_dry_run(cfg, world)
     dtype = compute_dtype(cfg.dtype, "cpu" if cfg.device == "cpu" else "cuda", cfg.float8)
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
     try:
@@ -252,6 +258,7 @@ def dry_run(cfg: TrainConfig) -> list[dict]:
     if cfg.world_size < 1:  # before the rank list is read; validate() says it again for the child processes
         raise ValueError("--dry-run needs --world-size N (the number of ranks to simulate), N >= 1")
     ranks = ranks_to_simulate(cfg.dry_run_ranks, cfg.world_size)
+    check_dry_run(cfg, cfg.world_size)  # a mistake is one line here, not one per child process
     out = Path(cfg.output_dir or RUNS_ROOT / (cfg.run_name or f"dry-run-{cfg.model}-{cfg.world_size}"))
     reports = [simulated_rank(cfg, cfg.world_size, ranks[0])] if len(ranks) == 1 else \
         [_in_child_process(cfg, r) for r in ranks]
@@ -270,7 +277,8 @@ def _in_child_process(cfg: TrainConfig, rank: int) -> dict:
         done = subprocess.run([sys.executable, "-m", "train", "--config", str(config), "--output-dir", str(result)],
                               capture_output=True, text=True)
         if done.returncode != 0:
-            raise RuntimeError(f"simulating rank {rank} failed: {done.stderr.strip().splitlines()[-1:]}")
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise RuntimeError(f"simulating rank {rank} failed: {last}")
         return json.loads((result / "dry_run.json").read_text())["ranks"][0]
 
 
