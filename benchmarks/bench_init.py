@@ -31,11 +31,11 @@ sys.path[:0] = [str(ROOT / "packages" / name) for name in ("core", "models", "tr
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from torch.distributed.tensor import DTensor, distribute_tensor  # noqa: E402
 from torch.testing._internal.distributed.fake_pg import FakeStore  # noqa: E402
 
 from core.mesh import MeshShape, build_mesh  # noqa: E402
-from models.init import init_std, init_weights, parameter_seed  # noqa: E402
+from core.tensor_parallel import local_tensor  # noqa: E402
+from models.init import copy_full_value_, init_std, init_weights, parameter_seed  # noqa: E402
 from models.parallelize import ParallelOptions, materialize, parallelize  # noqa: E402
 from models.registry import build_model, get_config  # noqa: E402
 
@@ -70,11 +70,7 @@ def full_draw_seconds(model: torch.nn.Module, n_layers: int, budget: int) -> tup
             else:
                 generator = torch.Generator().manual_seed(parameter_seed(0, name))
                 full = torch.randn(param.shape, generator=generator).mul_(std)
-            if isinstance(param, DTensor):
-                local = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
-                param.to_local().copy_(local)
-            else:
-                param.copy_(full)
+            copy_full_value_(param, full)  # cut to the shard (distribute_tensor, no collective)
             seconds += time.perf_counter() - start
             timed += param.shape.numel()
             del full
@@ -84,7 +80,7 @@ def full_draw_seconds(model: torch.nn.Module, n_layers: int, budget: int) -> tup
 def measure(model_name: str, mesh: str, world: int, budget: int) -> dict:
     model, n_layers = rank_zero_model(model_name, mesh, world)
     try:
-        local = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in model.parameters())
+        local = sum(local_tensor(p).numel() for p in model.parameters())
         start = time.perf_counter()
         init_weights(model, n_layers, seed=0)
         tiled = time.perf_counter() - start

@@ -23,15 +23,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the gl
 
 import torch  # noqa: E402
 from rank_harness import run_on_ranks  # noqa: E402
-from torch.distributed.tensor import DTensor  # noqa: E402
 
 from core.mesh import MeshShape  # noqa: E402
+from core.tensor_parallel import local_tensor  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
 from train.loop import build_trainer, train_step  # noqa: E402
 
 
 def local_bytes(tensor: torch.Tensor) -> int:
-    local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+    local = local_tensor(tensor)
     return local.numel() * local.element_size()
 
 

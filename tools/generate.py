@@ -36,7 +36,8 @@ from train.tokenizer import Tokenizer, load_tokenizer  # noqa: E402
 def load_model(path: Path, device: torch.device) -> tuple[torch.nn.Module, str]:
     """The whole model at ``path`` on ``device`` (float32) and the tokenizer its run used ("" for an
     HF folder: the caller looks for the folder's own)."""
-    if (path / CONFIG_FILE).is_file():
+    hf_folder = (path / CONFIG_FILE).is_file()
+    if hf_folder:
         config, tokenizer = read_hf_config(path), ""
     else:
         checkpoint = resolve_checkpoint(path)
@@ -46,7 +47,7 @@ def load_model(path: Path, device: torch.device) -> tuple[torch.nn.Module, str]:
     with torch.device("meta"):
         model = build_model(config)
     model.to_empty(device=device)
-    if (path / CONFIG_FILE).is_file():
+    if hf_folder:
         load_hf_weights_(model, path)
     else:
         Checkpointer().load(checkpoint, model_tensors(model))  # weights and buffers (an MoE's expert bias)

@@ -33,12 +33,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 
 from core import checkpoint_layout as layout
 from core.checkpoint_layout import CheckpointError, step_dir_name
 from core.checkpoint_state import model_tensors, optimizer_tensors
 from core.failures import checkpoint_failure_message, is_collective_timeout
+from core.tensor_parallel import local_tensor
 
 __all__ = ["CheckpointError", "Checkpointer", "AsyncCheckpoint", "find_latest_checkpoint", "read_checkpoint_meta",
            "model_tensors", "optimizer_tensors"]
@@ -312,7 +312,7 @@ def _check_save_args(step, tensors, meta, keep_last) -> str | None:
 
 def _all_finite(tensor: torch.Tensor) -> bool:
     """This rank's part of ``tensor`` has no NaN or infinity (integer tensors always pass)."""
-    local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+    local = local_tensor(tensor)
     return not local.is_floating_point() or bool(torch.isfinite(local).all())
 
 

@@ -32,6 +32,8 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from core.tensor_parallel import local_tensor
+
 INIT_STD = 0.02
 TILE = (32, 1024)  # rows x columns of one tile over a parameter's last two dims
 
@@ -161,7 +163,7 @@ def init_weights(model: nn.Module, n_layers: int, seed: int) -> None:
     No communication."""
     init_buffers(model)
     for name, param in model.named_parameters():
-        local = param.to_local() if isinstance(param, DTensor) else param
+        local = local_tensor(param)
         std = init_std(name, n_layers)
         if std is None:
             local.fill_(1.0)

@@ -39,12 +39,12 @@ import torch
 import torch.distributed as dist
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker
-from torch.distributed.tensor import DTensor
 from torch.testing._internal.distributed.fake_pg import FakeStore
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from core.mesh import DEVICE_MESH_DIMS, ParallelMesh, build_mesh
+from core.tensor_parallel import local_tensor
 from models.distribute import distribute_model
 from models.init import init_weights
 
@@ -105,14 +105,10 @@ def group_dims(pm: ParallelMesh) -> dict[str, str]:
     return names
 
 
-def local_numel(tensor: torch.Tensor) -> int:
-    return (tensor.to_local() if isinstance(tensor, DTensor) else tensor).numel()
-
-
 def closed_form_bytes(module: torch.nn.Module) -> dict[str, int]:
     """This rank's parameters, gradients and AdamW state (exp_avg, exp_avg_sq; step counters
     aside) in bytes: its shard elements x 4 (float32 master copies)."""
-    params = sum(local_numel(p) * p.element_size() for p in module.parameters() if p.requires_grad)
+    params = sum(local_tensor(p).numel() * p.element_size() for p in module.parameters() if p.requires_grad)
     return {"params": params, "grads": params, "optimizer": 2 * params}
 
 
@@ -156,11 +152,11 @@ def _simulate(cfg: TrainConfig, checked, dtype: torch.dtype, world: int, rank: i
     tokens = torch.randint(0, checked.model_config.vocab_size, (rows, cfg.seq_len))
     trainer = _StepView(cfg, model, optimizer)
     with fake:  # step 1, untracked: creates the optimizer state and FSDP's buffers, as any first step does
-        apply_gradients(trainer, _gradients(model, tokens))
+        apply_gradients(trainer, _gradients(model, tokens, tokens))
     memory, collectives = MemTracker(), CollectiveBytes(group_dims(pm))
     memory.track_external(model.module, optimizer)
     with fake, memory, collectives:  # a steady-state step, up to the optimizer's update
-        _gradients(model, tokens)
+        _gradients(model, tokens, tokens)
         model.clip_gradients(cfg.max_grad_norm)
     # The fused AdamW update is in place and allocates nothing (its fake kernel returns new tensors,
     # which a tracker would count): at the update, parameters, gradients and state are what is alive.
@@ -182,9 +178,9 @@ def _simulate(cfg: TrainConfig, checked, dtype: torch.dtype, world: int, rank: i
     return report
 
 
-def _gradients(model, tokens: torch.Tensor) -> torch.Tensor:
+def _gradients(model, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Forward, backward and every gradient reduction of one step; the loss (a device tensor)."""
-    loss_share = model.forward_backward(tokens, tokens)
+    loss_share = model.forward_backward(inputs, labels)
     model.finish_gradients()
     return model.reduce_loss(loss_share, on_host=False)
 
@@ -228,9 +224,7 @@ def measure_real_step(t) -> dict:
         memory, collectives = MemTracker(), CollectiveBytes(group_dims(t.model.mesh))
         memory.track_external(t.model.module, t.optimizer)
         with memory, collectives:
-            loss_share = t.model.forward_backward(inputs, labels)
-            t.model.finish_gradients()
-            apply_gradients(t, t.model.reduce_loss(loss_share, on_host=False))
+            apply_gradients(t, _gradients(t.model, inputs, labels))
     return {"peak": _total(memory.get_tracker_snapshot("peak")), "collectives": collectives.bytes}
 
 
