@@ -58,6 +58,7 @@ def measured_second_step(mesh: str, options: dict) -> dict:
     ("cp=2", 2, {}),                                  # ring attention
     # tensor + sequence parallel, loss parallel, FSDP's bf16 casts on a one-rank mesh, recomputation
     ("tp=2", 2, {"dtype": "bfloat16", "activation_checkpoint": "selective"}),
+    ("pp=2", 2, {}),                                  # 1F1B, 4 microbatches: the schedule's P2P, two stage roles
 ])
 def test_dry_run_predicts_memory_and_collectives(mesh, world, extra):
     options = {**WIDE, **extra}
@@ -68,6 +69,30 @@ def test_dry_run_predicts_memory_and_collectives(mesh, world, extra):
     assert abs(predicted["memory_bytes"]["peak"] / measured["peak"] - 1) < MEMORY_TOLERANCE, \
         (predicted["memory_bytes"]["peak"], measured["peak"])
     assert predicted["collectives"] == measured["collectives"]
+
+
+def test_expert_parallel_is_simulated_with_balanced_routing():
+    """ep=2, bf16: the dry run sends every rank an even share of the (token, choice) rows; the
+    real run routes a random-init model near evenly, so its peak and all-to-all bytes are close
+    (within 1% for the bytes: the count exchange is exact, the rows move by routing's skew)."""
+    options = {**WIDE, "model": "debug-moe", "dtype": "bfloat16",
+               "model_args": "dim=512,n_heads=8,n_kv_heads=4,moe_ffn_dim=512,n_layers=2,vocab_size=4096"}
+    measured = run_on_ranks(measured_second_step, 2, "ep=2", options)[0]
+    result, report = dry_run(2, "ep=2", options)
+    assert result.returncode == 0, result.stderr[-3000:]
+    predicted = report["ranks"][0]
+    assert abs(predicted["memory_bytes"]["peak"] / measured["peak"] - 1) < MEMORY_TOLERANCE
+    assert predicted["collectives"].keys() == measured["collectives"].keys() == {"ep"}
+    assert abs(predicted["collectives"]["ep"] / measured["collectives"]["ep"] - 1) < 0.01
+
+
+def test_default_ranks_play_each_pipeline_role():
+    from train.dry_run import ranks_to_simulate
+
+    assert ranks_to_simulate("", 8, 1) == [0]
+    assert ranks_to_simulate("", 16, 2) == [0, 8]                  # first and last stage
+    assert ranks_to_simulate("", 512, 8) == [0, 256, 448]          # first, middle, last: pp is outermost
+    assert ranks_to_simulate("3,1", 8, 1) == [1, 3] and ranks_to_simulate("all", 2, 2) == [0, 1]
 
 
 def test_parameters_gradients_and_optimizer_state_are_the_closed_form():
@@ -95,8 +120,12 @@ def test_several_ranks_and_init_timing():
 
 @pytest.mark.parametrize("extra, message", [
     (["--mesh", "dp=2,tp=3"], "model n_heads=8 is not divisible by tp=3"),  # what a real run says
-    (["--mesh", "dp=3,pp=2", "--global-batch-size", "12"], "--dry-run does not simulate pipeline (pp)"),
-    (["--dry-run-ranks", "9"], "--dry-run-ranks '9': ranks must lie in [0, 5]"),
+    (["--mesh", "dp=3,pp=2", "--global-batch-size", "12", "--pp-schedule", "zbv"],
+     "does not simulate --pp-schedule zbv"),
+    (["--model", "debug-moe", "--mesh", "dp=3,ep=2", "--global-batch-size", "12", "--device", "cpu"],
+     "MoE model needs bf16 compute"),
+    (["--mesh", "dp=6", "--global-batch-size", "12", "--dry-run-ranks", "9"],
+     "--dry-run-ranks '9': ranks must lie in [0, 5]"),
     (["--world-size", "0"], "--dry-run needs --world-size N"),
 ])
 def test_impossible_layouts_are_one_line(extra, message):

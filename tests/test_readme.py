@@ -56,7 +56,9 @@ COMMANDS = {
     ".venv/bin/pip install -e '.[tools]'": "an install; make test installs the same packages",
     ".venv/bin/python -m train --dry-run --world-size 64 --model llama3-8b --mesh dp=8,tp=8 --seq-len 8192 "
     "--global-batch-size 64": "a minute; test_dry_run runs the dry run at small sizes against real runs",
-    ".venv/bin/python benchmarks/bench_dry_run.py": "~15 minutes; test_benchmarks runs its --smoke",
+    ".venv/bin/python benchmarks/bench_dry_run.py": "~40 minutes; test_benchmarks runs its --smoke",
+    ".venv/bin/python tools/plan.py --model llama3-70b --gpus 256 --gpu h100 --seq-len 8192 "
+    "--global-batch-size 512": [],
     ".venv/bin/pip install -e '.[float8]'": "an install; make test installs the same extra (torchao)",
     ".venv/bin/python benchmarks/gpu_acceptance.py": "needs a CUDA GPU; test_benchmarks runs its --smoke",
     ".venv/bin/python benchmarks/gpu_acceptance.py --smoke": "test_benchmarks runs it",

@@ -23,7 +23,9 @@ with the split sizes swapped), so gradients reach the router and the tokens' ran
 Everything here works on plain local tensors and any ProcessGroup (gloo or NCCL); with
 ``group=None`` (one process, or ep=1) it runs the same permutation without communication
 and without reading anything on the host. With ep > 1 the split sizes are read once per
-layer (``dispatch``); the backward reuses them.
+layer (``dispatch``); the backward reuses them. ``assume_balanced=True`` takes them as an
+even split instead, without reading the counts: for a dry run on fake tensors, which have no
+values to read (what every rank would send if routing were perfectly balanced).
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch import Tensor
 
-__all__ = ["Dispatch", "permute_by_expert", "exchange_counts", "dispatch", "combine", "expert_parallel_ffn"]
+__all__ = ["Dispatch", "permute_by_expert", "exchange_counts", "even_splits", "dispatch", "combine",
+           "expert_parallel_ffn"]
 
 
 @dataclass
@@ -71,7 +74,8 @@ def permute_by_expert(x: Tensor, expert_ids: Tensor, n_experts: int) -> tuple[Te
     """
     flat = expert_ids.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=n_experts)
+    # scatter_add_, not bincount: its output size does not depend on the values (fake tensors too)
+    counts = torch.zeros(n_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
     return x[order // expert_ids.shape[1]], order, counts
 
 
@@ -96,14 +100,20 @@ def _exchange(rows: Tensor, out_splits: list[int], in_splits: list[int], group: 
     return funcol.wait_tensor(out)
 
 
-def dispatch(x: Tensor, expert_ids: Tensor, n_experts: int,
-             group: dist.ProcessGroup | None) -> tuple[Tensor, Dispatch]:
+def even_splits(rows: int, ranks: int) -> list[int]:
+    """``rows`` cut into ``ranks`` near-equal parts (the first ``rows % ranks`` one larger)."""
+    return [rows // ranks + (r < rows % ranks) for r in range(ranks)]
+
+
+def dispatch(x: Tensor, expert_ids: Tensor, n_experts: int, group: dist.ProcessGroup | None,
+             assume_balanced: bool = False) -> tuple[Tensor, Dispatch]:
     """Send every (token, choice) pair to the rank holding its expert.
 
     x: [T, dim]; expert_ids: [T, k]. Returns (rows [N, dim], plan): the N rows this rank's
     E/ep local experts must process, grouped by local expert (``plan.tokens_per_local_expert``
     rows each, in expert order). Collectives over ``group`` (the ep group): one
     ``all_to_all_single`` of counts, one of the rows (backward: the reverse exchange).
+    ``assume_balanced``: send and receive an even share with every rank (see the module docstring).
     """
     ep = _size(group)
     if n_experts % ep:
@@ -114,8 +124,11 @@ def dispatch(x: Tensor, expert_ids: Tensor, n_experts: int,
     received_counts = exchange_counts(counts, group)                  # [ep, E/ep]
     # The one host sync of an MoE layer: all_to_all_single takes its split sizes as Python
     # ints (the receive buffer is allocated by them). Both lists come back in one read.
-    splits = torch.cat([counts.view(ep, -1).sum(1), received_counts.sum(1)]).tolist()
-    send_splits, recv_splits = splits[:ep], splits[ep:]               # rows to / from each rank
+    if assume_balanced:
+        send_splits = recv_splits = even_splits(rows.shape[0], ep)
+    else:
+        splits = torch.cat([counts.view(ep, -1).sum(1), received_counts.sum(1)]).tolist()
+        send_splits, recv_splits = splits[:ep], splits[ep:]           # rows to / from each rank
     received = _exchange(rows, recv_splits, send_splits, group)
     # Received rows are ordered (source rank, local expert); the experts want them
     # contiguous per expert: a stable sort by local expert id, keeping source order inside.
@@ -148,12 +161,12 @@ def combine(expert_out: Tensor, plan: Dispatch, weights: Tensor, group: dist.Pro
 
 def expert_parallel_ffn(x: Tensor, expert_ids: Tensor, weights: Tensor, n_experts: int,
                         local_experts: Callable[[Tensor, Tensor], Tensor],
-                        group: dist.ProcessGroup | None) -> tuple[Tensor, Tensor]:
+                        group: dist.ProcessGroup | None, assume_balanced: bool = False) -> tuple[Tensor, Tensor]:
     """dispatch -> ``local_experts(rows, tokens_per_local_expert)`` -> combine.
 
     x: [T, dim]; expert_ids, weights: [T, k]. Returns ([T, dim] output,
     [E/ep] tokens each local expert processed). Collectives: those of dispatch and combine.
     """
-    rows, plan = dispatch(x, expert_ids, n_experts, group)
+    rows, plan = dispatch(x, expert_ids, n_experts, group, assume_balanced)
     out = local_experts(rows, plan.tokens_per_local_expert)
     return combine(out, plan, weights, group), plan.tokens_per_local_expert

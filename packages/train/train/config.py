@@ -121,7 +121,7 @@ class TrainConfig:
     dry_run: bool = option(False, "simulate one rank of a --world-size N run in this process (fake process group, "
                                   "fake tensors): memory and collective bytes per rank, no training")
     world_size: int = option(0, "with --dry-run: the number of ranks to simulate")
-    dry_run_ranks: str = option("", "with --dry-run: which ranks, all or R,R,... (default: rank 0)")
+    dry_run_ranks: str = option("", "with --dry-run: which ranks, all or R,R,... (default: one per pipeline role)")
     dry_run_init: bool = option(False, "with --dry-run: also allocate the rank's shards for real and time their "
                                        "initialization")
 

@@ -3,13 +3,14 @@
 The process joins torch's *fake* process-group backend as rank R of N (no peer exists: every
 collective returns at once) and runs the trainer's own code path: validation (the same
 one-line errors as a real run), the mesh, the model built on the meta device and parallelized
-(TP/SP, FSDP/HSDP/replicate, CP), then its shards allocated as *fake* tensors (shapes and
-dtypes, no memory) and two whole training steps under ``FakeTensorMode``: forward, backward,
-gradient reductions, clipping, the optimizer step. The first creates what every later step
-finds (optimizer state, FSDP's buffers); two trackers watch the second, a steady-state step:
+(TP/SP, FSDP/HSDP/replicate, CP, EP, the pipeline stages and schedule), then its shards
+allocated as *fake* tensors (shapes and dtypes, no memory) and two whole training steps under
+``FakeTensorMode``: forward, backward, gradient reductions, clipping, the optimizer step. The
+first creates what every later step finds (optimizer state, FSDP's buffers); two trackers
+watch the second, a steady-state step:
 
-  - ``torch.distributed._tools.MemTracker``: bytes alive (every tensor storage, the
-    parameters and optimizer state included), and their peak;
+  - ``StepMemory`` (torch's ``torch.distributed._tools.MemTracker``): bytes alive (every
+    tensor storage, the parameters and optimizer state included), and their peak;
   - ``CollectiveBytes``: every collective (c10d and functional), its buffer's bytes, and the
     mesh dims its process group spans.
 
@@ -19,14 +20,18 @@ optimizer state at its peak (activations, all-gathered parameters, gradients, te
 Ranks are simulated as CUDA ranks (``--dtype auto`` computes in bf16) unless ``--device cpu``.
 ``--dry-run-init`` also allocates the rank's shards for real and times their initialization.
 
-Not simulated yet: pipeline parallel (``torch.distributed.pipelining`` reads a tensor on the
-host while its stages agree on shapes) and expert parallel (the all-to-all's split sizes come
-from routing decisions, i.e. from the data); both are refused with one line.
+Two things a fake tensor cannot answer are given instead: the pipeline's first-step vote
+on static shapes (our stages always give them, ``_skip_pipeline_shape_vote``) and the
+expert all-to-all's split sizes, which come from routing, i.e. from the data: the dry run
+assumes perfectly balanced routing (``_assume_balanced_routing``). Not simulated: the ZBV
+schedule (MemTracker cannot follow its split backward) and MoE in float32 (torch's fake
+grouped GEMM takes bf16 only); both are refused with one line.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import subprocess
@@ -47,6 +52,7 @@ from core.mesh import DEVICE_MESH_DIMS, ParallelMesh, build_mesh
 from core.tensor_parallel import local_tensor
 from models.distribute import distribute_model
 from models.init import init_weights
+from models.moe import MoE, MoEConfig
 
 from .config import TrainConfig, to_toml
 from .flops import model_flops_per_token
@@ -94,6 +100,21 @@ class CollectiveBytes(TorchDispatchMode):
         return "other"
 
 
+class StepMemory(MemTracker):
+    """torch's ``MemTracker`` for a step that runs its modules' forward more than once
+    (pipeline microbatches, gradient accumulation).
+
+    ``MemTracker`` also keeps statistics per module and refuses a root module's second forward,
+    taking it for a second iteration. Only the step's totals are read here, so a module's
+    statistics are dropped when its forward runs again; the bytes alive are untouched.
+    """
+
+    def _pre_fw_hook(self, module: torch.nn.Module, inputs) -> None:
+        if not self._mod_tracker.is_bw:  # in backward a second forward is recomputation, which it knows
+            self.memory_tracking.pop(module, None)
+        super()._pre_fw_hook(module, inputs)
+
+
 def group_dims(pm: ParallelMesh) -> dict[str, str]:
     """Process-group name -> the mesh dims it spans, for every group the trainer's mesh made."""
     names = {pm.mesh[dim].get_group().group_name: dim for dim in DEVICE_MESH_DIMS}
@@ -116,9 +137,13 @@ def check_dry_run(cfg: TrainConfig, world: int):
     """The real run's checks for ``world`` ranks, and what the dry run cannot simulate. No collective."""
     os.environ.setdefault("LOCAL_WORLD_SIZE", str(min(world, GPUS_PER_NODE)))
     checked = validate(dataclasses.replace(cfg, device="cpu"), world)
-    if checked.shape.pp > 1 or checked.shape.ep > 1:
-        raise ValueError("--dry-run does not simulate pipeline (pp) or expert (ep) parallelism yet: use a mesh "
-                         "of dp, cp and tp, or a real run")
+    if checked.shape.pp > 1 and cfg.pp_schedule == "zbv":
+        raise ValueError("--dry-run does not simulate --pp-schedule zbv (torch's MemTracker cannot follow its split "
+                         "backward): simulate interleaved-1f1b, which holds as many stages per rank")
+    device = "cpu" if cfg.device == "cpu" else "cuda"
+    if isinstance(checked.model_config, MoEConfig) and compute_dtype(cfg.dtype, device, cfg.float8) == torch.float32:
+        raise ValueError("--dry-run of an MoE model needs bf16 compute (torch's fake grouped GEMM takes bf16 only): "
+                         "add --dtype bfloat16, or leave --dtype auto without --device cpu")
     return checked
 
 
@@ -146,14 +171,18 @@ def _simulate(cfg: TrainConfig, checked, dtype: torch.dtype, world: int, rank: i
         for part in model.parts:
             part.to_empty(device="cpu")  # fake CPU tensors of the shard shapes: no memory
         model.device = torch.device("cpu")
+        for stage in getattr(getattr(model, "pipeline", None), "stages", []):
+            stage.device = model.device  # where the schedule allocates its receive buffers
         optimizer = build_optimizer(cfg, model.module)
     build_seconds = time.perf_counter() - start
     rows = cfg.global_batch_size // model.batch_shard[1]
     tokens = torch.randint(0, checked.model_config.vocab_size, (rows, cfg.seq_len))
     trainer = _StepView(cfg, model, optimizer)
+    _skip_pipeline_shape_vote(model)
+    _assume_balanced_routing(model)
     with fake:  # step 1, untracked: creates the optimizer state and FSDP's buffers, as any first step does
         apply_gradients(trainer, _gradients(model, tokens, tokens))
-    memory, collectives = MemTracker(), CollectiveBytes(group_dims(pm))
+    memory, collectives = StepMemory(), CollectiveBytes(group_dims(pm))
     memory.track_external(model.module, optimizer)
     with fake, memory, collectives:  # a steady-state step, up to the optimizer's update
         _gradients(model, tokens, tokens)
@@ -163,7 +192,7 @@ def _simulate(cfg: TrainConfig, checked, dtype: torch.dtype, world: int, rank: i
     steady = closed_form_bytes(model.module)
     peak = max(_total(memory.get_tracker_snapshot("peak")), sum(steady.values()))
     report = {
-        "rank": rank, "stage": pm.local_rank("pp"),
+        "rank": rank, "stage": pm.local_rank("pp"), "stages": _stages_held(model),
         # activations: all the step adds at its peak to what stays between steps (parameter shards,
         # optimizer state): activations, gathered parameters, gradients, temporaries.
         "memory_bytes": {**steady, "activations": peak - steady["params"] - steady["optimizer"], "peak": peak},
@@ -176,6 +205,43 @@ def _simulate(cfg: TrainConfig, checked, dtype: torch.dtype, world: int, rank: i
     if init_seconds is not None:
         report["init_seconds"] = init_seconds
     return report
+
+
+def _skip_pipeline_shape_vote(model) -> None:
+    """Let a pipeline schedule run on fake tensors: set its stages' metadata mode without the vote.
+
+    On its first step a ``torch.distributed.pipelining`` schedule has its ranks vote, by P2P, on
+    whether every stage was given static shapes, and reads the result on the host (``.item()``),
+    which a fake tensor cannot answer. Our stages always are (``core.pipeline.StageIO``): the
+    vote's answer is known, STATIC, and is set here instead. No collective.
+    """
+    pipeline = getattr(model, "pipeline", None)
+    if pipeline is None:
+        return
+    from torch.distributed.pipelining._utils import InferenceMode
+
+    def static_mode(stages, has_backward, p2p_done):
+        for stage in stages:
+            stage._inference_mode = InferenceMode.STATIC
+
+    pipeline.schedule._warmup_p2p = static_mode
+
+
+def _assume_balanced_routing(model) -> None:
+    """Give every MoE layer's all-to-all an even split (``core.expert_parallel``'s
+    ``assume_balanced``): its split sizes come from routing decisions, i.e. from the data,
+    which fake tensors do not have. Each rank then sends every other rank the same number of
+    rows, what load balancing aims at; skewed routing moves more bytes and memory."""
+    for part in model.parts:
+        for module in part.modules():
+            if isinstance(module, MoE):
+                module.routed_ffn = functools.partial(module.routed_ffn, assume_balanced=True)
+
+
+def _stages_held(model) -> list[int]:
+    """The pipeline stages this rank runs (two per rank with interleaved schedules); [0] without pp."""
+    pipeline = getattr(model, "pipeline", None)
+    return list(pipeline.stage_ids) if pipeline is not None else [0]
 
 
 def _gradients(model, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -221,17 +287,24 @@ def measure_real_step(t) -> dict:
 
     inputs, labels = next(t.batches)
     for _step in (1, 2):  # the trackers of the second step are kept
-        memory, collectives = MemTracker(), CollectiveBytes(group_dims(t.model.mesh))
+        memory, collectives = StepMemory(), CollectiveBytes(group_dims(t.model.mesh))
         memory.track_external(t.model.module, t.optimizer)
         with memory, collectives:
             apply_gradients(t, _gradients(t.model, inputs, labels))
     return {"peak": _total(memory.get_tracker_snapshot("peak")), "collectives": collectives.bytes}
 
 
-def ranks_to_simulate(spec: str, world: int) -> list[int]:
-    """``--dry-run-ranks``: "" (rank 0), "all", or "R,R,..."."""
+def ranks_to_simulate(spec: str, world: int, pp: int) -> list[int]:
+    """``--dry-run-ranks``: "" (one rank per pipeline role), "all", or "R,R,...".
+
+    The default plays the first rank of the first, a middle and the last pipeline stage
+    (rank 0 alone without pp): the roles whose memory differs (the first holds the embedding
+    and, in 1F1B, the most microbatches in flight; the last the output layer and the loss).
+    Ranks inside a stage differ only by their data, so one of them speaks for all.
+    """
     if not spec:
-        return [0]
+        ranks_per_stage = world // pp  # pp is the outermost mesh dim: stage p's ranks follow p's
+        return [p * ranks_per_stage for p in sorted({0, pp // 2, pp - 1})]
     if spec == "all":
         return list(range(world))
     try:
@@ -251,8 +324,8 @@ def dry_run(cfg: TrainConfig) -> list[dict]:
     """
     if cfg.world_size < 1:  # before the rank list is read; validate() says it again for the child processes
         raise ValueError("--dry-run needs --world-size N (the number of ranks to simulate), N >= 1")
-    ranks = ranks_to_simulate(cfg.dry_run_ranks, cfg.world_size)
-    check_dry_run(cfg, cfg.world_size)  # a mistake is one line here, not one per child process
+    checked = check_dry_run(cfg, cfg.world_size)  # a mistake is one line here, not one per child process
+    ranks = ranks_to_simulate(cfg.dry_run_ranks, cfg.world_size, checked.shape.pp)
     out = Path(cfg.output_dir or RUNS_ROOT / (cfg.run_name or f"dry-run-{cfg.model}-{cfg.world_size}"))
     reports = [simulated_rank(cfg, cfg.world_size, ranks[0])] if len(ranks) == 1 else \
         [_in_child_process(cfg, r) for r in ranks]
@@ -279,12 +352,14 @@ def _in_child_process(cfg: TrainConfig, rank: int) -> dict:
 def report_table(reports: list[dict]) -> str:
     """One row per simulated rank: memory by kind (GiB), collective bytes per step by mesh dim."""
     gib = 2**30
-    lines = ["| rank | params GiB | grads GiB | optimizer GiB | activations GiB | peak GiB | TFLOP/step "
-             "| collectives per step |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| rank | stages | params GiB | grads GiB | optimizer GiB | activations GiB | peak GiB | TFLOP/step "
+             "| collectives per step |", "|---|---|---|---|---|---|---|---|---|"]
     for r in reports:
         m = r["memory_bytes"]
         comms = ", ".join(f"{dim} {nbytes / gib:.2f} GiB" for dim, nbytes in r["collectives"].items()) or "none"
-        lines.append(f"| {r['rank']} | {m['params'] / gib:.2f} | {m['grads'] / gib:.2f} | {m['optimizer'] / gib:.2f} "
-                     f"| {m['activations'] / gib:.2f} | {m['peak'] / gib:.2f} | {r['flops_per_step'] / 1e12:,.1f} "
+        stages = ",".join(map(str, r["stages"]))
+        lines.append(f"| {r['rank']} | {stages} | {m['params'] / gib:.2f} | {m['grads'] / gib:.2f} "
+                     f"| {m['optimizer'] / gib:.2f} | {m['activations'] / gib:.2f} | {m['peak'] / gib:.2f} "
+                     f"| {r['flops_per_step'] / 1e12:,.1f} "
                      f"| {comms} |")
     return "\n".join(lines)
