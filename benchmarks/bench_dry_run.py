@@ -54,7 +54,7 @@ SIZES = [
     ("llama3-70b", 512, "dp=8,tp=8,pp=8", 8192, 512, INTERLEAVED),
     ("llama3-70b", 512, "dp=8,tp=8,pp=8", 8192, 512, [*INTERLEAVED, *FULL]),
     ("llama3-8b", 64, "cp=8,tp=8", 131072, 1, ["--model-args", "max_seq_len=131072", *FULL]),
-    ("mixtral-8x7b", 64, "dp=8,ep=8", 8192, 64, []),
+    ("mixtral-8x7b", 64, "dp=8,ep=8", 8192, 64, FULL),
     ("llama3-405b", 2048, "dp=16,tp=8,pp=16", 8192, 2048, [*INTERLEAVED, *FULL]),
 ]
 GIB = 2**30

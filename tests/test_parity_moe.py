@@ -135,3 +135,18 @@ def test_bfloat16_expert_parallel_tracks_float32(mesh, world):
     seed's gradients more than 100%."""
     bf16 = on_mesh(mesh, world, dtype="bfloat16", **LEARNING)
     assert_tracks_float32(bf16, single_process(**LEARNING), grad_rtol=0.25, loss_share_of_drop=0.1)
+
+
+def test_fsdp_splits_an_expert_smaller_than_its_group():
+    """2 experts over ep=2 leave one per rank; FSDP over dp=2 splits it on dim 1 (``evenly_split_dim``:
+    Shard(0) would leave the whole expert on one rank and padding on the other) and still trains
+    like one process."""
+    import torch
+    from torch.distributed.tensor import Shard
+
+    from core.data_parallel import evenly_split_dim
+
+    assert evenly_split_dim(torch.nn.Parameter(torch.empty(1, 128, 64)), shards=2) == Shard(1)
+    assert evenly_split_dim(torch.nn.Parameter(torch.empty(4, 128, 64)), shards=2) == Shard(0)
+    two_experts = {"model_args": "n_experts=2"}
+    assert_same_run(single_process(**two_experts), on_mesh("dp=2,ep=2", 4, **two_experts))

@@ -171,11 +171,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nchecking the first {args.verify} with the dry run (python -m train --dry-run, minutes):", flush=True)
         peaks = verified(args, candidates, USABLE_MEMORY * hw.memory_bytes)
         print(table([e for e in candidates if e.layout.mesh in peaks], peaks))
-    best = candidates[0]
-    print(f"\nrun the first: torchrun --nproc_per_node={hw.gpus_per_node} --nnodes={-(-args.gpus // hw.gpus_per_node)} "
-          f"-m train --model {args.model} --seq-len {args.seq_len} --global-batch-size {args.global_batch_size} "
-          f"{' '.join(best.layout.flags())}")
+    print(f"\nrun the first: {launch_command(args, candidates[0])}")
     return 0
+
+
+def launch_command(args: argparse.Namespace, e: Estimate) -> str:
+    """The torchrun line (on every node) that trains ``e``'s layout."""
+    per_node = min(args.gpus, HARDWARE[args.gpu].gpus_per_node)
+    nodes = -(-args.gpus // per_node)
+    rendezvous = f" --nnodes={nodes} --rdzv_backend=c10d --rdzv_endpoint=HEAD:29500" if nodes > 1 else ""
+    return (f"torchrun --nproc_per_node={per_node}{rendezvous} -m train --model {args.model} --seq-len {args.seq_len} "
+            f"--global-batch-size {args.global_batch_size} {' '.join(e.layout.flags())}")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ parameters are reduced over a smaller group, so the mean would be off by ep.)
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -25,6 +27,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 # The interface set_custom_reduce_scatter takes, and FSDP's own plain-allocation half of it.
 from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter
 from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllocMixin
+from torch.distributed.tensor import Shard
 
 from core.tensor_parallel import local_tensor
 
@@ -55,7 +58,8 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, blocks: list[nn.Module], para
     """
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for unit, unit_mesh in inner_units:
-        fully_shard(unit, mesh=unit_mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+        fully_shard(unit, mesh=unit_mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward,
+                    shard_placement_fn=functools.partial(evenly_split_dim, shards=unit_mesh.size(unit_mesh.ndim - 1)))
     units = group_blocks(blocks, min_unit_params)
     for index, unit in enumerate(units):
         last = index == len(units) - 1
@@ -63,6 +67,20 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, blocks: list[nn.Module], para
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
     _sum_gradients(model, custom_reduce_scatter=_on_gloo(mesh))
     _prefetch_neighbours([unit[0] for unit in units])
+
+
+def evenly_split_dim(param: nn.Parameter, shards: int) -> Shard | None:
+    """FSDP's placement for ``param`` over ``shards`` ranks: its first dim whose local size they
+    split evenly (None, FSDP's default Shard(0), when none does).
+
+    For expert weights [E/ep, ., .]: with ep = n_experts each rank keeps one expert, and
+    Shard(0) over 8 dp ranks would leave that whole expert on the first and padding on the
+    others (all of its memory on one rank, 8x its bytes in every all-gather); Shard(1) splits it.
+    """
+    for dim, size in enumerate(local_tensor(param).shape):
+        if size % shards == 0:
+            return Shard(dim)
+    return None
 
 
 def apply_replicate(model: nn.Module, mesh: DeviceMesh, param_dtype: torch.dtype | None = None,
