@@ -54,7 +54,7 @@ def transformer_flops_per_token(n_params_non_embedding_active: int, n_layers: in
 #   A10G (AWS G5 only; NVIDIA publishes no datasheet for it): AWS's figures as collected by
 #     Baseten, "NVIDIA A10 vs A10G for ML model inference" (A10G: 70 bf16, 35 TF32, 31.2 fp32).
 #   MI300X: AMD Instinct MI300X datasheet (ROCm builds of torch report it through torch.cuda).
-_PEAKS = {  # name fragment (most specific first) -> {dtype: FLOP/s}
+PEAKS = {  # name fragment (most specific first) -> {dtype: FLOP/s}
     "H200": {"bf16": 989.5e12, "tf32": 494.7e12, "fp32": 66.9e12},
     "H100 PCIe": {"bf16": 756.0e12, "tf32": 378.0e12, "fp32": 51.2e12},
     "H100": {"bf16": 989.5e12, "tf32": 494.7e12, "fp32": 66.9e12},  # SXM (also "H100 80GB HBM3")
@@ -79,7 +79,7 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
     name = torch.cuda.get_device_name(device)
     if "NVL" in name:  # H100/H200 NVL run at lower clocks: better no number than a wrong one
         return None
-    for fragment, peaks in _PEAKS.items():
+    for fragment, peaks in PEAKS.items():
         if fragment in name:
             return _peak_for_dtype(peaks, dtype)
     return None

@@ -9,13 +9,15 @@ from dataclasses import dataclass
 
 import torch
 
+from core.mesh import MeshShape
 from core.pipeline import PipelineConfigError, check_pipeline, layers_per_stage
-from models.moe import MoEConfig, check_expert_parallel
+from models.moe import MoEConfig
 from models.pipelined import compute_per_token
-from models.plans import check_tensor_parallel
 from models.registry import build_model
 
-from .flops import model_flops_per_token
+from .config import TrainConfig
+from .flops import PEAKS, model_flops_per_token
+from .validation import check_batch, check_model_fits_mesh
 
 AC_MODES = ("none", "selective", "full")
 
@@ -33,17 +35,17 @@ class Hardware:
     source: str
 
 
-# Peaks as in train.flops (dense bf16); memory: what nvidia-smi reports as the card's total (B200:
+# Peaks: train.flops' (dense bf16); memory: what nvidia-smi reports as the card's total (B200:
 # the datasheet's 180 GB); NVLink: per GPU per direction (half the datasheet's bidirectional
 # figure); network: one NIC per GPU, as in the DGX/HGX reference designs.
 HARDWARE = {
-    "h100": Hardware("H100 SXM 80GB", 989.5e12, 81559 * 2**20, 450e9, 50e9, 8,
+    "h100": Hardware("H100 SXM 80GB", PEAKS["H100"]["bf16"], 81559 * 2**20, 450e9, 50e9, 8,
                      "H100 datasheet (NVLink 4 900 GB/s bidirectional); DGX H100: 8x ConnectX-7 400 Gb/s"),
-    "h200": Hardware("H200 SXM 141GB", 989.5e12, 143771 * 2**20, 450e9, 50e9, 8,
+    "h200": Hardware("H200 SXM 141GB", PEAKS["H200"]["bf16"], 143771 * 2**20, 450e9, 50e9, 8,
                      "H200 datasheet (NVLink 4 900 GB/s); HGX H200 with 8x 400 Gb/s NICs"),
-    "a100": Hardware("A100 SXM 80GB", 312e12, 81920 * 2**20, 300e9, 25e9, 8,
+    "a100": Hardware("A100 SXM 80GB", PEAKS["A100"]["bf16"], 81920 * 2**20, 300e9, 25e9, 8,
                      "A100 datasheet (NVLink 3 600 GB/s bidirectional); DGX A100: 8x ConnectX-6 200 Gb/s"),
-    "b200": Hardware("B200 HGX 180GB", 2250e12, 180e9, 900e9, 50e9, 8,
+    "b200": Hardware("B200 HGX 180GB", PEAKS["B200"]["bf16"], 180e9, 900e9, 50e9, 8,
                      "DGX B200 datasheet (NVLink 5 1.8 TB/s bidirectional; 8x ConnectX-7 400 Gb/s)"),
 }
 
@@ -107,6 +109,10 @@ class Layout:
                         (("dp", self.dp), ("pp", self.pp), ("cp", self.cp), ("tp", self.tp), ("ep", self.ep))
                         if size > 1) or "dp=1"
 
+    def microbatch_rows(self, global_batch: int) -> float:
+        """Sequences in one microbatch (or accumulation pass) of one data-parallel rank."""
+        return global_batch // (self.dp * self.ep) / self.microbatches
+
     def flags(self) -> list[str]:
         """The ``python -m train`` flags that run this layout."""
         flags = ["--mesh", self.mesh, "--dp-mode", self.dp_mode, "--activation-checkpoint", self.activation_checkpoint]
@@ -123,27 +129,26 @@ def layouts(shape: ModelShape, gpus: int, seq_len: int, global_batch: int, gpus_
     """Every layout of ``gpus`` ranks the trainer would accept for this model and batch."""
     config = shape.config
     moe = isinstance(config, MoEConfig)
+    run = TrainConfig(seq_len=seq_len, global_batch_size=global_batch)
     found = []
     for tp in [d for d in _divisors(gpus) if d <= gpus_per_node]:
         for cp in _divisors(gpus // tp):
             for ep in (_divisors(gpus // (tp * cp)) if moe else [1]):
                 for pp in _divisors(gpus // (tp * cp * ep)):
                     dp = gpus // (tp * cp * ep * pp)
-                    if _mesh_accepted(config, dp, pp, cp, tp, ep, seq_len, global_batch):
+                    if _mesh_accepted(config, MeshShape(dp=dp, pp=pp, cp=cp, tp=tp, ep=ep), run):
                         found += _variants(config, dp, pp, cp, tp, ep, global_batch // (dp * ep))
     return found
 
 
-def _mesh_accepted(config, dp, pp, cp, tp, ep, seq_len, global_batch) -> bool:
-    """The mesh checks of ``train.validation`` that do not depend on the schedule."""
+def _mesh_accepted(config, shape: MeshShape, run: TrainConfig) -> bool:
+    """The trainer's own mesh and batch checks (``train.validation``), which do not depend on the schedule."""
     try:
-        check_tensor_parallel(config, tp)
-        if isinstance(config, MoEConfig):
-            check_expert_parallel(config, ep)
-    except ValueError:
+        check_model_fits_mesh(config, shape)
+        check_batch(run, shape)
+    except ValueError:  # MeshConfigError
         return False
-    return (config.n_layers >= pp and global_batch % (dp * ep) == 0
-            and (cp == 1 or seq_len % (2 * cp) == 0) and (seq_len // cp) % tp == 0)
+    return True
 
 
 def _variants(config, dp, pp, cp, tp, ep, local_batch: int) -> list[Layout]:

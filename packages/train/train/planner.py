@@ -165,8 +165,8 @@ def _receive_buffers(shape: ModelShape, layout: Layout, n_held: int, first: bool
     [rows, seq/cp/tp, dim] for every held stage but the first, its gradient for every one but the last."""
     if layout.pp == 1:
         return 0.0
-    rows = global_batch // (layout.dp * layout.ep) / layout.microbatches
-    activation = rows * seq_len / layout.cp / layout.tp * shape.config.dim * COMPUTE_BYTES
+    tokens = layout.microbatch_rows(global_batch) * seq_len / layout.cp / layout.tp  # a sequence-parallel slice
+    activation = tokens * shape.config.dim * COMPUTE_BYTES
     return layout.microbatches * activation * ((n_held - first) + (n_held - last))
 
 
@@ -197,8 +197,7 @@ def _in_flight(layout: Layout, pp_rank: int) -> int:
 def _activation_bytes(shape: ModelShape, layout: Layout, pp_rank: int, stages: list[list[int]], first: bool,
                       last: bool, seq_len: int, global_batch: int) -> float:
     cfg, t = shape.config, layout.tp
-    rows = global_batch // (layout.dp * layout.ep) / layout.microbatches
-    tokens = rows * seq_len / layout.cp  # one microbatch (or accumulation step) on this rank
+    tokens = layout.microbatch_rows(global_batch) * seq_len / layout.cp  # one microbatch (or pass) on this rank
     per_stage = [sum(_layer_activation_per_token(shape, i, layout, layout.activation_checkpoint) for i in stage)
                  for stage in stages]
     saved = _in_flight(layout, pp_rank) * tokens * sum(per_stage) / len(per_stage)

@@ -57,8 +57,8 @@ def validate(cfg: TrainConfig, world_size: int) -> ValidatedRun:
     shape = MeshShape.parse(cfg.mesh).resolve(world_size)
     tokenizer = load_tokenizer(cfg.tokenizer)  # a bad --tokenizer is a mistake even where unused
     model_config = _model_config(cfg, tokenizer)
-    _check_model_fits_mesh(model_config, shape)
-    _check_batch(cfg, shape)
+    check_model_fits_mesh(model_config, shape)
+    check_batch(cfg, shape)
     _check_pipeline(cfg, model_config, shape)
     dp_shard = _hsdp_shard(cfg, shape, world_size)
     if cfg.document_masking and shape.cp > 1 and device_type(cfg.device) == "cuda":
@@ -208,7 +208,7 @@ def _check_vocab_fits_model(tokenizer: str, vocab: int, model_config) -> None:
                          f"{model_config.vocab_size}: use a model with vocab_size >= {vocab} or a smaller tokenizer")
 
 
-def _check_model_fits_mesh(model_config, shape: MeshShape) -> None:
+def check_model_fits_mesh(model_config, shape: MeshShape) -> None:
     try:
         check_tensor_parallel(model_config, shape.tp)
         if isinstance(model_config, MoEConfig):
@@ -220,7 +220,7 @@ def _check_model_fits_mesh(model_config, shape: MeshShape) -> None:
                               f"layer each: use pp <= {model_config.n_layers} or a deeper model")
 
 
-def _check_batch(cfg: TrainConfig, shape: MeshShape) -> None:
+def check_batch(cfg: TrainConfig, shape: MeshShape) -> None:
     batch_ranks = shape.dp * shape.ep
     check_divisible("--global-batch-size", cfg.global_batch_size, "dp*ep", batch_ranks,
                     f"use a multiple of {batch_ranks} sequences (every data-parallel rank needs whole sequences)")
