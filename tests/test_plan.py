@@ -86,6 +86,7 @@ def test_cli_json():
     (["--gpu", "h900"], "unknown --gpu 'h900'"),
     (["--seq-len", "65536"], "add --model-args max_seq_len=65536"),
     (["--gpus", "1", "--seq-len", "8192"], "no layout of llama3-8b fits 1 x H100"),
+    (["--verify", "-1"], "--verify -1 must be >= 0"),
 ])
 def test_bad_input_is_one_line(flags, message):
     base = {"--model": "llama3-8b", "--gpus": "8", "--seq-len": "4096", "--global-batch-size": "64"}

@@ -61,6 +61,10 @@ def check_args(args: argparse.Namespace):
                         ("--global-batch-size", args.global_batch_size)):
         if value < 1:
             raise ValueError(f"{flag} {value} must be >= 1")
+    if args.top < 1:
+        raise ValueError(f"--top {args.top} must be >= 1 (the rows to print)")
+    if args.verify < 0:
+        raise ValueError(f"--verify {args.verify} must be >= 0 (0: no dry run)")
     if not 0 < args.efficiency <= 1:
         raise ValueError(f"--efficiency {args.efficiency} must lie in (0, 1]: the share of the peak reached")
     config = get_config(args.model, **parse_model_args(args.model, args.model_args))
