@@ -35,7 +35,7 @@ from torch.testing._internal.distributed.fake_pg import FakeStore  # noqa: E402
 
 from core.mesh import MeshShape, build_mesh  # noqa: E402
 from core.tensor_parallel import local_tensor  # noqa: E402
-from models.init import copy_full_value_, init_std, init_weights, parameter_seed  # noqa: E402
+from models.init import constant_init, copy_full_value_, init_std, init_weights, parameter_seed  # noqa: E402
 from models.parallelize import ParallelOptions, materialize, parallelize  # noqa: E402
 from models.registry import build_model, get_config  # noqa: E402
 
@@ -66,7 +66,7 @@ def full_draw_seconds(model: torch.nn.Module, n_layers: int, budget: int) -> tup
             std = init_std(name, n_layers)
             start = time.perf_counter()
             if std is None:
-                full = torch.ones(param.shape)
+                full = torch.full(param.shape, constant_init(name))
             else:
                 generator = torch.Generator().manual_seed(parameter_seed(0, name))
                 full = torch.randn(param.shape, generator=generator).mul_(std)

@@ -34,10 +34,22 @@ def transformers_greedy(folder: Path, prompts: list[list[int]]) -> list[list[int
     return [row[:row.index(EOS) + 1] if EOS in row else row for row in rows]
 
 
+# Llama, Mixtral, and the features of Qwen3 (q/k norms, own head size, YaRN, tied output) and
+# Qwen2 (q/k/v biases) with Llama 3.1's RoPE scaling: exported as Qwen3ForCausalLM / Qwen2ForCausalLM.
+FAMILIES = {
+    "llama": ("debug", {}),
+    "mixtral": ("debug-mixtral", {}),
+    "qwen3": ("debug", dict(qk_norm=True, attention_head_dim=32, tie_embeddings=True, rope_scaling="yarn",
+                            rope_factor=4.0, rope_original_max_seq_len=8)),
+    "qwen2": ("debug", dict(qkv_bias=True, rope_scaling="llama3", rope_factor=8.0, rope_original_max_seq_len=8)),
+}
+
+
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
-@pytest.mark.parametrize("model_name", ["debug", "debug-mixtral"])
-def test_greedy_equals_transformers_generate(model_name, tmp_path):
-    config = get_config(model_name)
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_greedy_equals_transformers_generate(family, tmp_path):
+    model_name, fields = FAMILIES[family]
+    config = get_config(model_name, **fields)
     model = unit_scale_model(config, seed=3)  # O(1) logits: the greedy tokens vary, a wrong one shows
     save_hf_folder(full_state(model), config, tmp_path)
     ours = generate(model, PROMPTS, NEW_TOKENS, EOS)

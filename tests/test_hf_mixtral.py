@@ -142,7 +142,8 @@ def test_cli_exports_mixtral_checkpoint(tmp_path):
     # An MoE that no transformers class computes is refused before its tensors are read.
     write_checkpoint(tmp_path / "moe", 1, {"unused": torch.zeros(1)}, {"model_name": "debug-moe"})
     result = export_cli(tmp_path / "moe", tmp_path / "hf_moe")
-    assert result.returncode != 0 and "no transformers class matches this MoE" in result.stderr, result.stderr
+    assert result.returncode != 0, result.stderr
+    assert "no transformers class matches this model as 'mixtral'" in result.stderr, result.stderr
     assert not (tmp_path / "hf_moe").exists()
 
 
@@ -188,7 +189,7 @@ def test_load_into_expert_parallel_model(tmp_path):
 # ---- errors -----------------------------------------------------------------------------
 
 def test_clear_errors(tmp_path):
-    with pytest.raises(ValueError, match=r"no transformers class matches this MoE config.*n_shared_experts=1"):
+    with pytest.raises(ValueError, match=r"no transformers class matches this model as 'mixtral'.*n_shared_experts=1"):
         save_hf_folder({}, get_config("debug-moe"), tmp_path)
     with pytest.raises(ValueError, match=r"norm_topk_prob=False.*n_shared_experts=2.*n_dense_layers=1"):
         to_hf_config(get_config("deepseek-moe-16b"))
@@ -198,15 +199,17 @@ def test_clear_errors(tmp_path):
 
     save_hf_folder(full_state(mixtral_model()), CONFIG, tmp_path)
     check_hf_config_matches(tmp_path, dataclasses.replace(CONFIG, aux_loss_coef=0.1))  # training only
-    with pytest.raises(ValueError, match=r"no transformers class matches this MoE config.*n_shared_experts=1"):
+    with pytest.raises(ValueError, match=r"no transformers class matches this model as 'mixtral'.*n_shared_experts=1"):
         check_hf_config_matches(tmp_path, dataclasses.replace(CONFIG, n_shared_experts=1))
     with pytest.raises(ValueError,
                        match=r"n_experts: folder has 8, the run has 4\n  top_k: folder has 2, the run has 1"):
         check_hf_config_matches(tmp_path, dataclasses.replace(CONFIG, n_experts=4, top_k=1))
-    with pytest.raises(ValueError, match=r"holds a Mixtral-style MoE model, this run's model is a dense Llama"):
+    with pytest.raises(ValueError, match=r"holds an MoE model, this run's model is a dense one"):
         check_hf_config_matches(tmp_path, get_config("debug"))
 
     hf_config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**hf_config, "sliding_window": 16}))
-    with pytest.raises(ValueError, match="sliding_window=16"):
-        load_hf_folder(tmp_path)
+    windowed, _ = load_hf_folder(tmp_path)  # full attention equals the window's up to 16 tokens
+    assert (windowed.sliding_window, windowed.max_seq_len) == (16, 16)
+    with pytest.raises(ValueError, match="max_seq_len=64 exceeds sliding_window=16"):
+        dataclasses.replace(windowed, max_seq_len=64).validate()

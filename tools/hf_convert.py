@@ -1,8 +1,11 @@
-"""Export a Meshtron checkpoint as a Hugging Face folder that ``transformers`` loads.
+"""Export a Meshtron checkpoint as a Hugging Face folder that ``transformers`` uses alone.
 
-A dense model becomes a ``LlamaForCausalLM`` folder, a Mixtral-style MoE (softmax router,
-renormalized top-k, no shared expert / dense layer / expert bias, e.g. ``debug-mixtral``)
-a ``MixtralForCausalLM`` one; any other MoE is refused before anything is read.
+The model becomes its family's own class (``models.hf_families``: Llama, Mistral, Qwen2,
+Qwen3, Mixtral, Qwen3-MoE; a model started from a Hugging Face folder keeps that folder's
+family); a model no transformers class computes (e.g. DeepSeek-style routing) is refused
+before anything is read. The run's tokenizer files, ``generation_config.json`` and the
+bos/eos ids go with it (``train.hf_export``), so ``AutoTokenizer``, ``AutoModelForCausalLM``
+and ``pipeline("text-generation")`` load the folder alone.
 
     python tools/hf_convert.py export outputs/NAME/checkpoints out/hf            # newest complete checkpoint
     python tools/hf_convert.py export outputs/NAME/checkpoints/step_00000100 out/hf --dtype bfloat16
@@ -35,10 +38,12 @@ from models.hf_format import (  # noqa: E402
     check_hf_compatible,
     config_from_dict,
     expected_shapes,
+    family_of,
     save_hf_folder,
 )
 from models.llama import LlamaConfig  # noqa: E402
 from models.registry import get_config  # noqa: E402
+from train.hf_export import write_tokenizer_files  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 UNITS = {"KB": 2**10, "MB": 2**20, "GB": 2**30}
@@ -96,8 +101,15 @@ def export(checkpoint: Path, out: Path, model_name: str | None, dtype: torch.dty
     # Load into tensors of the export dtype: the load casts while copying.
     state = {name: torch.empty(shape, dtype=dtype) for name, shape in expected_shapes(config).items()}
     Checkpointer().load(checkpoint, state)
-    files = save_hf_folder(state, config, out, max_shard_bytes=max_shard_bytes)
-    print(f"exported {checkpoint} -> {out} ({len(files)} files, {dtype})")
+    out.mkdir(parents=True, exist_ok=True)
+    run = read_meta(checkpoint).get("train_config") or {}
+    token_ids = write_tokenizer_files(out, run.get("tokenizer") or "default", run.get("init_from") or "",
+                                      config.max_seq_len)
+    files = save_hf_folder(state, config, out, max_shard_bytes=max_shard_bytes, extra_config=token_ids)
+    tokenizer_note = "with its tokenizer" if token_ids else "no tokenizer: the run used --tokenizer byte"
+    print(f"exported {checkpoint} -> {out} ({family_of(config)}, {len(files)} weight/config files, "
+          f"{str(dtype).removeprefix('torch.')}, "
+          f"{tokenizer_note})")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,10 +16,16 @@ def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """Parameters and persistent buffers by FQN (as ``state_dict`` would list them).
 
     Built from ``state_dict(keep_vars=True)`` so non-persistent buffers (e.g. RoPE caches)
-    are left out, and FSDP2 / TP parameters come back as their sharded DTensors.
+    are left out, and FSDP2 / TP parameters come back as their sharded DTensors. A parameter
+    shared by two modules (a tied output: ``output.weight`` is ``tok_embeddings.weight``) is
+    listed once, under its first name, as ``named_parameters`` lists it.
     """
-    state = model.state_dict(keep_vars=True)
-    return {name: tensor.detach() for name, tensor in state.items()}
+    state, seen = {}, set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            state[name] = tensor.detach()
+    return state
 
 
 def _param_names(model: nn.Module) -> dict[int, str]:

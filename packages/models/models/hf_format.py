@@ -1,18 +1,19 @@
-"""Hugging Face folders <-> Meshtron weights and configs: dense Llama and Mixtral-style MoE.
+"""Hugging Face folders <-> Meshtron weights and configs, for every family of ``models.hf_families``.
 
 A Hugging Face (HF) folder, as ``transformers`` ``from_pretrained`` reads it::
 
     folder/
-      config.json                              model_type "llama" or "mixtral" and its fields
+      config.json                              model_type (llama, mistral, qwen2, qwen3, mixtral,
+                                               qwen3_moe) and its fields
       model.safetensors                        every weight, by HF name
     or, when the weights are split into shards:
       model-00001-of-00003.safetensors ...
       model.safetensors.index.json             {"metadata": {"total_size": N}, "weight_map": {name: file}}
 
-A ``LlamaConfig`` maps to ``LlamaForCausalLM`` (names and config in ``models.hf_llama``),
-an ``MoEConfig`` to ``MixtralForCausalLM`` when it routes like Mixtral (``models.hf_mixtral``;
-any other MoE is a ValueError). One Meshtron parameter is stored as one HF tensor, except
-an expert weight [E, ...], which is stored as E per-expert tensors (transposed).
+config.json maps to a LlamaConfig or MoEConfig (``models.hf_families``), names as
+``models.hf_names`` says: one Meshtron parameter is stored as one HF tensor, except an
+expert weight [E, ...], stored as E per-expert tensors (transposed). A tied output
+(``tie_word_embeddings``) is stored once, as the embedding.
 
 Only safetensors and JSON are read or written: no file is ever unpickled.
 """
@@ -31,8 +32,9 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
-from . import hf_llama, hf_mixtral
-from .hf_llama import from_hf_name, to_hf_name  # noqa: F401 - the Llama name map, re-exported
+from .hf_families import check_hf_compatible, family_of, from_hf_config, to_hf_config  # noqa: F401 - re-exported
+from .hf_names import hf_names as family_hf_names
+from .hf_names import join_from_hf, split_for_hf
 from .init import copy_full_value_
 from .llama import LlamaConfig
 from .moe import MoEConfig, Router
@@ -43,49 +45,12 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 
-# ---- names: one Meshtron parameter <-> its HF tensors -------------------------------------
+# ---- names and config.json --------------------------------------------------------------
 
 
 def hf_names(name: str, config: LlamaConfig) -> list[str]:
     """The HF names under which parameter ``name`` of ``config``'s model is stored (E of them for experts)."""
-    if isinstance(config, MoEConfig):
-        return hf_mixtral.hf_names(name, config.n_experts)
-    return [to_hf_name(name)]
-
-
-def _split(name: str, tensor: Tensor, config: LlamaConfig) -> list[Tensor]:
-    """Our full tensor -> the tensors stored under ``hf_names(name, config)`` (views, same order)."""
-    return hf_mixtral.split_for_hf(name, tensor) if isinstance(config, MoEConfig) else [tensor]
-
-
-def _join(name: str, tensors: list[Tensor], config: LlamaConfig) -> Tensor:
-    """Inverse of ``_split``: the stored tensors -> our full tensor."""
-    return hf_mixtral.join_from_hf(name, tensors) if isinstance(config, MoEConfig) else tensors[0]
-
-
-# ---- config.json ------------------------------------------------------------------------
-
-def check_hf_compatible(config: LlamaConfig) -> None:
-    """ValueError if no ``transformers`` class computes what ``config``'s model computes (non-Mixtral MoE)."""
-    if isinstance(config, MoEConfig):
-        hf_mixtral.check_mixtral_compatible(config)
-
-
-def to_hf_config(config: LlamaConfig, dtype: torch.dtype = torch.float32) -> dict:
-    """The config.json dict ``transformers`` needs to build the same model (Llama or Mixtral)."""
-    if isinstance(config, MoEConfig):
-        return hf_mixtral.to_hf_config(config, dtype)
-    return hf_llama.to_hf_config(config, dtype)
-
-
-def from_hf_config(hf: dict) -> LlamaConfig:
-    """The LlamaConfig (or, for "mixtral", MoEConfig) of an HF config.json dict; ValueError if unsupported."""
-    model_type = hf.get("model_type", "llama")
-    if model_type == "llama":
-        return hf_llama.from_hf_config(hf)
-    if model_type == "mixtral":
-        return hf_mixtral.from_hf_config(hf)
-    raise ValueError(f"config.json has model_type {model_type!r}; only 'llama' and 'mixtral' are supported")
+    return family_hf_names(name, family_of(config), getattr(config, "n_experts", 0))
 
 
 def read_hf_config(folder: Path) -> LlamaConfig:
@@ -102,38 +67,37 @@ def read_hf_config(folder: Path) -> LlamaConfig:
     try:
         return from_hf_config(values)
     except KeyError as err:
-        raise ValueError(f"{path} lacks the field {err}, which a Llama/Mixtral config.json has") from None
+        family = values.get("model_type", "llama")
+        raise ValueError(f"{path} lacks the field {err}, which a {family} config.json has") from None
     except TypeError as err:  # a field of the wrong JSON type reaching the dataclass
         raise ValueError(f"{path} has a field of the wrong type ({err})") from None
 
 
-# Fields that change the weights' shapes or the math; max_seq_len is only a limit, so it may differ.
-_MATCHING_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "rope_theta", "norm_eps")
+# Fields that only limit or steer training, not the math of the weights: they may differ.
+_FREE_FIELDS = ("max_seq_len", "aux_loss_coef", "family")
 
 
 def _kind(config: LlamaConfig) -> str:
-    return "a Mixtral-style MoE" if isinstance(config, MoEConfig) else "a dense Llama"
+    return "an MoE" if isinstance(config, MoEConfig) else "a dense"
 
 
 def check_hf_config_matches(folder: Path, config: LlamaConfig) -> None:
-    """ValueError listing every field where ``folder``'s config.json differs from ``config``.
+    """ValueError listing every field where ``folder``'s config.json differs from ``config``
+    (a run that names both a --model and an --init-from folder).
 
-    Reads only config.json, so it may run before any collective. An MoE ``config`` must
-    also route like Mixtral (``check_hf_compatible``).
+    Reads only config.json, so it may run before any collective.
     """
     check_hf_compatible(config)
     theirs = read_hf_config(folder)
     if isinstance(theirs, MoEConfig) != isinstance(config, MoEConfig):
-        raise ValueError(f"{folder} holds {_kind(theirs)} model, this run's model is {_kind(config)}: "
-                         f"pick a --model of the folder's kind")
-    fields = _MATCHING_FIELDS
-    if isinstance(config, MoEConfig):
-        fields = tuple(f for f in fields if f != "ffn_dim") + hf_mixtral.MATCHING_FIELDS
+        raise ValueError(f"{folder} holds {_kind(theirs)} model, this run's model is {_kind(config)} one: "
+                         f"leave out --model (the folder defines the model)")
+    fields = [f.name for f in dataclasses.fields(config) if f.name not in _FREE_FIELDS]
     diffs = [f"{field}: folder has {getattr(theirs, field)}, the run has {getattr(config, field)}"
              for field in fields if getattr(theirs, field) != getattr(config, field)]
     if diffs:
-        raise ValueError(f"the model config of {folder} does not match this run's model (pick the --model "
-                         f"matching the folder, or override its fields):\n  " + "\n  ".join(diffs))
+        raise ValueError(f"the model config of {folder} does not match this run's --model (leave out --model: "
+                         f"the folder defines the model):\n  " + "\n  ".join(diffs))
 
 
 def config_from_dict(values: dict) -> LlamaConfig:
@@ -163,7 +127,7 @@ def expected_hf_shapes(config: LlamaConfig) -> dict[str, tuple[str, torch.Size]]
     """HF name -> (the Meshtron name it belongs to, its shape on disk), for ``config``'s model."""
     out = {}
     for name, shape in expected_shapes(config).items():
-        parts = _split(name, torch.empty(shape, device="meta"), config)
+        parts = split_for_hf(name, torch.empty(shape, device="meta"))
         out.update({hf: (name, part.shape) for hf, part in zip(hf_names(name, config), parts)})
     return out
 
@@ -226,22 +190,27 @@ def _hf_tensors(state: dict[str, Tensor], config: LlamaConfig, dtype: torch.dtyp
     tensors = {}
     for name, tensor in state.items():
         tensor = tensor.detach().to("cpu", dtype or tensor.dtype)
-        for hf, part in zip(hf_names(name, config), _split(name, tensor, config)):
+        for hf, part in zip(hf_names(name, config), split_for_hf(name, tensor)):
             tensors[hf] = part.contiguous()  # experts are transposed views: safetensors needs their own copy
     return tensors
 
 
 def save_hf_folder(state: dict[str, torch.Tensor], config: LlamaConfig, folder: Path,
-                   max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, dtype: torch.dtype | None = None) -> list[Path]:
+                   max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, dtype: torch.dtype | None = None,
+                   extra_config: dict | None = None) -> list[Path]:
     """Write ``state`` (Meshtron names -> FULL plain tensors) as an HF folder; return the files written.
 
     Writes ``folder/config.json`` and either ``model.safetensors`` or, when the weights exceed
     ``max_shard_bytes``, ``model-0000k-of-0000N.safetensors`` + ``model.safetensors.index.json``.
     Old ``model*.safetensors`` / index files in ``folder`` are deleted first. Tensors are cast
-    to ``dtype`` (default: as given). ValueError, before writing anything, if names or shapes
-    differ from ``config``'s model or ``config`` is an MoE no transformers class matches.
+    to ``dtype`` (default: as given). ``extra_config``: more config.json fields (e.g. the
+    tokenizer's ``bos_token_id`` / ``eos_token_id``). A tied output is stored once, as the
+    embedding. ValueError, before writing anything, if names or shapes differ from ``config``'s
+    model or no transformers class computes what it computes.
     """
     check_hf_compatible(config)
+    if config.tie_embeddings:
+        state = {name: t for name, t in state.items() if name != "output.weight"}  # the embedding's twin
     if any(isinstance(t, DTensor) for t in state.values()):
         raise ValueError("save_hf_folder needs full plain tensors: gather DTensors with .full_tensor() first")
     _check_names_and_shapes({k: t.shape for k, t in state.items()}, expected_shapes(config), "the state to save")
@@ -262,7 +231,8 @@ def save_hf_folder(state: dict[str, torch.Tensor], config: LlamaConfig, folder: 
                  "weight_map": {k: file for file, keys in zip(names, shards) for k in keys}}
         (folder / INDEX_FILE).write_text(json.dumps(index, indent=2))
         written.append(folder / INDEX_FILE)
-    (folder / CONFIG_FILE).write_text(json.dumps(to_hf_config(config, out_dtype), indent=2))
+    hf_config = {**to_hf_config(config, out_dtype), **(extra_config or {})}
+    (folder / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2))
     return [*written, folder / CONFIG_FILE]
 
 
@@ -290,36 +260,22 @@ def weight_files(folder: Path) -> dict[str, Path]:
     return {name: path for name, path in files.items() if not _is_ignored(name)}
 
 
-# HF name -> (file, name stored in it): the two differ only for a tied lm_head.
-Sources = dict[str, tuple[Path, str]]
-
-
-def _sources(folder: Path) -> Sources:
-    """Where each HF weight of ``folder`` is stored.
-
-    A config with ``tie_word_embeddings`` may store no ``lm_head.weight``: our untied output
-    projection then starts as a copy of the embedding.
-    """
-    sources = {hf: (path, hf) for hf, path in weight_files(folder).items()}
-    tied = json.loads((Path(folder) / CONFIG_FILE).read_text()).get("tie_word_embeddings", False)
-    if tied and "lm_head.weight" not in sources and "model.embed_tokens.weight" in sources:
-        sources["lm_head.weight"] = sources["model.embed_tokens.weight"]
-    return sources
-
-
-def _checked_sources(folder: Path, config: LlamaConfig) -> Sources:
-    """``_sources(folder)`` after checking its names and shapes (safetensors headers only) against ``config``."""
-    sources = _sources(folder)
+def _checked_sources(folder: Path, config: LlamaConfig) -> dict[str, Path]:
+    """HF name -> the file holding it, after checking names and shapes (safetensors headers only)
+    against ``config``. A tied model's output is its embedding: a ``lm_head.weight`` that some tied
+    checkpoints also store (a copy) is not read."""
+    sources = weight_files(folder)
+    if config.tie_embeddings:
+        sources.pop("lm_head.weight", None)
     shapes = {}
-    for path in sorted({path for path, _ in sources.values()}):
+    for path in sorted(set(sources.values())):
         with safe_open(str(path), framework="pt") as f:
-            shapes.update({hf: torch.Size(f.get_slice(stored).get_shape())
-                           for hf, (p, stored) in sources.items() if p == path})
+            shapes.update({hf: torch.Size(f.get_slice(hf).get_shape()) for hf, p in sources.items() if p == path})
     _check_hf_names_and_shapes(shapes, config, f"Hugging Face folder {folder}")
     return sources
 
 
-def _read(sources: Sources, names: list[str], config: LlamaConfig) -> Iterator[tuple[str, Tensor]]:
+def _read(sources: dict[str, Path], names: list[str], config: LlamaConfig) -> Iterator[tuple[str, Tensor]]:
     """Yield (Meshtron name, full CPU tensor) for ``names``, one parameter in memory at a time.
 
     Each file is opened once (safetensors maps it; a tensor is read when asked for).
@@ -328,17 +284,17 @@ def _read(sources: Sources, names: list[str], config: LlamaConfig) -> Iterator[t
         files = {}
 
         def get(hf: str) -> Tensor:
-            path, stored = sources[hf]
+            path = sources[hf]
             if path not in files:
                 files[path] = stack.enter_context(safe_open(str(path), framework="pt"))
-            return files[path].get_tensor(stored)
+            return files[path].get_tensor(hf)
 
         for name in names:
-            yield name, _join(name, [get(hf) for hf in hf_names(name, config)], config)
+            yield name, join_from_hf(name, [get(hf) for hf in hf_names(name, config)])
 
 
 def load_hf_folder(folder: Path) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
-    """Read an HF Llama or Mixtral folder: its config and every weight as a full CPU tensor, by Meshtron name.
+    """Read an HF folder: its config and every weight as a full CPU tensor, by Meshtron name.
 
     Tensors keep their stored dtype (experts: [E, ...], as our model holds them). ValueError
     for an unsupported config or missing, unexpected or misshapen weights.
@@ -352,15 +308,15 @@ def load_hf_folder(folder: Path) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
 def load_hf_weights_(model: nn.Module, folder: Path) -> None:
     """Copy an HF folder's weights into ``model`` in place, by name; no collective.
 
-    ``model`` is a Meshtron Llama or Mixtral-style MoE (``model.config``), plain or sharded
+    ``model`` is a Meshtron model (``model.config``) of a supported family, plain or sharded
     (TP / FSDP / EP DTensors) or a pipeline stage holding some layers. Every rank reads the
     full tensor of each of its parameters (an expert weight: all E experts), one at a time,
     and keeps its own shard (``src_data_rank=None``: each rank cuts locally, as models.init
-    does). The routers' expert bias, which Mixtral lacks, is set to zero. The folder must
+    does). The routers' expert bias, which HF MoE families lack, is set to zero. The folder must
     hold exactly the weights of the full model for ``model.config``; ValueError (naming key
-    and shapes) otherwise.
+    and shapes) otherwise. (Fields that keep the shapes, e.g. RoPE scaling or ``max_seq_len``,
+    may differ from the folder's config.json: the run chose them.)
     """
-    check_hf_config_matches(folder, model.config)
     sources = _checked_sources(folder, model.config)
     params = dict(model.named_parameters())
     for name, full in _read(sources, list(params), model.config):

@@ -57,16 +57,24 @@ def tile_shape(ndim: int) -> tuple[int, ...]:
 
 
 def init_std(name: str, n_layers: int) -> float | None:
-    """The standard deviation of parameter ``name``'s normal draw; None for a constant (norms: 1).
+    """The standard deviation of parameter ``name``'s normal draw; None for a constant (``constant_init``).
 
     Projections that write into the residual stream (``wo``, ``w2``, the experts' ``w2``) get
     0.02/sqrt(2*n_layers) so the residual's variance does not grow with depth (GPT-2's rule);
     every other weight N(0, 0.02). Experts ``[n_experts, ...]`` are one parameter: an
     expert-parallel rank holds some experts, and draws only their tiles.
     """
-    if name.endswith("norm.weight"):
+    if constant_init(name) is not None:
         return None
     return INIT_STD / math.sqrt(2 * n_layers) if name.endswith(("wo.weight", "w2.weight", "w2")) else INIT_STD
+
+
+def constant_init(name: str) -> float | None:
+    """The constant parameter ``name`` starts at: 1 for norm weights (q/k norms too), 0 for biases;
+    None for a random draw."""
+    if name.endswith("norm.weight"):
+        return 1.0
+    return 0.0 if name.endswith(".bias") else None
 
 
 def held_indices(param: torch.Tensor) -> list[torch.Tensor]:
@@ -139,7 +147,7 @@ def initial_value(name: str, shape: torch.Size, n_layers: int, seed: int) -> tor
     """The whole float32 CPU initial value of parameter ``name`` (what every mesh's shards add up to)."""
     std = init_std(name, n_layers)
     if std is None:
-        return torch.ones(shape)
+        return torch.full(shape, constant_init(name))
     return draw_held_values(name, shape, [torch.arange(size) for size in shape], std, seed)
 
 
@@ -166,7 +174,7 @@ def init_weights(model: nn.Module, n_layers: int, seed: int) -> None:
         local = local_tensor(param)
         std = init_std(name, n_layers)
         if std is None:
-            local.fill_(1.0)
+            local.fill_(constant_init(name))
         else:
             local.copy_(draw_held_values(name, param.shape, held_indices(param), std, seed))
 

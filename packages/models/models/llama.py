@@ -1,7 +1,11 @@
 """A Llama-style dense decoder in plain single-device PyTorch.
 
 RMSNorm -> grouped-query attention with rotary positions -> RMSNorm -> SwiGLU, repeated,
-then a final norm and an untied output projection. Nothing here knows about meshes: the
+then a final norm and an output projection. The config also covers what the Llama 3.x,
+Mistral, Qwen2 and Qwen3 checkpoints add (``models.hf_families`` maps them): RoPE scaling
+(``models.rope``), biases on the q/k/v projections, an RMSNorm of each query and key head,
+a head size other than dim / n_heads, and an output projection tied to the embedding.
+Nothing here knows about meshes: the
 parallelisms are applied from outside (see ``models.parallelize``), which may
 
   - swap ``Attention.attention_fn`` (ring attention for context parallel) and
@@ -26,6 +30,8 @@ from torch import nn
 
 from core.documents import Documents, document_bias
 
+from .rope import check_rope, rotary
+
 
 @dataclass(frozen=True)
 class LlamaConfig:
@@ -38,22 +44,41 @@ class LlamaConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     max_seq_len: int = 2048
+    attention_head_dim: int = 0       # 0: dim // n_heads (Qwen3 sets its own, e.g. 128 at dim 1024 with 16 heads)
+    qkv_bias: bool = False            # biases on the q, k and v projections (Qwen2)
+    qk_norm: bool = False             # RMSNorm over each query and key head, before RoPE (Qwen3)
+    tie_embeddings: bool = False      # the output projection is the embedding matrix (Llama 3.2 1B/3B, Qwen3 <= 4B)
+    sliding_window: int = 0           # Mistral's attention window; only where it never binds: max_seq_len <= it
+    rope_scaling: str = "none"        # none | linear | llama3 | yarn (models.rope)
+    rope_factor: float = 1.0
+    rope_original_max_seq_len: int = 0  # llama3, yarn: the context the model was pretrained at
+    rope_low_freq_factor: float = 1.0   # llama3
+    rope_high_freq_factor: float = 4.0  # llama3
+    rope_beta_fast: float = 32.0        # yarn
+    rope_beta_slow: float = 1.0         # yarn
+    rope_attention_factor: float = 0.0  # yarn: cos/sin scale; 0: 0.1 ln(rope_factor) + 1
+    family: str = ""                  # Hugging Face model_type to export as ("": llama, or mixtral for an MoE)
 
     @property
     def head_dim(self) -> int:
-        return self.dim // self.n_heads
+        return self.attention_head_dim or self.dim // self.n_heads
 
     def validate(self) -> None:
         sizes = ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "max_seq_len")
         too_small = [f"{name}={getattr(self, name)}" for name in sizes if getattr(self, name) < 1]
         if too_small:
             raise ValueError(f"model sizes must be >= 1: {', '.join(too_small)}")
-        if self.dim % self.n_heads:
-            raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
+        if not self.attention_head_dim and self.dim % self.n_heads:
+            raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads} (or set attention_head_dim)")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.sliding_window and self.max_seq_len > self.sliding_window:
+            raise ValueError(f"max_seq_len={self.max_seq_len} exceeds sliding_window={self.sliding_window}: Meshtron "
+                             f"attends over the whole sequence, which equals windowed attention only up to the "
+                             f"window; set max_seq_len <= {self.sliding_window}")
+        check_rope(self)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -75,23 +100,6 @@ def sequential_positions(seq_len: int, device: torch.device) -> torch.Tensor:
     return torch.arange(seq_len, device=device)
 
 
-def rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotate ``x`` [b, s, h, d] by its positions, [s] or per row [b, s] (the "rotate half"
-    convention of HF Llama).
-
-    Computed in float32 from the positions each call: cheap next to attention, and it leaves
-    no buffer that meta-device initialization or pipeline splitting would have to rebuild.
-    """
-    d = x.shape[-1]
-    inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)
-    angles = positions.to(torch.float32)[..., None] * inv_freq  # [(b,) s, d/2]
-    cos = torch.cat([angles.cos(), angles.cos()], dim=-1)[..., None, :]  # [(b,) s, 1, d]
-    sin = torch.cat([angles.sin(), angles.sin()], dim=-1)[..., None, :]
-    x1, x2 = x.float().chunk(2, dim=-1)
-    rotated_half = torch.cat([-x2, x1], dim=-1)
-    return (x.float() * cos + rotated_half * sin).to(x.dtype)
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -104,16 +112,23 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Grouped-query attention. x: [b, s, dim] -> [b, s, dim]."""
+    """Grouped-query attention. x: [b, s, dim] -> [b, s, dim].
+
+    ``q_norm`` / ``k_norm`` (Qwen3) normalize each head's [head_dim] vector; their weights are
+    shared by all heads, so under tensor parallel each rank applies them to its own heads
+    (plain parameters whose gradients are partial over tp: ``models.parallelize``).
+    """
 
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.head_dim = cfg.head_dim
-        self.rope_theta = cfg.rope_theta
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.rope = cfg  # the RoPE fields (models.rope)
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         # Replaced by context parallel with ring attention and zigzag positions.
         self.attention_fn: Callable[..., torch.Tensor] = causal_attention
         self.position_fn: Callable[[int, torch.device], torch.Tensor] = sequential_positions
@@ -125,8 +140,10 @@ class Attention(nn.Module):
         q = self.wq(x).view(b, s, -1, self.head_dim)
         k = self.wk(x).view(b, s, -1, self.head_dim)
         v = self.wv(x).view(b, s, -1, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         positions = self.position_fn(s, x.device) if documents is None else documents.positions
-        q, k = rotary(q, positions, self.rope_theta), rotary(k, positions, self.rope_theta)
+        q, k = rotary(q, positions, self.rope), rotary(k, positions, self.rope)
         extra = {} if documents is None else {"document_ids": documents.ids}
         out = self.attention_fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), **extra)
         return self.wo(out.transpose(1, 2).reshape(b, s, -1))
@@ -171,6 +188,21 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleDict({str(i): self.build_block(i) for i in range(cfg.n_layers)})
         self.norm: RMSNorm | None = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output: nn.Linear | None = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.tie_output()
+
+    def tie_output(self) -> None:
+        """Make the output projection use the embedding's weight [vocab, dim] (one parameter,
+        named ``tok_embeddings.weight``). Called again after tensor parallel replaces the
+        embedding's weight by a DTensor: both shard it on vocab (Shard(0))."""
+        self.output.weight = self.tok_embeddings.weight
+
+    def to_empty(self, *, device, recurse: bool = True) -> Transformer:
+        """``nn.Module.to_empty``, keeping a tied output tied (it gives every module a new tensor)."""
+        super().to_empty(device=device, recurse=recurse)
+        if self.config.tie_embeddings and self.output is not None and self.tok_embeddings is not None:
+            self.tie_output()
+        return self
 
     def build_block(self, layer_index: int) -> TransformerBlock:
         return TransformerBlock(self.config)

@@ -75,11 +75,12 @@ class StepRecipe:
 class GradientRules:
     """The gradient reductions a layout needs beyond what FSDP/``replicate`` and DTensor do themselves.
 
-    ``token_split``: parameters each tp rank applies to its own tokens (MoE layers under
-    sequence parallel): their gradients are summed over ``tp_group`` (None: tp = 1).
+    ``tp_partial``: plain parameters each tp rank applies to its own part of the work (MoE layers
+    to its tokens under sequence parallel, q/k norms to its heads): their gradients are summed over
+    ``tp_group`` (None: tp = 1).
     """
 
-    token_split: list[nn.Parameter]
+    tp_partial: list[nn.Parameter]
     tp_group: dist.ProcessGroup | None = None
 
 
@@ -118,14 +119,14 @@ class ParallelModel(ABC):
 
         Collectives: the MoE load's all-reduce over the token ranks; one all-reduce per
         layout of ``Partial`` (sequence-parallel norm) gradients; an all-reduce over tp of
-        the token-split parameters. (Data-parallel sums happen in FSDP's or ``replicate``'s
+        the tp-partial parameters. (Data-parallel sums happen in FSDP's or ``replicate``'s
         backward hooks.)
         """
         if self.moe_load is not None:
             self.moe_load.sum_over_ranks()
         reduce_partial_gradients(self.trainable)
         if self.rules.tp_group is not None:
-            all_reduce_gradients(self.rules.token_split, self.rules.tp_group)
+            all_reduce_gradients(self.rules.tp_partial, self.rules.tp_group)
 
     def reduce_loss(self, loss_share: torch.Tensor, on_host: bool = True) -> float | torch.Tensor:
         """Sum the ranks' shares over dp x ep x cp: the mean token loss of the global batch (a

@@ -106,6 +106,8 @@ def parallelize(model: Transformer, pm: ParallelMesh, options: ParallelOptions =
     apply_expert_parallel(model, pm)
     apply_tensor_parallel(model, pm["tp"], tensor_parallel_plan(model))
     if pm.size("tp") > 1:
+        if model.config.tie_embeddings:
+            model.tie_output()  # TP gave the embedding and the output each their own DTensor weight
         check_tensor_parallel_coverage(model)
     if pm.size("cp") > 1:
         apply_context_parallel(model, pm["cp"].get_group(), pm.local_rank("cp"), pm.size("cp"), options.cp_method)
@@ -174,20 +176,24 @@ def apply_expert_parallel(model: nn.Module, pm: ParallelMesh) -> None:
         moe.experts.shard(pm["ep"])
 
 
-def token_split_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Parameters that each tp rank applies to its own slice of the tokens (the MoE layers':
-    router, experts, shared expert; see ``MoE.tensor_parallel_plan``). Their gradients are
-    partial sums over tp, which ``ParallelModel.finish_gradients`` adds up."""
-    return [p for moe in moe_layers(model) for p in moe.parameters() if p.requires_grad]
+def tp_partial_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Plain parameters that each tp rank applies to its own part of the work: the MoE layers'
+    (router, experts, shared expert) to its slice of the tokens (``MoE.tensor_parallel_plan``),
+    the q/k norms (Qwen3) to its query and key heads. Their gradients are partial sums over tp,
+    which ``ParallelModel.finish_gradients`` adds up."""
+    moe = [p for layer in moe_layers(model) for p in layer.parameters()]
+    head_norms = [p for a in model.modules() if isinstance(a, Attention) and a.q_norm is not None
+                  for p in (*a.q_norm.parameters(), *a.k_norm.parameters())]
+    return [p for p in moe + head_norms if p.requires_grad]
 
 
 def check_tensor_parallel_coverage(model: nn.Module) -> None:
     """Under tp > 1 every parameter must be placed by the TP plan (a DTensor over tp) or run on
-    this rank's own tokens (``token_split_parameters``): a plain parameter that neither covers
-    would silently get a partial or tp-fold gradient. Raises ValueError naming it."""
-    token_split = {id(p) for p in token_split_parameters(model)}
+    this rank's own part of the work (``tp_partial_parameters``): a plain parameter that neither
+    covers would silently get a partial or tp-fold gradient. Raises ValueError naming it."""
+    partial = {id(p) for p in tp_partial_parameters(model)}
     uncovered = [name for name, p in model.named_parameters()
-                 if not isinstance(p, DTensor) and id(p) not in token_split]
+                 if not isinstance(p, DTensor) and id(p) not in partial]
     if uncovered:
         raise ValueError(f"parameters {uncovered} are not in the tensor-parallel plan: give their module a "
                          f"style in models.plans (or a token-split plan, like the MoE layers')")
@@ -196,7 +202,7 @@ def check_tensor_parallel_coverage(model: nn.Module) -> None:
 def gradient_rules(module: nn.Module, pm: ParallelMesh) -> GradientRules:
     """The reductions ``ParallelModel.finish_gradients`` owes this layout (see ``GradientRules``)."""
     tp_group = pm["tp"].get_group() if pm.size("tp") > 1 else None
-    return GradientRules(token_split_parameters(module), tp_group)
+    return GradientRules(tp_partial_parameters(module), tp_group)
 
 
 def step_load(module: nn.Module, model_config, pm: ParallelMesh, recipe: StepRecipe,

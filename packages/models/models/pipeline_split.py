@@ -20,6 +20,9 @@ from .llama import Transformer
 
 def split_stage(model: Transformer, layer_ids: list[int], first: bool, last: bool) -> Transformer:
     """Turn ``model`` in place into the stage holding ``layer_ids``; returns it."""
+    if model.config.tie_embeddings and not (first and last):
+        raise ValueError("a model with tie_embeddings cannot be cut into pipeline stages: the embedding (first "
+                         "stage) and the output (last stage) are one weight; use pp=1 (dp/tp/cp/ep still apply)")
     keep = {str(i) for i in layer_ids}
     unknown = keep - set(model.layers.keys())
     if unknown:

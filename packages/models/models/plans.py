@@ -77,7 +77,7 @@ def token_split_plan(prefix: str) -> dict[str, ParallelStyle]:
     for the same slice, as the residual stream holds it (a plain local tensor): no
     communication in or out. Its parameters stay plain and whole on
     every tp rank, so their gradients are per-rank partial sums, added up over tp by the
-    trainer (``models.parallelize.token_split_parameters``). Every token is computed once,
+    trainer (``models.parallelize.tp_partial_parameters``). Every token is computed once,
     on one tp rank: no tp-fold redundant expert compute or all-to-all.
     """
     return {prefix: PrepareModuleInputOutput(

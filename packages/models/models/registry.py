@@ -23,6 +23,37 @@ LLAMA_CONFIGS: dict[str, LlamaConfig] = {
     "llama3-405b": LlamaConfig(dim=16384, n_layers=126, n_heads=128, n_kv_heads=8, ffn_dim=53248,
                                vocab_size=128256, rope_theta=500000.0, max_seq_len=8192),
 }
+# Llama 3.1+ (long context by "llama3" RoPE scaling of the 8k pretraining context), Llama 3.2's
+# small tied models, Mistral 7B v0.3, Qwen2.5 (q/k/v biases) and Qwen3 (q/k norms, 128-wide heads,
+# tied up to 4B): the shapes and math of their Hugging Face configs (models.hf_families).
+_LLAMA31 = dict(vocab_size=128256, rope_theta=500000.0, max_seq_len=131072, rope_scaling="llama3", rope_factor=8.0,
+                rope_original_max_seq_len=8192)
+_QWEN3 = dict(vocab_size=151936, rope_theta=1e6, norm_eps=1e-6, max_seq_len=40960, qk_norm=True,
+              attention_head_dim=128)
+_QWEN25 = dict(vocab_size=152064, rope_theta=1e6, norm_eps=1e-6, max_seq_len=32768, qkv_bias=True)
+HF_FAMILY_CONFIGS: dict[str, LlamaConfig] = {
+    "llama3.1-8b": LlamaConfig(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336, **_LLAMA31),
+    "llama3.1-70b": LlamaConfig(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim=28672, **_LLAMA31),
+    "llama3.1-405b": LlamaConfig(dim=16384, n_layers=126, n_heads=128, n_kv_heads=8, ffn_dim=53248, **_LLAMA31),
+    "llama3.2-1b": LlamaConfig(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192, tie_embeddings=True,
+                               **{**_LLAMA31, "rope_factor": 32.0}),
+    "llama3.2-3b": LlamaConfig(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, ffn_dim=8192, tie_embeddings=True,
+                               **{**_LLAMA31, "rope_factor": 32.0}),
+    "mistral-7b": LlamaConfig(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336, vocab_size=32768,
+                              rope_theta=1e6, max_seq_len=32768, family="mistral"),
+    "qwen2.5-0.5b": LlamaConfig(dim=896, n_layers=24, n_heads=14, n_kv_heads=2, ffn_dim=4864, tie_embeddings=True,
+                                **{**_QWEN25, "vocab_size": 151936}),
+    "qwen2.5-7b": LlamaConfig(dim=3584, n_layers=28, n_heads=28, n_kv_heads=4, ffn_dim=18944, **_QWEN25),
+    "qwen3-0.6b": LlamaConfig(dim=1024, n_layers=28, n_heads=16, n_kv_heads=8, ffn_dim=3072, tie_embeddings=True,
+                              **_QWEN3),
+    "qwen3-1.7b": LlamaConfig(dim=2048, n_layers=28, n_heads=16, n_kv_heads=8, ffn_dim=6144, tie_embeddings=True,
+                              **_QWEN3),
+    "qwen3-4b": LlamaConfig(dim=2560, n_layers=36, n_heads=32, n_kv_heads=8, ffn_dim=9728, tie_embeddings=True,
+                            **_QWEN3),
+    "qwen3-8b": LlamaConfig(dim=4096, n_layers=36, n_heads=32, n_kv_heads=8, ffn_dim=12288, **_QWEN3),
+    "qwen3-14b": LlamaConfig(dim=5120, n_layers=40, n_heads=40, n_kv_heads=8, ffn_dim=17408, **_QWEN3),
+    "qwen3-32b": LlamaConfig(dim=5120, n_layers=64, n_heads=64, n_kv_heads=8, ffn_dim=25600, **_QWEN3),
+}
 
 
 MOE_CONFIGS: dict[str, MoEConfig] = {
@@ -50,8 +81,11 @@ MOE_CONFIGS: dict[str, MoEConfig] = {
                                   vocab_size=102400, max_seq_len=4096, n_experts=64, top_k=6, moe_ffn_dim=1408,
                                   n_shared_experts=2, n_dense_layers=1, norm_topk_prob=False,
                                   aux_loss_coef=0.001),
+    # Qwen3-30B-A3B: 128 experts top-8 renormalized, no shared expert, every layer MoE, q/k norms.
+    "qwen3-30b-a3b": MoEConfig(dim=2048, n_layers=48, n_heads=32, n_kv_heads=4, ffn_dim=6144, moe_ffn_dim=768,
+                               n_experts=128, top_k=8, aux_loss_coef=0.001, **_QWEN3),
 }
-CONFIGS: dict[str, LlamaConfig] = {**LLAMA_CONFIGS, **MOE_CONFIGS}
+CONFIGS: dict[str, LlamaConfig] = {**LLAMA_CONFIGS, **HF_FAMILY_CONFIGS, **MOE_CONFIGS}
 # Models with no tokenizer of their own: trained on real text, their vocabulary is the tokenizer's
 # (rounded up to VOCAB_MULTIPLE) unless --model-args sets vocab_size. The real sizes keep theirs.
 TOKENIZER_SIZED = frozenset({"debug", "debug-moe", "debug-mixtral", "debug-moe-v3"})
@@ -81,13 +115,15 @@ def get_config(name: str, **overrides) -> LlamaConfig:
     return config
 
 
-def parse_model_args(name: str, spec: str) -> dict:
+def parse_model_args(base: str | LlamaConfig, spec: str) -> dict:
     """``--model-args "n_layers=2,max_seq_len=8192"`` -> {"n_layers": 2, "max_seq_len": 8192}.
 
-    Keys are the fields of the named model's config; each value is parsed as that field's
-    type (int, float, bool as true/false, str). ValueError names a bad key or value.
+    Keys are the fields of ``base``'s config (a registry name, or a config, e.g. one read from
+    a Hugging Face folder); each value is parsed as that field's type (int, float, bool as
+    true/false, str). ValueError names a bad key or value.
     """
-    types = {f.name: f.type if isinstance(f.type, str) else f.type.__name__ for f in fields(_registered(name))}
+    config = _registered(base) if isinstance(base, str) else base
+    types = {f.name: f.type if isinstance(f.type, str) else f.type.__name__ for f in fields(config)}
     overrides = {}
     for item in filter(None, (part.strip() for part in spec.split(","))):
         key, sep, text = (s.strip() for s in item.partition("="))

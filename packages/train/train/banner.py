@@ -16,6 +16,7 @@ from core.mesh import MeshShape
 from models.moe import active_parameter_count
 from models.registry import build_model
 
+from .model_source import model_label
 from .runs import RUN_IDENTITY, RUNS_ROOT
 
 
@@ -51,8 +52,8 @@ def parameter_counts(model_config) -> tuple[int, int, int]:
 def _model_line(cfg, model_config, device: torch.device, dtype: torch.dtype) -> str:
     total, active, non_embedding = parameter_counts(model_config)
     active_text = f", {_count(active)} active per token" if active != total else ""
-    return (f"{cfg.model}: {_count(total)} parameters{active_text}, {_count(non_embedding)} outside the embedding "
-            f"and output layers; {model_config.n_layers} layers, dim {model_config.dim}, vocab "
+    return (f"{model_label(cfg)}: {_count(total)} parameters{active_text}, {_count(non_embedding)} outside the "
+            f"embedding and output layers; {model_config.n_layers} layers, dim {model_config.dim}, vocab "
             f"{model_config.vocab_size}; {_precision(cfg, dtype)} on {device.type}{_speed_options(cfg)}")
 
 

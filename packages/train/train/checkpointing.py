@@ -30,6 +30,7 @@ from core.checkpoint import (
 )
 from core.checkpoint_layout import complete_checkpoints, is_complete
 
+from .model_source import model_label
 from .optim import build_scheduler, lr_lambda
 
 
@@ -56,7 +57,7 @@ def training_meta(t, wandb_run_id: str | None) -> dict:
         "data": t.batches.state_dict(),
         "lr_schedule": t.scheduler.state_dict(),
         "rng": {"torch": torch.get_rng_state().tolist()},
-        "model_name": t.cfg.model,
+        "model_name": model_label(t.cfg),
         "model_config": dataclasses.asdict(t.model_config),
         "train_config": t.cfg.to_dict(),
         "mesh": str(t.model.mesh.shape),
@@ -181,7 +182,7 @@ def restore(t, path: Path, verified: bool = False) -> dict:
     saved_model = meta.get("model_config")
     if saved_model != dataclasses.asdict(t.model_config):
         raise CheckpointError(f"{path} holds a different model ({meta.get('model_name')}: {saved_model}) than "
-                              f"--model {t.cfg.model} ({dataclasses.asdict(t.model_config)}); "
+                              f"--model {model_label(t.cfg)} ({dataclasses.asdict(t.model_config)}); "
                               f"resume with the same model")
     changed = schedule_changes(meta.get("train_config", {}), t.cfg, int(meta["step"]))
     if changed and not t.cfg.override_lr_schedule:

@@ -31,7 +31,7 @@ def option(default, help: str, choices: tuple | None = None):
 @dataclass
 class TrainConfig:
     # model and parallelism
-    model: str = option("debug", "model name from the registry")
+    model: str = option("", "model name from the registry (default: debug, or the model --init-from defines)")
     model_args: str = option("", "override model config fields, e.g. n_layers=2,max_seq_len=8192")
     mesh: str = option("", "parallel mesh, e.g. dp=2,tp=4,pp=2; missing dims are 1, dp=-1 fills the rest")
     dp_mode: str = option("fsdp", "data parallel: fsdp (sharded over all dp ranks, ZeRO-3), hsdp (sharded within "
@@ -87,8 +87,9 @@ class TrainConfig:
     dataset_config: str = option("", "the configuration of a hub --dataset (its second load_dataset argument)")
     dataset_split: str = option("train", "the split of a hub --dataset to train on")
     text_column: str = option("text", "the field that holds the text in .jsonl/.json/.parquet and hub records")
-    tokenizer: str = option("default", "default (the bundled 4096-token BPE), byte, or the path of a Hugging Face "
-                                       "tokenizer.json (or its folder); the debug models' vocab follows it")
+    tokenizer: str = option("", "default (the bundled 4096-token BPE), byte, or the path of a Hugging Face "
+                                "tokenizer.json (or its folder); the debug models' vocab follows it. Unset: the "
+                                "--init-from folder's tokenizer, else default")
     document_masking: bool = option(False, "tokens attend only within their own document (EOS-separated) and "
                                            "rotary positions restart at each document")
     streaming: bool = option(False, "stream the dataset instead of tokenizing it into a cache first")
@@ -116,7 +117,9 @@ class TrainConfig:
     override_lr_schedule: bool = option(False, "on resume, use this run's --lr/--steps/--warmup-steps/"
                                                "--min-lr-ratio instead of refusing to change them")
     async_checkpoint: bool = option(False, "write checkpoints in the background while training goes on")
-    init_from: str = option("", "initial weights from a Hugging Face folder (model.safetensors + config.json)")
+    init_from: str = option("", "start from a Hugging Face model: a folder (config.json + safetensors) or a hub "
+                                "id (e.g. Qwen/Qwen3-0.6B); its config defines the model and its tokenizer.json "
+                                "the tokenizer")
     # dry run
     dry_run: bool = option(False, "simulate one rank of a --world-size N run in this process (fake process group, "
                                   "fake tensors): memory and collective bytes per rank, no training")

@@ -56,6 +56,7 @@ from models.moe import MoE, MoEConfig
 
 from .config import TrainConfig, to_toml
 from .flops import model_flops_per_token
+from .model_source import model_label, resolve_sources
 from .optim import build_optimizer
 from .precision import compute_dtype
 from .runs import RUNS_ROOT
@@ -324,14 +325,15 @@ def dry_run(cfg: TrainConfig) -> list[dict]:
     """
     if cfg.world_size < 1:  # before the rank list is read; validate() says it again for the child processes
         raise ValueError("--dry-run needs --world-size N (the number of ranks to simulate), N >= 1")
+    cfg = resolve_sources(cfg)
     checked = check_dry_run(cfg, cfg.world_size)  # a mistake is one line here, not one per child process
     ranks = ranks_to_simulate(cfg.dry_run_ranks, cfg.world_size, checked.shape.pp)
-    out = Path(cfg.output_dir or RUNS_ROOT / (cfg.run_name or f"dry-run-{cfg.model}-{cfg.world_size}"))
+    out = Path(cfg.output_dir or RUNS_ROOT / (cfg.run_name or f"dry-run-{model_label(cfg)}-{cfg.world_size}"))
     reports = [simulated_rank(cfg, cfg.world_size, ranks[0])] if len(ranks) == 1 else \
         [_in_child_process(cfg, r) for r in ranks]
     out.mkdir(parents=True, exist_ok=True)
     (out / "dry_run.json").write_text(json.dumps({"world_size": cfg.world_size, "mesh": cfg.mesh,
-                                                  "model": cfg.model, "ranks": reports}, indent=1))
+                                                  "model": model_label(cfg), "ranks": reports}, indent=1))
     print(report_table(reports))
     print(f"wrote {out / 'dry_run.json'}")
     return reports

@@ -47,6 +47,7 @@ from .distributed import init_distributed, resolve_device, world_size_from_env
 from .divergence import TrainingDiverged, check_dropped_steps
 from .evaluation import EvalBatches, build_eval_batches, evaluate
 from .flops import model_flops_per_token, peak_flops
+from .model_source import resolve_sources
 from .optim import build_optimizer, build_scheduler
 from .precision import enable_tf32
 from .preemption import Preempted, PreemptionWatch, signal_name
@@ -84,6 +85,7 @@ class Trainer:
 
 def build_trainer(cfg: TrainConfig) -> Trainer:
     """Validate, join the process group, build mesh, model, optimizer, data. Collective."""
+    cfg = resolve_sources(cfg)  # a hub id becomes its cached folder, before anything reads it
     checked = validate(cfg, world_size_from_env())
     device = resolve_device(cfg.device)
     enable_tf32(device)

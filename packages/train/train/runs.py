@@ -29,6 +29,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from .config import TrainConfig, to_toml
+from .model_source import model_label
 
 RUNS_ROOT = Path("outputs")
 LATEST = "latest"
@@ -94,9 +95,9 @@ def agree_on_run_dir(cfg: TrainConfig) -> TrainConfig:
     """
     run_dir = requested_run_dir(cfg)
     if run_dir is None and launch_id():
-        run_dir = RUNS_ROOT / f"{cfg.model}-{launch_id()}"
+        run_dir = RUNS_ROOT / f"{model_label(cfg)}-{launch_id()}"
     if run_dir is None:
-        chosen = [str(new_run_dir(cfg.model)) if dist.get_rank() == 0 else None]
+        chosen = [str(new_run_dir(model_label(cfg))) if dist.get_rank() == 0 else None]
         dist.broadcast_object_list(chosen, src=0)
         run_dir = Path(chosen[0])
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -89,6 +89,13 @@ class HFTokenizer:
             f"tokenizer {self.path} has no end-of-text token: looked for {candidates}. Add one of them "
             f"as a special token, or put a tokenizer_config.json with 'eos_token' next to the file")
 
+    def token_id(self, text: str) -> int | None:
+        """The id of the token spelled ``text`` (None if the vocabulary lacks it)."""
+        return self._tok.token_to_id(text)
+
+    def token_text(self, token_id: int) -> str:
+        return self._tok.id_to_token(token_id)
+
     def encode(self, text: str) -> list[int]:
         # No BOS/EOS added here: the data pipeline puts exactly one EOS between documents.
         return self._tok.encode(text, add_special_tokens=False).ids

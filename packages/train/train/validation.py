@@ -22,16 +22,15 @@ from core.activation_checkpoint import check_mode as check_activation_checkpoint
 from core.context_parallel import cp_attention
 from core.mesh import MeshConfigError, MeshShape, check_divisible, hsdp_shard_size
 from core.pipeline import PipelineConfigError, check_pipeline, default_microbatches, schedule_spec
-from models.hf_format import check_hf_config_matches
 from models.llama import LlamaConfig
 from models.moe import MoEConfig, check_expert_parallel
 from models.parallelize import DP_MODES
 from models.plans import check_tensor_parallel
-from models.registry import TOKENIZER_SIZED, get_config, parse_model_args, vocab_for_tokenizer
 
 from .config import DTYPES, TrainConfig
 from .data_sources import check_local_dataset
 from .distributed import device_type
+from .model_source import model_config as model_config_of
 from .precision import check_precision, compute_dtype
 from .profiling import check_profiling
 from .runs import RUNS_ROOT, check_run_name, requested_run_dir
@@ -56,7 +55,7 @@ def validate(cfg: TrainConfig, world_size: int) -> ValidatedRun:
     _check_dry_run_options(cfg)
     shape = MeshShape.parse(cfg.mesh).resolve(world_size)
     tokenizer = load_tokenizer(cfg.tokenizer)  # a bad --tokenizer is a mistake even where unused
-    model_config = _model_config(cfg, tokenizer)
+    model_config = model_config_of(cfg, tokenizer)
     check_model_fits_mesh(model_config, shape)
     check_batch(cfg, shape)
     _check_pipeline(cfg, model_config, shape)
@@ -71,16 +70,6 @@ def validate(cfg: TrainConfig, world_size: int) -> ValidatedRun:
     check_precision(cfg.dtype, cfg.float8)
     return ValidatedRun(shape, model_config, tokenizer, dp_shard,
                         compute_dtype(cfg.dtype, device_type(cfg.device), cfg.float8))
-
-
-def _model_config(cfg: TrainConfig, tokenizer: Tokenizer) -> LlamaConfig:
-    """The registry's config with ``--model-args``; a tokenizer-sized model trained on text gets the
-    tokenizer's vocabulary (``models.registry.TOKENIZER_SIZED``) unless the arguments set it."""
-    overrides = parse_model_args(cfg.model, cfg.model_args)
-    follows = cfg.model in TOKENIZER_SIZED and cfg.dataset != "synthetic"
-    if follows and "vocab_size" not in overrides:
-        overrides["vocab_size"] = vocab_for_tokenizer(tokenizer.vocab_size)
-    return get_config(cfg.model, **overrides)
 
 
 def _check_dry_run_options(cfg: TrainConfig) -> None:
@@ -163,8 +152,6 @@ def _check_choices(cfg: TrainConfig) -> None:
 
 def _check_files(cfg: TrainConfig, model_config, tokenizer: Tokenizer) -> None:
     """What the run reads and writes: initial weights, tokenizer, dataset, output folder."""
-    if cfg.init_from:
-        check_hf_config_matches(cfg.init_from, model_config)
     if cfg.dataset != "synthetic":
         _check_vocab_fits_model(cfg.tokenizer, tokenizer.vocab_size, model_config)
         _check_dataset_options(cfg, local=check_local_dataset(cfg.dataset) is not None)
@@ -241,6 +228,10 @@ def _check_pipeline(cfg: TrainConfig, model_config, shape: MeshShape) -> None:
     """Only when pp > 1 (the schedule name is checked with the other choices)."""
     if shape.pp == 1:
         return
+    if model_config.tie_embeddings:
+        raise PipelineConfigError(f"pp={shape.pp} with a model whose output is tied to its embedding "
+                                  f"(tie_embeddings): the first and last stages would share one weight; use a "
+                                  f"mesh without pp (dp/tp/cp/ep), or --model-args tie_embeddings=false to untie")
     if cfg.document_masking:
         raise PipelineConfigError(f"--document-masking with pp={shape.pp}: pipeline stages pass only hidden "
                                   f"states between them, not the documents; use a mesh without pp")
