@@ -110,3 +110,35 @@ def test_cli_continues_prompts_from_a_checkpoint(tmp_path):
                          capture_output=True, text=True, timeout=300)
     lines = bad.stderr.strip().splitlines()
     assert bad.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), bad.stderr
+
+
+def generate_on_tensor_parallel_ranks(folder: str, prompts: list[list[int]]) -> list[list[int]]:
+    """Every rank: the folder's model split over a tp mesh of all ranks, greedy from ``prompts``."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from models.generation import shard_for_decoding
+    from models.hf_format import load_hf_weights_, read_hf_config
+    from models.registry import build_model
+
+    with torch.device("meta"):
+        model = build_model(read_hf_config(Path(folder)))
+    shard_for_decoding(model, init_device_mesh("cpu", (torch.distributed.get_world_size(),), mesh_dim_names=("tp",)))
+    model.to_empty(device="cpu")
+    load_hf_weights_(model, Path(folder))
+    wq = model.layers["0"].attention.wq.weight
+    assert wq.to_local().shape[0] * 2 == wq.shape[0], "the heads are split"
+    return generate(model, prompts, NEW_TOKENS, EOS)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "mixtral"])
+def test_tensor_parallel_generation_equals_one_process(family, tmp_path):
+    """tp=2 (the decoding plan: no sequence parallel, so one-token steps split nothing) gives the
+    same tokens as one process; Qwen3's features (tied output, q/k norms) and an MoE included."""
+    from rank_harness import run_on_ranks
+
+    model_name, fields = FAMILIES[family]
+    config = get_config(model_name, **fields)
+    model = unit_scale_model(config, seed=3)
+    save_hf_folder(full_state(model), config, tmp_path)
+    expected = generate(model, PROMPTS, NEW_TOKENS, EOS)
+    assert run_on_ranks(generate_on_tensor_parallel_ranks, 2, str(tmp_path), PROMPTS) == [expected, expected]

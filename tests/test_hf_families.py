@@ -235,3 +235,39 @@ def test_registry_sizes_build_the_same_model_as_transformers(name):
         theirs = sum(p.numel() for p in transformers.AutoModelForCausalLM.from_config(hf_config).parameters())
     assert ours == theirs
     assert ours == pytest.approx(REAL_SIZES[name], rel=0.01)
+
+
+def test_push_and_pull_through_a_local_hub(tmp_path, monkeypatch):
+    """``hf_convert.py push`` calls huggingface_hub's create_repo + upload_folder (here recorded into a
+    local folder: no network); ``pull`` copies the repository out of the hub cache, offline."""
+    import importlib.util
+
+    import huggingface_hub
+
+    spec = importlib.util.spec_from_file_location("hf_convert", ROOT / "tools" / "hf_convert.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    remote = tmp_path / "remote"
+    calls = []
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kw: calls.append((repo_id, kw)))
+
+    def upload_folder(self, folder_path, repo_id, commit_message):
+        shutil.copytree(folder_path, remote / repo_id)
+        return f"https://hub.example/{repo_id}/commit/1"
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    folder = transformers_folder(tmp_path / "model", "qwen2")
+    cli.main(["push", str(folder), "me/tiny-qwen2", "--private"])
+    assert calls == [("me/tiny-qwen2", {"private": True, "exist_ok": True})]
+    with pytest.raises(SystemExit, match="error: push .*not a model folder"):
+        cli.main(["push", str(tmp_path), "me/x"])
+    with pytest.raises(SystemExit, match="error: --push-to nohub: not a hub id"):
+        cli.main(["export", str(tmp_path), str(tmp_path / "out"), "--push-to", "nohub"])
+
+    fill_hub_cache(tmp_path / "hub", "me/tiny-qwen2", remote / "me" / "tiny-qwen2")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    pull = [sys.executable, str(ROOT / "tools" / "hf_convert.py"), "pull", "me/tiny-qwen2", str(tmp_path / "pulled")]
+    assert subprocess.run(pull, env=env, capture_output=True, text=True, timeout=120).returncode == 0
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        assert (tmp_path / "pulled" / name).read_bytes() == (folder / name).read_bytes(), name
+        assert not (tmp_path / "pulled" / name).is_symlink()

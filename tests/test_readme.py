@@ -35,6 +35,22 @@ COMMANDS = {
     ".venv/bin/python -m train --init-from hf_model/ --run-name finetune --steps 20": [*SMALL, "--steps", "2"],
     ".venv/bin/python tools/evaluate.py hf_model/ --dataset default": [*SMALL, "--eval-batches", "1"],
     ".venv/bin/python tools/plot_metrics.py outputs/latest/metrics.jsonl -o curves.png": [],
+    ".venv/bin/python -m train --init-from Qwen/Qwen3-0.6B --dataset my_texts.jsonl --seq-len 1024 "
+    "--global-batch-size 16 --steps 300 --lr 2e-5 --warmup-steps 30 --run-name qwen-ft":
+        "downloads from the hub; test_hf_families trains from a hub id out of a cache it fills, offline",
+    ".venv/bin/torchrun --nproc_per_node=4 -m train --init-from Qwen/Qwen3-0.6B --mesh dp=2,tp=2 --dataset "
+    "my_texts.jsonl --seq-len 1024 --global-batch-size 16 --steps 300 --lr 2e-5 --warmup-steps 30 --run-name "
+    "qwen-ft-tp": "downloads from the hub; test_hf_families runs the Qwen3 features on dp=2,tp=2, cp=2, pp=2",
+    '.venv/bin/python tools/generate.py outputs/qwen-ft/checkpoints --prompt "The three laws of motion are"':
+        "needs the run above; the quick start's generate command runs, test_generate covers the families",
+    ".venv/bin/python tools/hf_convert.py export outputs/qwen-ft/checkpoints qwen-ft/ --dtype bfloat16":
+        "needs the run above; the quick start's export runs, test_hf_families exports a Qwen3 run",
+    '.venv/bin/torchrun --nproc_per_node=2 tools/generate.py qwen-ft/ --prompt "The three laws of motion are" '
+    "--mesh tp=2": "needs the export above; test_generate runs tp=2 generation against one process",
+    ".venv/bin/python tools/hf_convert.py push qwen-ft/ you/qwen3-0.6b-ft":
+        "uploads to the hub; test_hf_families pushes into a local folder and pulls it back",
+    ".venv/bin/python tools/hf_convert.py pull Qwen/Qwen3-0.6B qwen3/":
+        "downloads from the hub; test_hf_families pulls from a cache it fills, offline",
     ".venv/bin/python tools/corpus/baselines.py": [],
     ".venv/bin/torchrun --nproc_per_node=4  -m train --mesh dp=2,tp=2": SYNTHETIC,
     ".venv/bin/torchrun --nproc_per_node=4  -m train --mesh cp=4 --cp-method allgather --seq-len 8192 "

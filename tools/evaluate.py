@@ -30,8 +30,7 @@ import torch.distributed as dist  # noqa: E402
 from hf_convert import resolve_checkpoint  # noqa: E402
 
 from core.checkpoint import CheckpointError, read_checkpoint_meta  # noqa: E402
-from models.hf_format import CONFIG_FILE, read_hf_config  # noqa: E402
-from models.moe import MoEConfig  # noqa: E402
+from models.hf_format import CONFIG_FILE  # noqa: E402
 from train import checkpointing  # noqa: E402
 from train.config import TrainConfig, field_type  # noqa: E402
 from train.distributed import shutdown_and_exit  # noqa: E402
@@ -58,12 +57,8 @@ def checkpoint_config(checkpoint: Path, options: dict, out: str) -> TrainConfig:
 
 
 def hf_config(folder: Path, options: dict, out: str) -> TrainConfig:
-    """A config whose model is the folder's (every field spelled out as --model-args), weights from it."""
-    model = read_hf_config(folder)
-    base = "debug-mixtral" if isinstance(model, MoEConfig) else "debug"
-    model_args = ",".join(f"{f.name}={getattr(model, f.name)}" for f in dataclasses.fields(model))
-    return TrainConfig(**options, model=base, model_args=model_args, init_from=str(folder), resume="none",
-                       output_dir=out, eval_every=1, wandb=False)
+    """A config whose model, weights and (unless --tokenizer) tokenizer are the folder's."""
+    return TrainConfig(**options, init_from=str(folder), resume="none", output_dir=out, eval_every=1, wandb=False)
 
 
 def run_evaluation(path: Path, options: dict) -> dict:

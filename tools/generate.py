@@ -1,13 +1,17 @@
-"""Generate text from a checkpoint or a Hugging Face folder, on one process, with a K/V cache.
+"""Generate text from a checkpoint or a Hugging Face folder with a K/V cache, on one process or
+split over tensor-parallel ranks.
 
     python tools/generate.py outputs/latest/checkpoints --prompt "ROMEO:" --max-new-tokens 60
     python tools/generate.py hf_model/ --prompt "To be" --prompt "Once" --temperature 0.8 --top-p 0.95
+    torchrun --nproc_per_node=2 tools/generate.py hf_model/ --prompt "To be" --mesh tp=2
 
 Each ``--prompt`` is one row of the batch (``models.generation``: left-padded, a cache per
 layer, one forward per new token). ``--temperature 0`` (the default) is greedy decoding,
 token for token what transformers' ``generate(do_sample=False)`` gives on the same weights.
 A checkpoint brings its run's model and tokenizer (meta.json); a Hugging Face folder its
-config.json and, if present, its tokenizer.json; ``--tokenizer`` overrides either.
+config.json and, if present, its tokenizer.json; ``--tokenizer`` overrides either. Under
+torchrun, ``--mesh tp=N`` (N = the number of ranks) splits the model's heads and feed-forward
+over the ranks (``models.generation.shard_for_decoding``); rank 0 prints.
 """
 
 from __future__ import annotations
@@ -22,20 +26,23 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "packages" / name) for name in ("core", "models", "train")]
 
 import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 from hf_convert import model_config, read_meta, resolve_checkpoint  # noqa: E402
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh  # noqa: E402
 
 from core.checkpoint import Checkpointer, CheckpointError  # noqa: E402
 from core.checkpoint_state import model_tensors  # noqa: E402
-from models.generation import Sampling, generate  # noqa: E402
+from core.mesh import MeshConfigError, MeshShape  # noqa: E402
+from models.generation import Sampling, generate, shard_for_decoding  # noqa: E402
 from models.hf_format import CONFIG_FILE, load_hf_weights_, read_hf_config  # noqa: E402
 from models.registry import build_model  # noqa: E402
-from train.distributed import resolve_device  # noqa: E402
+from train.distributed import init_distributed, resolve_device, shutdown_and_exit, world_size_from_env  # noqa: E402
 from train.tokenizer import Tokenizer, load_tokenizer  # noqa: E402
 
 
-def load_model(path: Path, device: torch.device) -> tuple[torch.nn.Module, str]:
-    """The whole model at ``path`` on ``device`` (float32) and the tokenizer its run used ("" for an
-    HF folder: the caller looks for the folder's own)."""
+def load_model(path: Path, device: torch.device, tp_mesh: DeviceMesh | None = None) -> tuple[torch.nn.Module, str]:
+    """The model at ``path`` on ``device`` (float32; split over ``tp_mesh`` when given) and the
+    tokenizer its run used ("" for an HF folder: the caller looks for the folder's own)."""
     hf_folder = (path / CONFIG_FILE).is_file()
     if hf_folder:
         config, tokenizer = read_hf_config(path), ""
@@ -46,12 +53,31 @@ def load_model(path: Path, device: torch.device) -> tuple[torch.nn.Module, str]:
         tokenizer = meta.get("train_config", {}).get("tokenizer", "default")
     with torch.device("meta"):
         model = build_model(config)
+    if tp_mesh is not None:
+        shard_for_decoding(model, tp_mesh)
     model.to_empty(device=device)
     if hf_folder:
-        load_hf_weights_(model, path)
+        load_hf_weights_(model, path)  # each rank keeps its own shards
     else:
         Checkpointer().load(checkpoint, model_tensors(model))  # weights and buffers (an MoE's expert bias)
     return model.eval(), tokenizer
+
+
+def tensor_parallel_mesh(spec: str, device: torch.device) -> DeviceMesh | None:
+    """The tp mesh of ``--mesh tp=N`` over torchrun's N ranks (None on one process). Collective:
+    joins the process group. ValueError for any other mesh, before any collective."""
+    world = world_size_from_env()
+    try:
+        shape = MeshShape.parse(spec or f"tp={world}").resolve(world)
+    except MeshConfigError as err:
+        raise ValueError(f"--mesh {spec}: {err}") from None
+    if shape.tp != world:
+        raise ValueError(f"--mesh {spec}: generation splits the model over tp only; use --mesh tp={world} "
+                         f"for {world} ranks")
+    if world == 1:
+        return None
+    init_distributed(device, timeout_s=600)
+    return init_device_mesh(device.type, (world,), mesh_dim_names=("tp",))
 
 
 def pick_tokenizer(path: Path, run_tokenizer: str, flag: str | None) -> Tokenizer:
@@ -76,6 +102,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="the sampling generator's seed")
     parser.add_argument("--tokenizer", help="a tokenizer.json (or its folder), default or byte")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--mesh", default="", help="under torchrun: tp=N, the model split over the N ranks")
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1 or args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
         parser.error("need --max-new-tokens >= 1, --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1")
@@ -88,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message="torch.distributed is disabled")
     try:
         device = resolve_device(args.device)
-        model, run_tokenizer = load_model(args.path, device)
+        tp_mesh = tensor_parallel_mesh(args.mesh, device)
+        model, run_tokenizer = load_model(args.path, device, tp_mesh)
         tokenizer = pick_tokenizer(args.path, run_tokenizer, args.tokenizer)
         if tokenizer.vocab_size > model.config.vocab_size:
             raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary only "
@@ -101,10 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, CheckpointError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    for text, tokens in zip(args.prompt, outputs):
-        print(text + tokenizer.decode(tokens), flush=True)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        for text, tokens in zip(args.prompt, outputs):
+            print(text + tokenizer.decode(tokens), flush=True)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    shutdown_and_exit(main())

@@ -10,12 +10,16 @@ and ``pipeline("text-generation")`` load the folder alone.
     python tools/hf_convert.py export outputs/NAME/checkpoints out/hf            # newest complete checkpoint
     python tools/hf_convert.py export outputs/NAME/checkpoints/step_00000100 out/hf --dtype bfloat16
     python tools/hf_convert.py export CKPT OUT --model debug --max-shard-size 2GB
+    python tools/hf_convert.py export CKPT OUT --push-to you/my-model          # and upload it to the hub
+    python tools/hf_convert.py push OUT you/my-model [--private]                 # upload an exported folder
+    python tools/hf_convert.py pull Qwen/Qwen3-0.6B qwen3/                       # a hub model as a plain folder
 
 The model config comes from the checkpoint's meta.json (``model_config``, else ``model_name``),
 or from ``--model`` for checkpoints that do not record it. Only the model's tensors are read
 (never the optimizer state), into the export dtype, on one process: the whole model must
 fit in this machine's memory once. The other direction needs no tool: train with
-``--init-from FOLDER`` (``models.hf_format.load_hf_weights_``).
+``--init-from FOLDER_OR_HUB_ID`` (``models.hf_format.load_hf_weights_``). ``push`` and ``pull``
+use ``huggingface_hub`` (its login, its cache).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from models.hf_format import (  # noqa: E402
     family_of,
     save_hf_folder,
 )
+from models.hf_hub import looks_like_hub_id, pull_model, push_model  # noqa: E402
 from models.llama import LlamaConfig  # noqa: E402
 from models.registry import get_config  # noqa: E402
 from train.hf_export import write_tokenizer_files  # noqa: E402
@@ -122,9 +127,27 @@ def main(argv: list[str] | None = None) -> None:
     ex.add_argument("--model", help="model name, for checkpoints whose meta.json records none")
     ex.add_argument("--max-shard-size", default=str(DEFAULT_MAX_SHARD_BYTES), type=parse_size,
                     help="split the weights into files of at most this size (e.g. 2GB)")
+    ex.add_argument("--push-to", metavar="REPO_ID", help="then upload the folder to this hub repository")
+    ex.add_argument("--private", action="store_true", help="with --push-to: create the repository private")
+    push = commands.add_parser("push", help="upload an exported folder to the Hugging Face hub")
+    push.add_argument("folder", type=Path)
+    push.add_argument("repo_id", help="owner/name (created if missing)")
+    push.add_argument("--private", action="store_true", help="create the repository private")
+    pull = commands.add_parser("pull", help="copy a hub model into a plain folder (through the hub cache)")
+    pull.add_argument("repo_id", help="owner/name")
+    pull.add_argument("out", type=Path)
     args = parser.parse_args(argv)
     try:
-        export(args.checkpoint, args.out, args.model, DTYPES[args.dtype], args.max_shard_size)
+        if args.command == "export" and args.push_to and not looks_like_hub_id(args.push_to):
+            raise ValueError(f"--push-to {args.push_to}: not a hub id (owner/name)")  # before reading gigabytes
+        if args.command == "export":
+            export(args.checkpoint, args.out, args.model, DTYPES[args.dtype], args.max_shard_size)
+            if args.push_to:
+                print(f"pushed {args.out} -> {push_model(args.out, args.push_to, args.private)}")
+        elif args.command == "push":
+            print(f"pushed {args.folder} -> {push_model(args.folder, args.repo_id, args.private)}")
+        else:
+            print(f"pulled {args.repo_id} -> {pull_model(args.repo_id, args.out)}")
     except (ValueError, CheckpointError) as e:
         raise SystemExit(f"error: {e}") from None
 

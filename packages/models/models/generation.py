@@ -14,7 +14,10 @@ exactly what it would alone.
 
 Shapes: ``b`` rows, ``S`` cache slots (longest prompt + new tokens), per layer caches
 ``[b, h_kv, S, head_dim]``; a step feeds ``[b, s]`` tokens (``s`` = the prompt length for the
-prefill, then 1). No communication: one process holds the whole model.
+prefill, then 1). On one process nothing communicates. ``shard_for_decoding`` splits the model
+over a tensor-parallel group instead (``models.plans.decoding_plan``: every rank holds 1/tp of
+the heads and of the feed-forward, and of the cache); each rank then runs ``generate`` on the
+same prompts and draws the same tokens from the same (all-reduced) logits.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .llama import Attention
+from .llama import Attention, Transformer
+from .plans import decoding_plan
 
 
 @dataclass
@@ -56,6 +60,20 @@ class Sampling:
             logits = logits.scatter(-1, order, ordered.masked_fill(outside, float("-inf")))
         probs = logits.softmax(dim=-1)
         return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
+
+
+def shard_for_decoding(model: Transformer, tp_mesh) -> None:
+    """Split ``model`` (on any device, meta included) over ``tp_mesh`` for generation, in place.
+
+    Sequence parallel would cut the sequence of each forward over the ranks, and a decoding
+    step feeds one token: the decoding plan keeps activations whole (replicated) instead and
+    pays one all-reduce per attention and per feed-forward, and one all-gather of the logits.
+    """
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    parallelize_module(model, tp_mesh, decoding_plan(model))
+    if model.config.tie_embeddings:
+        model.tie_output()  # the embedding and the output each got their own DTensor weight
 
 
 class DecodeState:
@@ -88,15 +106,20 @@ class DecodeState:
 
 class CachedAttention:
     """One layer's ``attention_fn`` during generation: store this step's K/V in the cache, attend
-    over every slot up to the step's last. q [b, h, s, d], k/v [b, h_kv, s, d] -> [b, h, s, d]."""
+    over every slot up to the step's last. q [b, h, s, d], k/v [b, h_kv, s, d] -> [b, h, s, d].
 
-    def __init__(self, state: DecodeState, rows: int, kv_heads: int, slots: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device):
-        self.state = state
-        self.keys = torch.zeros(rows, kv_heads, slots, head_dim, dtype=dtype, device=device)
-        self.values = torch.zeros_like(self.keys)
+    The cache [b, h_kv, S, d] is allocated at the first call, from k: under tensor parallel a
+    rank holds only its own kv heads."""
+
+    def __init__(self, state: DecodeState, slots: int):
+        self.state, self.slots = state, slots
+        self.keys = self.values = None
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.keys is None:
+            b, kv_heads, _, d = k.shape
+            self.keys = k.new_zeros(b, kv_heads, self.slots, d)
+            self.values = torch.zeros_like(self.keys)
         start, fed = self.state.start, q.shape[2]
         self.keys[:, :, start:start + fed] = k
         self.values[:, :, start:start + fed] = v
@@ -109,15 +132,12 @@ class CachedAttention:
 def decoding(model: nn.Module, rows: int, slots: int) -> Iterator[DecodeState]:
     """Give every attention layer of ``model`` a K/V cache of ``slots`` for ``rows`` rows; put the
     layers' own attention and positions back on exit."""
-    param = next(model.parameters())
-    state = DecodeState(rows, slots, param.device)
-    config = model.config
+    state = DecodeState(rows, slots, next(model.parameters()).device)
     originals = []
     for module in model.modules():
         if isinstance(module, Attention):
             originals.append((module, module.attention_fn, module.position_fn))
-            module.attention_fn = CachedAttention(state, rows, config.n_kv_heads, slots, module.head_dim,
-                                                  param.dtype, param.device)
+            module.attention_fn = CachedAttention(state, slots)
             module.position_fn = lambda seq_len, device: state.positions
     try:
         yield state

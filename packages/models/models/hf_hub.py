@@ -1,4 +1,5 @@
-"""Hugging Face model sources: a local folder, or a hub id resolved through ``huggingface_hub``'s cache.
+"""Hugging Face model sources and destinations: a local folder, or a hub repository through
+``huggingface_hub`` (its cache to read, its upload API to publish).
 
 ``--init-from Qwen/Qwen3-0.6B`` downloads the model's config, tokenizer and safetensors once
 into the hub cache (``HF_HUB_CACHE``, default ``~/.cache/huggingface/hub``) and reads them from
@@ -8,6 +9,7 @@ there; with ``HF_HUB_OFFLINE=1`` only the cache is read. Every rank resolves the
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 # What a model folder needs: config, weights, tokenizer, generation defaults (no pickles, no
@@ -42,3 +44,36 @@ def resolve_model_folder(spec: str, flag: str = "--init-from") -> Path:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ValueError(f"{flag} {spec}: the hub refused it ({first}); check the id, or log in "
                          f"(hf auth login) for a gated model") from None
+
+
+def pull_model(repo_id: str, out: Path) -> Path:
+    """Copy hub model ``repo_id`` (downloaded into the hub cache first if missing) into the plain
+    folder ``out``, files not links: a folder to move, edit or archive. ValueError, one line."""
+    if not looks_like_hub_id(repo_id):
+        raise ValueError(f"pull {repo_id}: not a hub id (owner/name)")
+    source = resolve_model_folder(repo_id, flag="pull")
+    shutil.copytree(source, out, dirs_exist_ok=True)  # copytree follows the cache's symlinks
+    return out
+
+
+def push_model(folder: Path, repo_id: str, private: bool = False, message: str = "Upload from Meshtron") -> str:
+    """Upload model folder ``folder`` (config.json + safetensors, as exported) to hub repository
+    ``repo_id``, created if missing; return the commit's URL. Checks the folder before any request."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file() or not any(folder.glob("*.safetensors")):
+        raise ValueError(f"push {folder}: not a model folder (config.json and *.safetensors); export a checkpoint "
+                         f"with tools/hf_convert.py export first")
+    if not looks_like_hub_id(repo_id):
+        raise ValueError(f"push to {repo_id}: not a hub id (owner/name)")
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    api = HfApi()
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message=message)
+    except HfHubHTTPError as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(f"push to {repo_id}: the hub refused it ({first}); log in with write access "
+                         f"(hf auth login)") from None
+    return str(getattr(commit, "commit_url", commit))

@@ -97,3 +97,23 @@ def tensor_parallel_plan(model: Transformer) -> dict[str, ParallelStyle]:
     if model.output is not None:
         plan["output"] = ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False)
     return plan
+
+
+def decoding_plan(model: Transformer) -> dict[str, ParallelStyle]:
+    """Tensor parallel for generation (Megatron's layout, no sequence parallel): activations stay
+    whole on every rank, q/k/v and w1/w3 are split by columns (heads, hidden units), wo and w2 by
+    rows with their outputs all-reduced, the vocabulary of the embedding split with its output
+    all-reduced, and the logits all-gathered. Norms (q/k norms too) and MoE layers stay whole on
+    every rank (an MoE layer then computes every token on every rank: correct, not split)."""
+    plan: dict[str, ParallelStyle] = {
+        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
+        "output": ColwiseParallel(output_layouts=Replicate()),
+    }
+    for name, block in model.layers.items():
+        prefix = f"layers.{name}"
+        plan.update({f"{prefix}.attention.{w}": ColwiseParallel() for w in ("wq", "wk", "wv")})
+        plan[f"{prefix}.attention.wo"] = RowwiseParallel()
+        if isinstance(block.feed_forward, FeedForward):
+            plan.update({f"{prefix}.feed_forward.w1": ColwiseParallel(), f"{prefix}.feed_forward.w3": ColwiseParallel(),
+                         f"{prefix}.feed_forward.w2": RowwiseParallel()})
+    return plan
