@@ -142,3 +142,73 @@ def test_tensor_parallel_generation_equals_one_process(family, tmp_path):
     save_hf_folder(full_state(model), config, tmp_path)
     expected = generate(model, PROMPTS, NEW_TOKENS, EOS)
     assert run_on_ranks(generate_on_tensor_parallel_ranks, 2, str(tmp_path), PROMPTS) == [expected, expected]
+
+
+# ---- --sample-every: samples from the model being trained -------------------------------
+
+SAMPLED = dict(dataset="templates", tokenizer="byte", seq_len=32, global_batch_size=8, steps=2, lr=1e-4,
+               checkpoint_every=0, sample_every=2, sample_prompt="Once upon", sample_tokens=12)
+
+
+def train_and_sample(mesh: str, overrides: dict) -> dict:
+    """Every rank: 2 steps of the trainer, then its sample and (gathered) weights and buffers."""
+    import tempfile
+
+    from parity import full
+
+    from train.config import TrainConfig
+    from train.loop import apply_gradients, build_trainer, compute_gradients
+    from train.sampling import sample_text
+
+    with tempfile.TemporaryDirectory() as out:
+        cfg = TrainConfig(**{**SAMPLED, **overrides, "mesh": mesh, "output_dir": out})
+        t = build_trainer(cfg)
+        for _ in range(cfg.steps):
+            loss_share, _ = compute_gradients(t)
+            apply_gradients(t, t.model.reduce_loss(loss_share))
+        sample = sample_text(t.model, t.tokenizer, cfg.sample_prompt, cfg.sample_tokens)
+        weights = {n: full(p) for n, p in [*t.model.named_parameters(), *t.model.named_buffers()]}
+    return {"sample": sample, "weights": weights, "config": t.model_config}
+
+
+@pytest.mark.parametrize("mesh, world, family", [("dp=2,tp=2", 4, "qwen3"), ("ep=2", 2, "mixtral")])
+def test_samples_during_training_equal_generation_from_the_weights(mesh, world, family, tmp_path):
+    """A sample on a mesh is the one process's, and both equal models.generation's greedy output
+    (with its K/V cache) from the same weights: the cache-free, right-padded forwards are right.
+    The run starts from unit-scale weights (--init-from), whose greedy tokens vary."""
+    from rank_harness import run_on_ranks
+
+    model_name, fields = FAMILIES[family]
+    config = get_config(model_name, **fields)
+    save_hf_folder(full_state(unit_scale_model(config, seed=3)), config, tmp_path)
+    overrides = {"init_from": str(tmp_path)}
+
+    from models.registry import build_model
+    from train.tokenizer import ByteTokenizer
+
+    one = run_on_ranks(train_and_sample, 1, "", overrides)[0]
+    sharded = run_on_ranks(train_and_sample, world, mesh, overrides)
+    assert {r["sample"] for r in sharded} == {one["sample"]}, "every rank decodes the same sample"
+    model = build_model(one["config"])
+    missing, unexpected = model.load_state_dict(one["weights"], strict=False)
+    assert not unexpected and set(missing) <= {"output.weight"}, "only a tied output has no entry of its own"
+    tokenizer = ByteTokenizer()
+    prompt = tokenizer.encode(SAMPLED["sample_prompt"])
+    expected = generate(model, [prompt], SAMPLED["sample_tokens"], tokenizer.eos_id)[0]
+    assert one["sample"] == SAMPLED["sample_prompt"] + tokenizer.decode(expected)
+    assert len(set(expected)) > 2, f"the test needs varied tokens, got {expected}"
+
+
+def test_sampling_options_are_checked():
+    from train.config import TrainConfig
+    from train.validation import validate
+
+    def error(**options) -> str:
+        with pytest.raises(ValueError) as raised:
+            validate(TrainConfig(**{**SAMPLED, **options}), 2 if options.get("mesh") else 1)
+        return str(raised.value)
+
+    assert "pp=2" in error(mesh="pp=2")
+    assert "--sample-prompt applies with --sample-every" in error(sample_every=0)
+    assert "needs --sample-prompt" in error(sample_prompt="")
+    assert "exceed the model's max_seq_len" in error(sample_tokens=5000)

@@ -74,6 +74,10 @@ class TrainConfig:
     # evaluation
     eval_every: int = option(0, "evaluate on held-out data every N steps and at the end (0: never)")
     eval_batches: int = option(4, "global batches in the evaluation set")
+    sample_every: int = option(0, "every N steps and at the end, print (and log to metrics.jsonl / W&B) the "
+                                  "model's greedy continuation of --sample-prompt (0: never)")
+    sample_prompt: str = option("", "the text --sample-every continues")
+    sample_tokens: int = option(32, "tokens per --sample-every sample")
     eval_dataset: str = option("", "evaluate on this dataset (same forms as --dataset) instead of the held-out "
                                     "1% of the training data")
     # profiling
@@ -142,7 +146,7 @@ HELP_GROUPS = {
     "optimization": ("steps", "global_batch_size", "grad_accum_steps", "seq_len", "lr", "min_lr_ratio",
                      "warmup_steps", "weight_decay", "beta1", "beta2", "adam_eps", "max_grad_norm", "seed",
                      "skip_nonfinite_steps"),
-    "evaluation": ("eval_every", "eval_batches", "eval_dataset"),
+    "evaluation": ("eval_every", "eval_batches", "eval_dataset", "sample_every", "sample_prompt", "sample_tokens"),
     "run folder and checkpoints": ("run_name", "output_dir", "checkpoint_every", "keep_checkpoints", "resume",
                                    "override_lr_schedule", "async_checkpoint"),
     "tracking": ("wandb", "wandb_project", "wandb_entity", "wandb_run_name", "wandb_tags", "tensorboard"),

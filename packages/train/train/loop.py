@@ -54,6 +54,8 @@ from .preemption import Preempted, PreemptionWatch, signal_name
 from .prefetch import PrefetchedBatches
 from .profiling import StepProfiler
 from .runs import agree_on_run_dir, lock_run_dir, point_latest_at, write_run_config
+from .sampling import sample_text
+from .tokenizer import Tokenizer
 from .tracking import MetricsLogger, WandbOptions, parse_tags
 from .validation import validate
 
@@ -74,6 +76,7 @@ class Trainer:
     batches: PrefetchedBatches            # this batch rank's rows of every global batch, one read ahead
     compute_dtype: torch.dtype = torch.float32  # what forward and backward compute in (--dtype, resolved)
     eval_batches: EvalBatches | None = None  # this rank's evaluation set, with --eval-every
+    tokenizer: Tokenizer | None = None    # the data's tokenizer (--sample-every decodes with it)
     flops_per_token: float = 0.0
     step: int = 0
     history: deque[dict] = field(default_factory=lambda: deque(maxlen=HISTORY_LENGTH))  # the latest reports
@@ -108,7 +111,7 @@ def build_trainer(cfg: TrainConfig) -> Trainer:
     eval_batches = build_eval_batches(cfg, tokenizer, batches, batch_rank, batch_world,
                                       vocab_size) if cfg.eval_every else None
     batches = PrefetchedBatches(batches, device)
-    return Trainer(cfg, model, model_config, device, optimizer, scheduler, batches, dtype, eval_batches,
+    return Trainer(cfg, model, model_config, device, optimizer, scheduler, batches, dtype, eval_batches, tokenizer,
                    flops_per_token=model_flops_per_token(model_config, cfg.seq_len),
                    checkpointer=Checkpointer(datetime.timedelta(seconds=cfg.dist_timeout_s)))
 
@@ -198,6 +201,7 @@ def reports_step(t: Trainer, step: int) -> bool:
     cfg = t.cfg
     return (step % cfg.log_every == 0 or step == cfg.steps or not t.optimizer.defaults.get("fused")
             or (cfg.eval_every > 0 and step % cfg.eval_every == 0)
+            or (cfg.sample_every > 0 and step % cfg.sample_every == 0)
             or (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0))
 
 
@@ -308,6 +312,8 @@ def run_training(t: Trainer, cfg: TrainConfig) -> Trainer:
                 profiler.after_step(t.step)
                 if cfg.eval_every and (t.step % cfg.eval_every == 0 or t.step == cfg.steps):
                     metrics.update(evaluate(t.model, t.eval_batches))
+                if cfg.sample_every and (t.step % cfg.sample_every == 0 or t.step == cfg.steps):
+                    metrics["sample"] = sample_text(t.model, t.tokenizer, cfg.sample_prompt, cfg.sample_tokens)
                 if metrics:
                     t.history.append(metrics)
                     logger.log(t.step, {k: v for k, v in metrics.items() if k != "step"})

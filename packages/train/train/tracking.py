@@ -111,7 +111,7 @@ class MetricsLogger:
             self._first = (step, now)
         parts = [f"step {step}/{self.total_steps}" if self.total_steps else f"step {step}"]
         parts += [fmt(values[name]) for name, fmt in CONSOLE_FORMATS.items() if _is_number(values.get(name))]
-        parts += [f"{name} {value:.4g}" if _is_number(value) else f"{name} {value}"
+        parts += [f"{name} {value:.4g}" if _is_number(value) else f"{name} {value!r}"
                   for name, value in values.items() if name not in CONSOLE_FORMATS]
         first_step, first_time = self._first
         if self.total_steps and step > first_step and now > first_time:

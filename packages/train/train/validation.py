@@ -34,6 +34,7 @@ from .model_source import model_config as model_config_of
 from .precision import check_precision, compute_dtype
 from .profiling import check_profiling
 from .runs import RUNS_ROOT, check_run_name, requested_run_dir
+from .sampling import check_sampling
 from .tokenizer import Tokenizer, load_tokenizer
 from .tracking import parse_tags
 
@@ -66,6 +67,7 @@ def validate(cfg: TrainConfig, world_size: int) -> ValidatedRun:
     if cfg.seq_len > model_config.max_seq_len:
         raise ValueError(f"--seq-len {cfg.seq_len} exceeds the model's max_seq_len {model_config.max_seq_len}")
     _check_files(cfg, model_config, tokenizer)
+    check_sampling(cfg, shape, tokenizer, model_config.max_seq_len)
     _check_tracking(cfg)
     check_precision(cfg.dtype, cfg.float8)
     return ValidatedRun(shape, model_config, tokenizer, dp_shard,
@@ -128,6 +130,8 @@ RANGES = (
     ("keep_checkpoints", lambda v: v >= 0, ">= 0 (0: keep all)"),
     ("eval_every", lambda v: v >= 0, ">= 0 (0: never evaluate)"),
     ("eval_batches", lambda v: v >= 1, ">= 1"),
+    ("sample_every", lambda v: v >= 0, ">= 0 (0: never sample)"),
+    ("sample_tokens", lambda v: v >= 1, ">= 1"),
 )
 
 
