@@ -34,14 +34,16 @@ def transformers_greedy(folder: Path, prompts: list[list[int]]) -> list[list[int
     return [row[:row.index(EOS) + 1] if EOS in row else row for row in rows]
 
 
-# Llama, Mixtral, and the features of Qwen3 (q/k norms, own head size, YaRN, tied output) and
-# Qwen2 (q/k/v biases) with Llama 3.1's RoPE scaling: exported as Qwen3ForCausalLM / Qwen2ForCausalLM.
+# Llama, Mixtral, and the features of Qwen3 (q/k norms, own head size, YaRN, tied output), Qwen2
+# (q/k/v biases) with Llama 3.1's RoPE scaling and Qwen3-MoE (unnormalized top-k, a dense first
+# layer): exported as Qwen3ForCausalLM / Qwen2ForCausalLM / Qwen3MoeForCausalLM.
 FAMILIES = {
     "llama": ("debug", {}),
     "mixtral": ("debug-mixtral", {}),
     "qwen3": ("debug", dict(qk_norm=True, attention_head_dim=32, tie_embeddings=True, rope_scaling="yarn",
                             rope_factor=4.0, rope_original_max_seq_len=8)),
     "qwen2": ("debug", dict(qkv_bias=True, rope_scaling="llama3", rope_factor=8.0, rope_original_max_seq_len=8)),
+    "qwen3_moe": ("debug-mixtral", dict(qk_norm=True, norm_topk_prob=False, n_dense_layers=1)),
 }
 
 

@@ -18,9 +18,12 @@ import torch
 from parity import assert_same_run, merge_ranks, run_steps
 from rank_harness import run_on_ranks
 from safetensors import safe_open
+from safetensors.torch import load_file as load_hf_safetensors
+from safetensors.torch import save_file
 
 from models.hf_format import load_hf_folder, save_hf_folder
 from models.registry import build_model
+from train.hf_export import write_tokenizer_files
 
 transformers = pytest.importorskip("transformers")
 
@@ -91,8 +94,11 @@ def test_logits_equal_transformers_and_export_round_trips(variant, tmp_path):
         plain.load_state_dict(state, strict=False)
         assert (plain(tokens()) - logits).abs().max() > 1e-2
 
-    save_hf_folder(state, config, tmp_path / "ours")
-    back = transformers_model(tmp_path / "ours")
+    out = tmp_path / "ours"
+    out.mkdir()
+    token_ids = write_tokenizer_files(out, str(folder), str(folder), config.max_seq_len)
+    save_hf_folder(state, config, out, extra_config=token_ids)
+    back = transformers_model(out)
     assert type(back) is type(theirs), "exported as the family's own class"
     assert back.state_dict().keys() == theirs.state_dict().keys()
     for name, tensor in theirs.state_dict().items():
@@ -102,6 +108,13 @@ def test_logits_equal_transformers_and_export_round_trips(variant, tmp_path):
     assert (back.lm_head.weight is back.model.embed_tokens.weight) == tied
     with safe_open(tmp_path / "ours" / "model.safetensors", "pt") as f:
         assert ("lm_head.weight" in f.keys()) != tied, "a tied output is stored once"
+
+    # The folder alone: tokenizer, special ids, generation through transformers' pipeline.
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    assert tokenizer.eos_token == "<|endoftext|>" and back.config.eos_token_id == tokenizer.eos_token_id
+    text = transformers.pipeline("text-generation", model=back, tokenizer=tokenizer)(
+        "To be, or not", max_new_tokens=3, do_sample=False)[0]["generated_text"]
+    assert text.startswith("To be, or not") and len(text) > len("To be, or not")
 
 
 def test_unsupported_fields_are_refused_by_name(tmp_path):
@@ -128,27 +141,51 @@ def test_unsupported_fields_are_refused_by_name(tmp_path):
 
 # ---- --init-from alone: step-1 loss equal to transformers' ------------------------------
 
-def first_step(folder: str, mesh: str) -> dict:
+def first_steps(folders: list[str], mesh: str) -> list[dict]:
+    """Every rank: for each folder, a trainer from ``--init-from`` alone and its first step's loss."""
     from train.config import TrainConfig
     from train.loop import build_trainer
 
-    cfg = TrainConfig(init_from=folder, mesh=mesh, seq_len=32, global_batch_size=4, steps=1, checkpoint_every=0,
-                      output_dir=str(Path(folder).parent / f"run-{mesh or 'one'}"))
-    t = build_trainer(cfg)
-    inputs, labels = next(t.batches)
-    loss = t.model.reduce_loss(t.model.forward_backward(inputs, labels))
-    return {"inputs": inputs, "labels": labels, "loss": loss, "vocab": t.model_config.vocab_size}
+    results = []
+    for folder in folders:
+        cfg = TrainConfig(init_from=folder, mesh=mesh, seq_len=32, global_batch_size=4, steps=1, checkpoint_every=0,
+                          output_dir=str(Path(folder).parent / f"run-{mesh or 'one'}"))
+        t = build_trainer(cfg)
+        inputs, labels = next(t.batches)
+        loss = t.model.reduce_loss(t.model.forward_backward(inputs, labels))
+        t.batches.close()
+        results.append({"inputs": inputs, "labels": labels, "loss": loss, "vocab": t.model_config.vocab_size})
+    return results
 
 
-@pytest.mark.parametrize("variant, mesh, world", [("qwen3-yarn", "tp=2", 2), ("qwen3-moe", "", 1)])
+@pytest.mark.parametrize("mesh, world, variants", [("", 1, list(VARIANTS)), ("tp=2", 2, ["qwen3-yarn"])])
 @torch.no_grad()
-def test_init_from_alone_matches_transformers_loss(variant, mesh, world, tmp_path):
-    folder = transformers_folder(tmp_path / "model", variant)
-    ours = run_on_ranks(first_step, world, str(folder), mesh)[0]
-    logits = transformers_model(folder)(ours["inputs"]).logits
-    theirs = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ours["labels"].flatten()).item()
-    assert ours["vocab"] == SHAPE["vocab_size"], "the model came from the folder"
-    assert ours["loss"] == pytest.approx(theirs, rel=1e-5)
+def test_init_from_alone_matches_transformers_loss(mesh, world, variants, tmp_path):
+    """No --model, no --model-args, no --tokenizer: the folder defines all three."""
+    folders = [str(transformers_folder(tmp_path / variant / "model", variant)) for variant in variants]
+    results = run_on_ranks(first_steps, world, folders, mesh)[0]
+    for variant, folder, ours in zip(variants, folders, results):
+        logits = transformers_model(Path(folder))(ours["inputs"]).logits
+        theirs = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ours["labels"].flatten()).item()
+        assert ours["vocab"] == SHAPE["vocab_size"], "the model came from the folder"
+        assert ours["loss"] == pytest.approx(theirs, rel=1e-5), variant
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_refused(tmp_path):
+    from train.config import TrainConfig
+    from train.validation import validate
+
+    folder = transformers_folder(tmp_path / "model", "qwen2")
+    small = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**small, "vocab_size": 1024}))
+    weights = load_hf_safetensors(folder / "model.safetensors")
+    rewritten = {name: (t[:1024] if t.shape[0] == 4096 else t).clone() for name, t in weights.items()}
+    save_file(rewritten, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"has 4096 tokens but the model's vocab_size is 1024: pass the model's own "
+                                         r"tokenizer with --tokenizer"):
+        validate(TrainConfig(init_from=str(folder), output_dir=str(tmp_path / "run")), 1)
+    with pytest.raises(ValueError, match=r"--model-args n_layers with --init-from: the folder's weights fix n_layers"):
+        validate(TrainConfig(init_from=str(folder), model_args="n_layers=1", output_dir=str(tmp_path / "run")), 1)
 
 
 # ---- every added feature on a mesh ------------------------------------------------------

@@ -157,7 +157,7 @@ def _check_choices(cfg: TrainConfig) -> None:
 def _check_files(cfg: TrainConfig, model_config, tokenizer: Tokenizer) -> None:
     """What the run reads and writes: initial weights, tokenizer, dataset, output folder."""
     if cfg.dataset != "synthetic":
-        _check_vocab_fits_model(cfg.tokenizer, tokenizer.vocab_size, model_config)
+        _check_vocab_fits_model(cfg.tokenizer, tokenizer.vocab_size, model_config, cfg.init_from)
         _check_dataset_options(cfg, local=check_local_dataset(cfg.dataset) is not None)
     if cfg.eval_dataset:
         check_local_dataset(cfg.eval_dataset)
@@ -193,10 +193,13 @@ def _check_output_dir(path: Path) -> None:
                          f"pick a folder this user can write") from None
 
 
-def _check_vocab_fits_model(tokenizer: str, vocab: int, model_config) -> None:
-    if vocab > model_config.vocab_size:
-        raise ValueError(f"tokenizer {tokenizer!r} has {vocab} tokens but the model's vocab_size is "
-                         f"{model_config.vocab_size}: use a model with vocab_size >= {vocab} or a smaller tokenizer")
+def _check_vocab_fits_model(tokenizer: str, vocab: int, model_config, init_from: str) -> None:
+    if vocab <= model_config.vocab_size:
+        return
+    fix = "pass the model's own tokenizer with --tokenizer" if init_from else \
+        f"use a model with vocab_size >= {vocab} or a smaller tokenizer"
+    raise ValueError(f"tokenizer {tokenizer!r} has {vocab} tokens but the model's vocab_size is "
+                     f"{model_config.vocab_size}: {fix}")
 
 
 def check_model_fits_mesh(model_config, shape: MeshShape) -> None:
