@@ -308,3 +308,26 @@ def test_push_and_pull_through_a_local_hub(tmp_path, monkeypatch):
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
         assert (tmp_path / "pulled" / name).read_bytes() == (folder / name).read_bytes(), name
         assert not (tmp_path / "pulled" / name).is_symlink()
+
+
+def test_documents_start_with_the_bos_the_tokenizer_template_adds(tmp_path):
+    """Llama 3's tokenizer.json starts every text with <|begin_of_text|> (its post-processor): so do
+    our documents (the model saw it at each document start). The bundled tokenizer adds none."""
+    from tokenizers import Tokenizer
+    from tokenizers.processors import TemplateProcessing
+
+    from train.data_sources import encode_documents
+    from train.tokenizer import load_tokenizer
+
+    rust = Tokenizer.from_file(str(BUNDLED_TOKENIZER))
+    rust.add_special_tokens(["<|begin_of_text|>"])
+    bos = rust.token_to_id("<|begin_of_text|>")
+    rust.post_processor = TemplateProcessing(single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", bos)])
+    rust.save(str(tmp_path / "tokenizer.json"))
+    llama_like, bundled = load_tokenizer(str(tmp_path)), load_tokenizer("default")
+    plain = bundled.encode("To be, or not")
+    assert llama_like.encode("To be, or not") == [bos, *plain]
+    assert list(encode_documents(llama_like, ["To be", "or not"])) == [
+        [bos, *bundled.encode("To be"), llama_like.eos_id], [bos, *bundled.encode("or not"), llama_like.eos_id]]
+    assert bundled.encode("To be") == rust.encode("To be", add_special_tokens=False).ids, "no BOS without a template"
+    assert llama_like.fingerprint != bundled.fingerprint

@@ -51,7 +51,9 @@ class HFTokenizer:
     """A ``tokenizer.json`` loaded with the Hugging Face ``tokenizers`` library.
 
     EOS is taken from a ``tokenizer_config.json`` next to the file (its ``eos_token``) when
-    there is one, else from the first of :data:`EOS_CANDIDATES` the vocabulary holds.
+    there is one, else from the first of :data:`EOS_CANDIDATES` the vocabulary holds. Each
+    encoded text starts with the tokenizer's BOS where its own template puts one (Llama 3,
+    Mistral), as in the model's pretraining.
     """
 
     def __init__(self, path: str | Path):
@@ -67,7 +69,16 @@ class HFTokenizer:
                              f"the tokenizer.json of a model") from None
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.eos_id = self._find_eos()
-        self.fingerprint = "hf-" + hashlib.sha256(raw).hexdigest()[:16]
+        self.bos = self._template_bos()
+        self.fingerprint = "hf-" + hashlib.sha256(raw).hexdigest()[:16] + ("-bos" if self.bos else "")
+
+    def _template_bos(self) -> list[int]:
+        """[BOS] when the tokenizer's own template starts every text with one token and adds nothing
+        else (Llama 3's <|begin_of_text|>, Mistral's <s>): the models saw it at each document start.
+        [] otherwise (Qwen adds nothing; a BERT-style [CLS] ... [SEP] pair is not a BOS)."""
+        empty = self._tok.encode("", add_special_tokens=True).ids
+        probe = self._tok.encode("a", add_special_tokens=False).ids
+        return empty if len(empty) == 1 and self._tok.encode("a", add_special_tokens=True).ids == empty + probe else []
 
     def _find_eos(self) -> int:
         config = self.path.with_name("tokenizer_config.json")
@@ -97,12 +108,13 @@ class HFTokenizer:
         return self._tok.id_to_token(token_id)
 
     def encode(self, text: str) -> list[int]:
-        # No BOS/EOS added here: the data pipeline puts exactly one EOS between documents.
-        return self._tok.encode(text, add_special_tokens=False).ids
+        # A BOS where the tokenizer's template has one; no EOS: the data pipeline puts exactly one
+        # EOS after each document.
+        return self.bos + self._tok.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Many documents at once; the Rust side uses several threads."""
-        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+        return [self.bos + e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
