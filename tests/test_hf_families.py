@@ -141,15 +141,15 @@ def test_unsupported_fields_are_refused_by_name(tmp_path):
 
 # ---- --init-from alone: step-1 loss equal to transformers' ------------------------------
 
-def first_steps(folders: list[str], mesh: str) -> list[dict]:
+def first_steps(folders: list[str], mesh: str, model_args: str = "") -> list[dict]:
     """Every rank: for each folder, a trainer from ``--init-from`` alone and its first step's loss."""
     from train.config import TrainConfig
     from train.loop import build_trainer
 
     results = []
     for folder in folders:
-        cfg = TrainConfig(init_from=folder, mesh=mesh, seq_len=32, global_batch_size=4, steps=1, checkpoint_every=0,
-                          output_dir=str(Path(folder).parent / f"run-{mesh or 'one'}"))
+        cfg = TrainConfig(init_from=folder, mesh=mesh, model_args=model_args, seq_len=32, global_batch_size=4,
+                          steps=1, checkpoint_every=0, output_dir=str(Path(folder).parent / f"run-{mesh or 'one'}"))
         t = build_trainer(cfg)
         inputs, labels = next(t.batches)
         loss = t.model.reduce_loss(t.model.forward_backward(inputs, labels))
@@ -158,12 +158,17 @@ def first_steps(folders: list[str], mesh: str) -> list[dict]:
     return results
 
 
-@pytest.mark.parametrize("mesh, world, variants", [("", 1, list(VARIANTS)), ("tp=2", 2, ["qwen3-yarn"])])
+@pytest.mark.parametrize("mesh, world, variants, model_args", [
+    ("", 1, list(VARIANTS), ""),
+    ("tp=2", 2, ["qwen3-yarn"], ""),
+    ("pp=2", 2, ["qwen3-yarn"], "tie_embeddings=false"),  # untied to pipeline it: the output starts as a copy
+])
 @torch.no_grad()
-def test_init_from_alone_matches_transformers_loss(mesh, world, variants, tmp_path):
-    """No --model, no --model-args, no --tokenizer: the folder defines all three."""
+def test_init_from_alone_matches_transformers_loss(mesh, world, variants, model_args, tmp_path):
+    """No --model, no --tokenizer: the folder defines the model and the tokenizer."""
     folders = [str(transformers_folder(tmp_path / variant / "model", variant)) for variant in variants]
-    results = run_on_ranks(first_steps, world, folders, mesh)[0]
+    ranks = run_on_ranks(first_steps, world, folders, mesh, model_args)
+    results = next(r for r in ranks[::-1] if r)  # the last pipeline stage holds the batch too
     for variant, folder, ours in zip(variants, folders, results):
         logits = transformers_model(Path(folder))(ours["inputs"]).logits
         theirs = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ours["labels"].flatten()).item()

@@ -202,7 +202,7 @@ def test_clear_errors(tmp_path):
     with pytest.raises(ValueError, match=r"no transformers class matches this model as 'mixtral'.*n_shared_experts=1"):
         check_hf_config_matches(tmp_path, dataclasses.replace(CONFIG, n_shared_experts=1))
     with pytest.raises(ValueError,
-                       match=r"n_experts: folder has 8, the run has 4\n  top_k: folder has 2, the run has 1"):
+                       match=r"n_experts: folder has 8, the run has 4; top_k: folder has 2, the run has 1"):
         check_hf_config_matches(tmp_path, dataclasses.replace(CONFIG, n_experts=4, top_k=1))
     with pytest.raises(ValueError, match=r"holds an MoE model, this run's model is a dense one"):
         check_hf_config_matches(tmp_path, get_config("debug"))

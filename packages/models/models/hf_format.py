@@ -97,7 +97,7 @@ def check_hf_config_matches(folder: Path, config: LlamaConfig) -> None:
              for field in fields if getattr(theirs, field) != getattr(config, field)]
     if diffs:
         raise ValueError(f"the model config of {folder} does not match this run's --model (leave out --model: "
-                         f"the folder defines the model):\n  " + "\n  ".join(diffs))
+                         f"the folder defines the model): " + "; ".join(diffs))
 
 
 def config_from_dict(values: dict) -> LlamaConfig:
@@ -260,22 +260,34 @@ def weight_files(folder: Path) -> dict[str, Path]:
     return {name: path for name, path in files.items() if not _is_ignored(name)}
 
 
-def _checked_sources(folder: Path, config: LlamaConfig) -> dict[str, Path]:
-    """HF name -> the file holding it, after checking names and shapes (safetensors headers only)
-    against ``config``. A tied model's output is its embedding: a ``lm_head.weight`` that some tied
-    checkpoints also store (a copy) is not read."""
-    sources = weight_files(folder)
+# HF name -> (file, name stored in it): the two differ only for an untied output read from a
+# tied folder's embedding.
+Sources = dict[str, tuple[Path, str]]
+OUTPUT, EMBEDDING = "lm_head.weight", "model.embed_tokens.weight"
+
+
+def _checked_sources(folder: Path, config: LlamaConfig) -> Sources:
+    """Where each HF weight ``config``'s model needs is stored, after checking names and shapes
+    (safetensors headers only). A tied model's output is its embedding: a ``lm_head.weight`` that
+    some tied checkpoints also store (a copy) is not read. An untied model (``--model-args
+    tie_embeddings=false``, e.g. to pipeline it) from a tied folder starts its output as a copy
+    of the embedding."""
+    sources = {hf: (path, hf) for hf, path in weight_files(folder).items()}
     if config.tie_embeddings:
-        sources.pop("lm_head.weight", None)
+        sources.pop(OUTPUT, None)
+    elif OUTPUT not in sources and EMBEDDING in sources and json.loads(
+            (Path(folder) / CONFIG_FILE).read_text()).get("tie_word_embeddings"):
+        sources[OUTPUT] = sources[EMBEDDING]
     shapes = {}
-    for path in sorted(set(sources.values())):
+    for path in sorted({path for path, _ in sources.values()}):
         with safe_open(str(path), framework="pt") as f:
-            shapes.update({hf: torch.Size(f.get_slice(hf).get_shape()) for hf, p in sources.items() if p == path})
+            shapes.update({hf: torch.Size(f.get_slice(stored).get_shape())
+                           for hf, (p, stored) in sources.items() if p == path})
     _check_hf_names_and_shapes(shapes, config, f"Hugging Face folder {folder}")
     return sources
 
 
-def _read(sources: dict[str, Path], names: list[str], config: LlamaConfig) -> Iterator[tuple[str, Tensor]]:
+def _read(sources: Sources, names: list[str], config: LlamaConfig) -> Iterator[tuple[str, Tensor]]:
     """Yield (Meshtron name, full CPU tensor) for ``names``, one parameter in memory at a time.
 
     Each file is opened once (safetensors maps it; a tensor is read when asked for).
@@ -284,10 +296,10 @@ def _read(sources: dict[str, Path], names: list[str], config: LlamaConfig) -> It
         files = {}
 
         def get(hf: str) -> Tensor:
-            path = sources[hf]
+            path, stored = sources[hf]
             if path not in files:
                 files[path] = stack.enter_context(safe_open(str(path), framework="pt"))
-            return files[path].get_tensor(hf)
+            return files[path].get_tensor(stored)
 
         for name in names:
             yield name, join_from_hf(name, [get(hf) for hf in hf_names(name, config)])

@@ -25,10 +25,10 @@ from .tokenizer import Tokenizer
 
 DEFAULT_MODEL = "debug"
 TOKENIZER_FILE = "tokenizer.json"
-# Fields that give the weights their shapes: a folder's weights fix them.
+# Fields that give the weights their shapes: a folder's weights fix them. (tie_embeddings=false
+# may untie a tied folder's output: it starts as a copy of the embedding.)
 WEIGHT_SHAPING = ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "attention_head_dim",
-                  "qkv_bias", "qk_norm", "tie_embeddings", "n_experts", "moe_ffn_dim", "n_shared_experts",
-                  "n_dense_layers")
+                  "qkv_bias", "qk_norm", "n_experts", "moe_ffn_dim", "n_shared_experts", "n_dense_layers")
 
 
 def resolve_sources(cfg: TrainConfig) -> TrainConfig:
@@ -68,6 +68,8 @@ def model_config(cfg: TrainConfig, tokenizer: Tokenizer) -> LlamaConfig:
         folder_config = read_hf_config(cfg.init_from)
         overrides = parse_model_args(folder_config, cfg.model_args)
         fixed = [key for key in overrides if key in WEIGHT_SHAPING]
+        if overrides.get("tie_embeddings") and not folder_config.tie_embeddings:
+            fixed.append("tie_embeddings")  # an untied folder has two matrices: which one would be kept?
         if fixed:
             raise ValueError(f"--model-args {','.join(fixed)} with --init-from: the folder's weights fix "
                              f"{', '.join(fixed)}; override only fields that keep their shapes (e.g. max_seq_len, "
