@@ -209,6 +209,10 @@ def check_model_fits_mesh(model_config, shape: MeshShape) -> None:
             check_expert_parallel(model_config, shape.ep)
     except ValueError as err:
         raise MeshConfigError(str(err)) from None
+    if model_config.tie_embeddings and shape.pp > 1:
+        raise MeshConfigError(f"pp={shape.pp} with a model whose output is tied to its embedding (tie_embeddings): "
+                              f"the first and last stages would share one weight; use a mesh without pp "
+                              f"(dp/tp/cp/ep), or --model-args tie_embeddings=false to untie")
     if model_config.n_layers < shape.pp:
         raise MeshConfigError(f"model has {model_config.n_layers} layers but pp={shape.pp} stages need at least one "
                               f"layer each: use pp <= {model_config.n_layers} or a deeper model")
@@ -235,10 +239,6 @@ def _check_pipeline(cfg: TrainConfig, model_config, shape: MeshShape) -> None:
     """Only when pp > 1 (the schedule name is checked with the other choices)."""
     if shape.pp == 1:
         return
-    if model_config.tie_embeddings:
-        raise PipelineConfigError(f"pp={shape.pp} with a model whose output is tied to its embedding "
-                                  f"(tie_embeddings): the first and last stages would share one weight; use a "
-                                  f"mesh without pp (dp/tp/cp/ep), or --model-args tie_embeddings=false to untie")
     if cfg.document_masking:
         raise PipelineConfigError(f"--document-masking with pp={shape.pp}: pipeline stages pass only hidden "
                                   f"states between them, not the documents; use a mesh without pp")
