@@ -37,6 +37,7 @@ def resolve_sources(cfg: TrainConfig) -> TrainConfig:
     if not cfg.init_from:
         return replace(cfg, tokenizer=cfg.tokenizer or "default")
     folder = resolve_model_folder(cfg.init_from)
+    read_hf_config(folder)  # a folder that is no model folder says so before its tokenizer is looked for
     tokenizer = cfg.tokenizer
     if not tokenizer:
         if not (folder / TOKENIZER_FILE).is_file():
