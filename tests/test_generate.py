@@ -173,7 +173,8 @@ def train_and_sample(mesh: str, overrides: dict) -> dict:
     return {"sample": sample, "weights": weights, "config": t.model_config}
 
 
-@pytest.mark.parametrize("mesh, world, family", [("dp=2,tp=2", 4, "qwen3"), ("ep=2", 2, "mixtral")])
+@pytest.mark.parametrize("mesh, world, family", [("dp=2,tp=2", 4, "qwen3"), ("cp=2", 2, "qwen2"),
+                                                 ("ep=2", 2, "mixtral")])
 def test_samples_during_training_equal_generation_from_the_weights(mesh, world, family, tmp_path):
     """A sample on a mesh is the one process's, and both equal models.generation's greedy output
     (with its K/V cache) from the same weights: the cache-free, right-padded forwards are right.
@@ -210,7 +211,7 @@ def test_sampling_options_are_checked():
             validate(TrainConfig(**{**SAMPLED, **options}), 2 if options.get("mesh") else 1)
         return str(raised.value)
 
-    assert "pp=2" in error(mesh="pp=2")
+    assert "--sample-every with pp=2" in error(mesh="pp=2")
     assert "--sample-prompt applies with --sample-every" in error(sample_every=0)
     assert "needs --sample-prompt" in error(sample_prompt="")
     assert "exceed the model's max_seq_len" in error(sample_tokens=5000)
