@@ -34,11 +34,12 @@ def transformers_greedy(folder: Path, prompts: list[list[int]]) -> list[list[int
     return [row[:row.index(EOS) + 1] if EOS in row else row for row in rows]
 
 
-# Llama, Mixtral, and the features of Qwen3 (q/k norms, own head size, YaRN, tied output), Qwen2
+# Llama, Mistral, Mixtral, and the features of Qwen3 (q/k norms, own head size, YaRN, tied output), Qwen2
 # (q/k/v biases) with Llama 3.1's RoPE scaling and Qwen3-MoE (unnormalized top-k, a dense first
-# layer): exported as Qwen3ForCausalLM / Qwen2ForCausalLM / Qwen3MoeForCausalLM.
+# layer): exported as each family's own class.
 FAMILIES = {
     "llama": ("debug", {}),
+    "mistral": ("debug", dict(family="mistral")),
     "mixtral": ("debug-mixtral", {}),
     "qwen3": ("debug", dict(qk_norm=True, attention_head_dim=32, tie_embeddings=True, rope_scaling="yarn",
                             rope_factor=4.0, rope_original_max_seq_len=8)),
