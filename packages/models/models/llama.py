@@ -5,8 +5,8 @@ then a final norm and an output projection. The config also covers what the Llam
 Mistral, Qwen2 and Qwen3 checkpoints add (``models.hf_families`` maps them): RoPE scaling
 (``models.rope``), biases on the q/k/v projections, an RMSNorm of each query and key head,
 a head size other than dim / n_heads, and an output projection tied to the embedding.
-Nothing here knows about meshes: the
-parallelisms are applied from outside (see ``models.parallelize``), which may
+Nothing here knows about meshes: the parallelisms are applied from outside (see
+``models.parallelize``), which may
 
   - swap ``Attention.attention_fn`` (ring attention for context parallel) and
     ``Attention.position_fn`` (zigzag RoPE positions),
@@ -57,7 +57,7 @@ class LlamaConfig:
     rope_beta_fast: float = 32.0        # yarn
     rope_beta_slow: float = 1.0         # yarn
     rope_attention_factor: float = 0.0  # yarn: cos/sin scale; 0: 0.1 ln(rope_factor) + 1
-    family: str = ""                  # Hugging Face model_type to export as ("": llama, or mixtral for an MoE)
+    family: str = ""                  # Hugging Face model_type to export as ("": the one the features imply)
 
     @property
     def head_dim(self) -> int:
