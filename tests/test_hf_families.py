@@ -161,7 +161,8 @@ def first_steps(folders: list[str], mesh: str, model_args: str = "") -> list[dic
 @pytest.mark.parametrize("mesh, world, variants, model_args", [
     ("", 1, list(VARIANTS), ""),
     ("tp=2", 2, ["qwen3-yarn"], ""),
-    ("pp=2", 2, ["qwen3-yarn"], "tie_embeddings=false"),  # untied to pipeline it: the output starts as a copy
+    ("pp=2", 2, ["qwen3-yarn"], ""),  # tied: the last stage's replica reads the embedding (models.tied_output)
+    ("pp=2", 2, ["qwen3-yarn"], "tie_embeddings=false"),  # untied: the output starts as a copy of it
 ])
 @torch.no_grad()
 def test_init_from_alone_matches_transformers_loss(mesh, world, variants, model_args, tmp_path):
@@ -202,6 +203,7 @@ QWEN_LIKE = ("qkv_bias=true,qk_norm=true,tie_embeddings=true,attention_head_dim=
 @pytest.mark.parametrize("mesh, world, model_args", [
     ("dp=2,tp=2", 4, QWEN_LIKE),
     ("cp=2", 2, QWEN_LIKE),
+    ("pp=2", 2, QWEN_LIKE),  # the tied output's replica on the last stage (models.tied_output)
     ("pp=2", 2, QWEN_LIKE.replace("tie_embeddings=true", "tie_embeddings=false")),
 ])
 def test_added_features_match_single_process(mesh, world, model_args):

@@ -75,10 +75,13 @@ def global_grad_norm(params: list[nn.Parameter], pp_group: dist.ProcessGroup | N
 
 
 @torch.no_grad()
-def clip_grad_norm_(params: list[nn.Parameter], max_norm: float,
-                    pp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
-    """Scale all gradients so their global norm is at most ``max_norm``; return the norm before clipping."""
+def clip_grad_norm_(params: list[nn.Parameter], max_norm: float, pp_group: dist.ProcessGroup | None = None,
+                    replicas: list[nn.Parameter] = ()) -> torch.Tensor:
+    """Scale all gradients (of ``params`` and ``replicas``) so their global norm is at most ``max_norm``;
+    return the norm before clipping. ``replicas``: copies of a parameter held and counted on another
+    pipeline stage (a tied output), scaled like it but not counted twice."""
     norm = global_grad_norm(params, pp_group)
+    params = [*params, *replicas]
     if max_norm > 0:
         scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)  # stays on the device: no host sync
         grads = [local_tensor(p.grad) for p in params if p.grad is not None]

@@ -72,8 +72,7 @@ def shard_for_decoding(model: Transformer, tp_mesh) -> None:
     from torch.distributed.tensor.parallel import parallelize_module
 
     parallelize_module(model, tp_mesh, decoding_plan(model))
-    if model.config.tie_embeddings:
-        model.tie_output()  # the embedding and the output each got their own DTensor weight
+    model.tie_output()  # a tied embedding and output each got their own DTensor weight
 
 
 class DecodeState:

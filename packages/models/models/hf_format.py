@@ -260,8 +260,8 @@ def weight_files(folder: Path) -> dict[str, Path]:
     return {name: path for name, path in files.items() if not _is_ignored(name)}
 
 
-# HF name -> (file, name stored in it): the two differ only for an untied output read from a
-# tied folder's embedding.
+# HF name -> (file, name stored in it): the two differ only for an output read from a tied
+# folder's embedding.
 Sources = dict[str, tuple[Path, str]]
 OUTPUT, EMBEDDING = "lm_head.weight", "model.embed_tokens.weight"
 
@@ -269,9 +269,9 @@ OUTPUT, EMBEDDING = "lm_head.weight", "model.embed_tokens.weight"
 def _checked_sources(folder: Path, config: LlamaConfig) -> Sources:
     """Where each HF weight ``config``'s model needs is stored, after checking names and shapes
     (safetensors headers only). A tied model's output is its embedding: a ``lm_head.weight`` that
-    some tied checkpoints also store (a copy) is not read. An untied model (``--model-args
-    tie_embeddings=false``, e.g. to pipeline it) from a tied folder starts its output as a copy
-    of the embedding."""
+    some tied checkpoints also store (a copy) is not read, and a pipeline's last stage reads its
+    replica of the output (``models.tied_output``) from the embedding. An untied model
+    (``--model-args tie_embeddings=false``) from a tied folder starts its output as a copy of it."""
     sources = {hf: (path, hf) for hf, path in weight_files(folder).items()}
     if config.tie_embeddings:
         sources.pop(OUTPUT, None)
@@ -284,6 +284,8 @@ def _checked_sources(folder: Path, config: LlamaConfig) -> Sources:
             shapes.update({hf: torch.Size(f.get_slice(stored).get_shape())
                            for hf, (p, stored) in sources.items() if p == path})
     _check_hf_names_and_shapes(shapes, config, f"Hugging Face folder {folder}")
+    if config.tie_embeddings:
+        sources[OUTPUT] = sources[EMBEDDING]  # a pipeline's last stage holds a replica of the embedding
     return sources
 
 

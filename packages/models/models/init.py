@@ -171,12 +171,19 @@ def init_weights(model: nn.Module, n_layers: int, seed: int) -> None:
     No communication."""
     init_buffers(model)
     for name, param in model.named_parameters():
-        local = local_tensor(param)
-        std = init_std(name, n_layers)
-        if std is None:
-            local.fill_(constant_init(name))
-        else:
-            local.copy_(draw_held_values(name, param.shape, held_indices(param), std, seed))
+        init_parameter_(param, name, n_layers, seed)
+
+
+@torch.no_grad()
+def init_parameter_(param: torch.Tensor, name: str, n_layers: int, seed: int) -> None:
+    """Fill ``param`` (sharded or not) with the initial value of the parameter called ``name``
+    (a pipeline's replica of a tied embedding takes the embedding's). No communication."""
+    local = local_tensor(param)
+    std = init_std(name, n_layers)
+    if std is None:
+        local.fill_(constant_init(name))
+    else:
+        local.copy_(draw_held_values(name, param.shape, held_indices(param), std, seed))
 
 
 @torch.no_grad()

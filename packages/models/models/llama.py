@@ -188,20 +188,21 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleDict({str(i): self.build_block(i) for i in range(cfg.n_layers)})
         self.norm: RMSNorm | None = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output: nn.Linear | None = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.tie_output()
+        self.tie_output()
 
     def tie_output(self) -> None:
-        """Make the output projection use the embedding's weight [vocab, dim] (one parameter,
-        named ``tok_embeddings.weight``). Called again after tensor parallel replaces the
-        embedding's weight by a DTensor: both shard it on vocab (Shard(0))."""
-        self.output.weight = self.tok_embeddings.weight
+        """With ``tie_embeddings``, make the output projection use the embedding's weight [vocab,
+        dim] (one parameter, named ``tok_embeddings.weight``), where this module holds both (a
+        pipeline's last stage holds a replica instead: ``models.pipelined``). Called again after
+        tensor parallel replaces the embedding's weight by a DTensor (both shard it on vocab,
+        Shard(0)) and after ``to_empty``."""
+        if self.config.tie_embeddings and self.output is not None and self.tok_embeddings is not None:
+            self.output.weight = self.tok_embeddings.weight
 
     def to_empty(self, *, device, recurse: bool = True) -> Transformer:
         """``nn.Module.to_empty``, keeping a tied output tied (it gives every module a new tensor)."""
         super().to_empty(device=device, recurse=recurse)
-        if self.config.tie_embeddings and self.output is not None and self.tok_embeddings is not None:
-            self.tie_output()
+        self.tie_output()
         return self
 
     def build_block(self, layer_index: int) -> TransformerBlock:

@@ -106,8 +106,7 @@ def parallelize(model: Transformer, pm: ParallelMesh, options: ParallelOptions =
     apply_expert_parallel(model, pm)
     apply_tensor_parallel(model, pm["tp"], tensor_parallel_plan(model))
     if pm.size("tp") > 1:
-        if model.config.tie_embeddings:
-            model.tie_output()  # TP gave the embedding and the output each their own DTensor weight
+        model.tie_output()  # TP gave a tied embedding and output each their own DTensor weight
         check_tensor_parallel_coverage(model)
     if pm.size("cp") > 1:
         apply_context_parallel(model, pm["cp"].get_group(), pm.local_rank("cp"), pm.size("cp"), options.cp_method)

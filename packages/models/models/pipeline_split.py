@@ -10,7 +10,8 @@ the final norm and output projection; a middle stage maps hidden states to hidde
     last:   hidden [b, s, dim]     -> logits [b, s, vocab]
 
 (under tensor/sequence parallel the hidden states passed between stages are each rank's
-local sequence slice [b, s/tp, dim]).
+local sequence slice [b, s/tp, dim]). A tied output on a last stage without the embedding
+becomes its own parameter, a replica of the embedding (``models.tied_output``).
 """
 
 from __future__ import annotations
@@ -20,9 +21,6 @@ from .llama import Transformer
 
 def split_stage(model: Transformer, layer_ids: list[int], first: bool, last: bool) -> Transformer:
     """Turn ``model`` in place into the stage holding ``layer_ids``; returns it."""
-    if model.config.tie_embeddings and not (first and last):
-        raise ValueError("a model with tie_embeddings cannot be cut into pipeline stages: the embedding (first "
-                         "stage) and the output (last stage) are one weight; use pp=1 (dp/tp/cp/ep still apply)")
     keep = {str(i) for i in layer_ids}
     unknown = keep - set(model.layers.keys())
     if unknown:

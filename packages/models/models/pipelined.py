@@ -20,12 +20,14 @@ the same as without a pipeline (the norm adds the stages' sums of squares over p
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from core.documents import Documents
+from core.grad_norm import clip_grad_norm_
 from core.mesh import ParallelMesh
 from core.pipeline import (
     SCHEDULES,
@@ -39,12 +41,14 @@ from core.pipeline import (
 )
 from core.tensor_parallel import local_tensor
 
+from .init import init_parameter_
 from .moe import active_parameter_count
 from .moe_load import StepLoad
 from .parallel_model import GradientRules, ParallelModel, StepRecipe
 from .parallelize import ParallelOptions, gradient_rules, parallelize_and_initialize, step_load
 from .pipeline_split import split_stage
 from .registry import build_model
+from .tied_output import EMBEDDING, TiedOutput, tied_output
 
 
 class ModelParts(nn.ModuleList):
@@ -89,6 +93,8 @@ def build_stage_module(model_config, layer_ids: list[int], first: bool, last: bo
     with torch.device("meta"):
         model = split_stage(build_model(model_config), layer_ids, first, last)
     parallelize_and_initialize(model, pm, device, seed, dataclasses.replace(options, reshard_after_forward=False))
+    if model_config.tie_embeddings and last and not first and seed is not None:
+        init_parameter_(model.output.weight, EMBEDDING, model_config.n_layers, seed)  # a replica (models.tied_output)
     return model
 
 
@@ -124,7 +130,8 @@ def pipeline_model(model_config, pm: ParallelMesh, device: torch.device, options
     schedule = build_schedule(options.pp_schedule, stages, microbatches, recipe.step_loss)
     pipeline = Pipeline(options.pp_schedule, schedule, stages, stage_ids, n_stages, microbatches)
     return PipelinedModel(parts, pipeline, pm, device, recipe, gradient_rules(parts, pm),
-                          step_load(parts, model_config, pm, recipe, device))
+                          step_load(parts, model_config, pm, recipe, device),
+                          tied_output(list(parts), pm, options.pp_schedule))
 
 
 def stage_io(recipe: StepRecipe, options: ParallelOptions, pm: ParallelMesh, model_config,
@@ -152,9 +159,9 @@ class PipelinedModel(ParallelModel):
     """This rank's pipeline stage(s) (``parts``, in stage order) and the schedule over them (``pipeline``)."""
 
     def __init__(self, parts: ModelParts, pipeline: Pipeline, pm: ParallelMesh, device: torch.device,
-                 recipe: StepRecipe, rules: GradientRules, moe_load: StepLoad | None):
+                 recipe: StepRecipe, rules: GradientRules, moe_load: StepLoad | None, tied: TiedOutput | None):
         super().__init__(parts, list(parts), pm, device, recipe, rules, moe_load)
-        self.pipeline = pipeline
+        self.pipeline, self.tied = pipeline, tied
 
     def forward_backward(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Run one step's schedule; return this rank's share of the global mean loss (on every stage).
@@ -189,5 +196,24 @@ class PipelinedModel(ParallelModel):
         pp = self.mesh.size("pp")
         return broadcast_from_last_stage(loss_share, self._stage_group, pp, self.pipeline.schedule_name)
 
+    def finish_gradients(self) -> None:
+        """``ParallelModel.finish_gradients``, then a tied output's two ends summed (``models.tied_output``)."""
+        super().finish_gradients()
+        if self.tied is not None:
+            self.tied.sum_gradients()
+
+    def clip_gradients(self, max_norm: float) -> torch.Tensor:
+        """``ParallelModel.clip_gradients``, counting a tied output's replica once (on the first stage)."""
+        replica = self.tied.replica if self.tied is not None else None
+        counted = [p for p in self.trainable if p is not replica]
+        return clip_grad_norm_(counted, max_norm, self._stage_group, replicas=[replica] if replica is not None else [])
+
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        for name, param in super().named_parameters():
+            yield self._whole_name(name), param
+
     def whole_model_names(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {ModelParts.whole_model_name(name): value for name, value in tensors.items()}
+        return {self._whole_name(ModelParts.whole_model_name(name)): value for name, value in tensors.items()}
+
+    def _whole_name(self, name: str) -> str:
+        return self.tied.whole_model_name(name) if self.tied is not None else name

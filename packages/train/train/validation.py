@@ -209,10 +209,6 @@ def check_model_fits_mesh(model_config, shape: MeshShape) -> None:
             check_expert_parallel(model_config, shape.ep)
     except ValueError as err:
         raise MeshConfigError(str(err)) from None
-    if model_config.tie_embeddings and shape.pp > 1:
-        raise MeshConfigError(f"pp={shape.pp} with a model whose output is tied to its embedding (tie_embeddings): "
-                              f"the first and last stages would share one weight; use a mesh without pp "
-                              f"(dp/tp/cp/ep), or --model-args tie_embeddings=false to untie")
     if model_config.n_layers < shape.pp:
         raise MeshConfigError(f"model has {model_config.n_layers} layers but pp={shape.pp} stages need at least one "
                               f"layer each: use pp <= {model_config.n_layers} or a deeper model")
