@@ -131,6 +131,12 @@ def _shard_sizes(layout: Layout, gpus_per_node: int) -> tuple[int, int]:
     return dp_shard * layout.ep * layout.cp, dp_shard * layout.cp
 
 
+def _output_params(shape: ModelShape, holds_embedding: bool) -> int:
+    """The output projection's parameters on a rank: none of its own where it is tied to the
+    embedding the rank holds (a tied output's pipeline replica counts in full)."""
+    return 0 if shape.config.tie_embeddings and holds_embedding else shape.head_tp
+
+
 def _model_parallel_params(layer: dict[str, int], layout: Layout) -> float:
     """A layer's parameters on one rank before FSDP shards them (tp and ep applied)."""
     return layer["tp"] / layout.tp + layer["replicated"] + layer["expert"] / layout.ep
@@ -145,8 +151,8 @@ def rank_memory(shape: ModelShape, layout: Layout, pp_rank: int, seq_len: int, g
     t = layout.tp
     params = sum((lay["tp"] / t + lay["replicated"]) / dense_shard + lay["expert"] / (layout.ep * expert_shard)
                  for lay in held)
-    params += ((shape.embedding / t if first else 0) + ((shape.head_tp / t + shape.head_other) if last else 0)) \
-        / dense_shard
+    params += ((shape.embedding / t if first else 0) + ((_output_params(shape, first) / t + shape.head_other)
+                                                        if last else 0)) / dense_shard
     per_layer = [_model_parallel_params(lay, layout) for lay in held]
     if dense_shard > 1 and layout.pp > 1:  # the whole stage stays gathered, gradients unsharded until the end
         gathered = sum(per_layer) * (COMPUTE_BYTES + 4)
@@ -254,7 +260,7 @@ def step_parts(shape: ModelShape, layout: Layout, gpus: int, seq_len: int, globa
 def _data_parallel_seconds(shape: ModelShape, lay: Layout, hw: Hardware) -> float:
     """FSDP's all-gathers (bf16) and reduce-scatters (float32) per step, or DDP-style all-reduces."""
     params = sum(_model_parallel_params(layer, lay) for layer in shape.layers) / lay.pp \
-        + (shape.embedding + shape.head_tp) / lay.tp / lay.pp
+        + (shape.embedding + _output_params(shape, lay.pp == 1)) / lay.tp / lay.pp
     dense_group = lay.dp * lay.ep * lay.cp
     if dense_group == 1:
         return 0.0
