@@ -56,7 +56,8 @@ class TiedOutput:
             return name
         if name == OUTPUT:
             return EMBEDDING
-        return name.replace(f"optim.{OUTPUT}.", f"optim.{EMBEDDING}.") if name.startswith(f"optim.{OUTPUT}.") else name
+        state = f"optim.{OUTPUT}."  # the replica's AdamW state
+        return f"optim.{EMBEDDING}." + name[len(state):] if name.startswith(state) else name
 
 
 def tied_output(parts: list[nn.Module], pm: ParallelMesh, schedule: str) -> TiedOutput | None:
