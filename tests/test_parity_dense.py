@@ -45,11 +45,6 @@ def test_a_different_seed_is_detected():
         assert_same_run(single_process(), single_process(seed=1))
 
 
-@pytest.mark.slow
-def test_sixteen_ranks_dp4_tp4_matches_single_process():
-    assert_same_run(single_process(), on_mesh("dp=4,tp=4", 16))
-
-
 @pytest.mark.parametrize("mesh, world", [("", 1), ("dp=2", 2)])
 def test_bfloat16_compute_tracks_float32(mesh, world):
     """bf16 (FSDP's mixed precision on a one-rank mesh, and on dp=2) follows fp32 within bf16 noise."""

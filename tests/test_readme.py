@@ -59,7 +59,7 @@ COMMANDS = {
     ".venv/bin/torchrun --nproc_per_node=4  -m train --model debug-moe --mesh ep=2,dp=2": SYNTHETIC,
     ".venv/bin/python -m train.launch --nproc_per_node=4 -m train --mesh dp=2,tp=2": SYNTHETIC,
     ".venv/bin/torchrun --nproc_per_node=16 -m train --mesh dp=2,tp=4,pp=2":
-        "16 ranks: test_parity_dense and test_pipeline run this mesh (slow tests)",
+        "16 ranks: test_pipeline runs this mesh (a slow test); test_parity_dense runs dp=2,tp=4",
     ".venv/bin/torchrun --nproc_per_node=8  -m train --mesh cp=2,tp=2,dp=2 --seq-len 256":
         "8 ranks: test_parity_context_parallel runs cp x tp x dp",
     ".venv/bin/torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HEAD:29500 -m train ...":
