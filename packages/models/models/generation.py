@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.tensor_parallel import apply_tensor_parallel
+
 from .llama import Attention, Transformer
 from .plans import decoding_plan
 
@@ -69,9 +71,7 @@ def shard_for_decoding(model: Transformer, tp_mesh) -> None:
     step feeds one token: the decoding plan keeps activations whole (replicated) instead and
     pays one all-reduce per attention and per feed-forward, and one all-gather of the logits.
     """
-    from torch.distributed.tensor.parallel import parallelize_module
-
-    parallelize_module(model, tp_mesh, decoding_plan(model))
+    apply_tensor_parallel(model, tp_mesh, decoding_plan(model))
     model.tie_output()  # a tied embedding and output each got their own DTensor weight
 
 
