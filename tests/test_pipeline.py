@@ -37,10 +37,11 @@ def test_equal_layers_split_evenly_with_extras_last():
 
 def test_the_output_projection_moves_layers_off_the_last_stage():
     """Llama 3 8B: the head costs ~2 layers; an even 8/8/8/8 split would make the last stage 10."""
-    from models.pipelined import compute_per_token
     from models.registry import get_config
+    from models.stats import ModelStats
 
-    layers, head = compute_per_token(get_config("llama3-8b"), 8192)
+    stats = ModelStats.of(get_config("llama3-8b"))
+    layers, head = stats.layer_costs(8192), stats.head_cost
     assert 2.0 < head / layers[0] < 2.2
     split = layers_per_stage(layers, 4, last_cost=head)
     assert [len(stage) for stage in split] == [8, 9, 9, 6]

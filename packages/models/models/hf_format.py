@@ -38,7 +38,6 @@ from .hf_names import join_from_hf, split_for_hf
 from .init import copy_full_value_
 from .llama import LlamaConfig
 from .moe import MoEConfig, Router
-from .registry import build_model
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -117,10 +116,8 @@ def config_from_dict(values: dict) -> LlamaConfig:
 # ---- expected weights -------------------------------------------------------------------
 
 def expected_shapes(config: LlamaConfig) -> dict[str, torch.Size]:
-    """Meshtron name -> full shape of every parameter of the model for ``config`` (built on meta)."""
-    with torch.device("meta"):
-        model = build_model(config)
-    return {name: p.shape for name, p in model.named_parameters()}
+    """Meshtron name -> full shape of every parameter of the model for ``config`` (from the config)."""
+    return {name: torch.Size(shape) for name, shape in config.parameter_shapes().items()}
 
 
 def expected_hf_shapes(config: LlamaConfig) -> dict[str, tuple[str, torch.Size]]:

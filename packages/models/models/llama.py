@@ -80,6 +80,47 @@ class LlamaConfig:
                              f"window; set max_seq_len <= {self.sliding_window}")
         check_rope(self)
 
+    def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Name -> full shape of every parameter of this config's model, in module order, a tied
+        output listed once (as the embedding): what ``Transformer(self).named_parameters()`` gives,
+        without building it (``models.stats``)."""
+        shapes: dict[str, tuple[int, ...]] = {"tok_embeddings.weight": (self.vocab_size, self.dim)}
+        for layer in range(self.n_layers):
+            shapes.update({f"layers.{layer}.{name}": shape for name, shape in self.block_shapes(layer).items()})
+        shapes["norm.weight"] = (self.dim,)
+        if not self.tie_embeddings:
+            shapes["output.weight"] = (self.vocab_size, self.dim)
+        return shapes
+
+    def block_shapes(self, layer: int) -> dict[str, tuple[int, ...]]:
+        """One ``TransformerBlock``'s parameters (names relative to it)."""
+        q_width, kv_width = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        shapes: dict[str, tuple[int, ...]] = {"attention_norm.weight": (self.dim,)}
+        for proj, width in (("wq", q_width), ("wk", kv_width), ("wv", kv_width)):
+            shapes[f"attention.{proj}.weight"] = (width, self.dim)
+            if self.qkv_bias:
+                shapes[f"attention.{proj}.bias"] = (width,)
+        shapes["attention.wo.weight"] = (self.dim, q_width)
+        if self.qk_norm:
+            shapes.update({"attention.q_norm.weight": (self.head_dim,), "attention.k_norm.weight": (self.head_dim,)})
+        shapes["ffn_norm.weight"] = (self.dim,)
+        shapes.update({f"feed_forward.{name}": shape for name, shape in self.feed_forward_shapes(layer).items()})
+        return shapes
+
+    def feed_forward_shapes(self, layer: int) -> dict[str, tuple[int, ...]]:
+        """The feed-forward of block ``layer``: a SwiGLU of width ``ffn_dim``."""
+        return swiglu_shapes(self.dim, self.ffn_dim)
+
+    def routed_share(self) -> float:
+        """The fraction of the routed experts' weights that multiplies a token (no experts: 1)."""
+        return 1.0
+
+
+def swiglu_shapes(dim: int, hidden: int, prefix: str = "") -> dict[str, tuple[int, ...]]:
+    """``FeedForward(dim, hidden)``'s parameters: w1, w3 [hidden, dim], w2 [dim, hidden]."""
+    return {f"{prefix}w1.weight": (hidden, dim), f"{prefix}w3.weight": (hidden, dim),
+            f"{prefix}w2.weight": (dim, hidden)}
+
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      document_ids: torch.Tensor | None = None) -> torch.Tensor:

@@ -36,7 +36,7 @@ from core.activation_checkpoint import is_recomputing
 from core.expert_parallel import expert_parallel_ffn
 from core.tensor_parallel import local_tensor
 
-from .llama import FeedForward, LlamaConfig, Transformer, TransformerBlock
+from .llama import FeedForward, LlamaConfig, Transformer, TransformerBlock, swiglu_shapes
 from .plans import token_split_plan
 
 SCORE_FUNCS = ("softmax", "sigmoid")
@@ -61,6 +61,20 @@ class MoEConfig(LlamaConfig):
                              f"a token cannot be routed to more experts than there are")
         if self.score_func not in SCORE_FUNCS:
             raise ValueError(f"score_func={self.score_func!r}: use one of {SCORE_FUNCS}")
+
+    def feed_forward_shapes(self, layer: int) -> dict[str, tuple[int, ...]]:
+        """An ``MoE`` after the first ``n_dense_layers`` (router, the E experts, the shared expert)."""
+        if layer < self.n_dense_layers:
+            return super().feed_forward_shapes(layer)
+        e, dim, hidden = self.n_experts, self.dim, self.moe_ffn_dim
+        shapes = {"router.gate.weight": (e, dim), "experts.w1": (e, dim, hidden), "experts.w3": (e, dim, hidden),
+                  "experts.w2": (e, hidden, dim)}
+        if self.n_shared_experts:
+            shapes.update(swiglu_shapes(dim, self.n_shared_experts * hidden, prefix="shared_expert."))
+        return shapes
+
+    def routed_share(self) -> float:
+        return self.top_k / self.n_experts
 
 
 def check_expert_parallel(cfg: MoEConfig, ep: int) -> None:
@@ -265,16 +279,6 @@ class MoE(nn.Module):
 def moe_layers(model: nn.Module) -> list[MoE]:
     """The MoE layers of a model or of one pipeline stage of it (in module order)."""
     return [m for m in model.modules() if isinstance(m, MoE)]
-
-
-def active_parameter_count(module: nn.Module) -> float:
-    """Parameters of ``module`` that multiply each token: all of them, but of each MoE layer's
-    routed experts only the ``top_k`` of ``n_experts`` a token is sent to (on average)."""
-    total = float(sum(p.numel() for p in module.parameters()))
-    for moe in moe_layers(module):
-        routed = sum(p.numel() for p in moe.experts.parameters())
-        total -= routed * (1 - moe.cfg.top_k / moe.cfg.n_experts)
-    return total
 
 
 class MoETransformer(Transformer):

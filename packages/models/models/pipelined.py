@@ -42,12 +42,12 @@ from core.pipeline import (
 from core.tensor_parallel import local_tensor
 
 from .init import init_parameter_
-from .moe import active_parameter_count
 from .moe_load import StepLoad
 from .parallel_model import GradientRules, ParallelModel, StepRecipe
 from .parallelize import ParallelOptions, gradient_rules, parallelize_and_initialize, step_load
 from .pipeline_split import split_stage
 from .registry import build_model
+from .stats import ModelStats
 from .tied_output import EMBEDDING, TiedOutput, tied_output
 
 
@@ -98,29 +98,14 @@ def build_stage_module(model_config, layer_ids: list[int], first: bool, last: bo
     return model
 
 
-def compute_per_token(model_config, seq_len: int) -> tuple[list[float], float]:
-    """Forward FLOPs per token of each layer, and of the last stage's head (final norm,
-    output projection; the loss is a few element-wise ops per logit, left out). The
-    embedding is a lookup: no FLOPs. What ``layers_per_stage`` balances the stages by.
-
-    A layer: 2 FLOPs per active weight (MoE: the experts a token is routed to) plus causal
-    attention, 2 * seq_len * width (QK^T and PV over half the s x s scores, on average).
-    """
-    with torch.device("meta"):
-        model = build_model(model_config)
-    attention = 2.0 * seq_len * model_config.n_heads * model_config.head_dim
-    layers = [2.0 * active_parameter_count(layer) + attention for layer in model.layers.values()]
-    return layers, 2.0 * (active_parameter_count(model.norm) + active_parameter_count(model.output))
-
-
 def pipeline_model(model_config, pm: ParallelMesh, device: torch.device, options: ParallelOptions,
                    recipe: StepRecipe, seed: int | None) -> PipelinedModel:
     """This rank's stage modules and the schedule that drives them. Collective (process groups, FSDP)."""
     pp = pm.size("pp")
     stage_ids = stages_of_rank(pm.local_rank("pp"), pp, options.pp_schedule)
     n_stages = pp * SCHEDULES[options.pp_schedule].stages_per_rank
-    layer_costs, head_cost = compute_per_token(model_config, recipe.seq_len)
-    layer_split = layers_per_stage(layer_costs, n_stages, last_cost=head_cost)
+    stats = ModelStats.of(model_config)  # stages are cut by compute (FLOPs per token), not layer count
+    layer_split = layers_per_stage(stats.layer_costs(recipe.seq_len), n_stages, last_cost=stats.head_cost)
     parts = ModelParts(
         build_stage_module(model_config, layer_split[s], s == 0, s == n_stages - 1, pm, device, options, seed)
         for s in stage_ids)

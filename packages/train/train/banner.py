@@ -13,8 +13,7 @@ import torch
 import torch.distributed as dist
 
 from core.mesh import MeshShape
-from models.moe import active_parameter_count
-from models.registry import build_model
+from models.stats import ModelStats
 
 from .model_source import model_label
 from .runs import RUN_IDENTITY, RUNS_ROOT
@@ -38,15 +37,10 @@ def _run_line(cfg) -> str:
 
 
 def parameter_counts(model_config) -> tuple[int, int, int]:
-    """(total, active per token, non-embedding) parameters of the whole model (built on the meta device).
-
-    Non-embedding leaves out the token embedding and the output projection (Kaplan et al.'s convention)."""
-    with torch.device("meta"):
-        model = build_model(model_config)
-    total = sum(p.numel() for p in model.parameters())
-    embedding = sum(p.numel() for name, p in model.named_parameters()
-                    if name.startswith(("tok_embeddings", "output")))
-    return total, int(active_parameter_count(model)), total - embedding
+    """(total, active per token, non-embedding) parameters of the whole model, counted from the config
+    (``models.stats``). Non-embedding leaves out the token embedding and the output projection."""
+    stats = ModelStats.of(model_config)
+    return stats.total, int(stats.active), stats.non_embedding
 
 
 def _model_line(cfg, model_config, device: torch.device, dtype: torch.dtype) -> str:

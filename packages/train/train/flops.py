@@ -7,18 +7,14 @@ from __future__ import annotations
 
 import torch
 
-from models.moe import active_parameter_count
-from models.registry import build_model
+from models.stats import ModelStats
 
 
 def model_flops_per_token(model_config, seq_len: int) -> float:
-    """Training FLOPs per token of the whole (unsharded) model of ``model_config`` (built on the
-    meta device: nothing is allocated)."""
-    with torch.device("meta"):
-        model = build_model(model_config)
-    embedding = sum(p.numel() for name, p in model.named_parameters() if "tok_embeddings" in name)
-    non_embedding = active_parameter_count(model) - embedding  # the embedding is a lookup, not a matmul
-    return transformer_flops_per_token(non_embedding, model_config.n_layers, model_config.dim, seq_len)
+    """Training FLOPs per token of the whole (unsharded) model of ``model_config``, counted from
+    the config (``models.stats``)."""
+    stats = ModelStats.of(model_config)
+    return transformer_flops_per_token(stats.matmul_weights, model_config.n_layers, stats.attention_width, seq_len)
 
 
 def transformer_flops_per_token(n_params_non_embedding_active: int, n_layers: int, dim: int, seq_len: int) -> float:

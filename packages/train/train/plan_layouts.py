@@ -7,13 +7,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-import torch
-
 from core.mesh import MeshShape
 from core.pipeline import PipelineConfigError, check_pipeline, layers_per_stage
 from models.moe import MoEConfig
-from models.pipelined import compute_per_token
-from models.registry import build_model
+from models.stats import ModelStats
 
 from .config import TrainConfig
 from .flops import PEAKS, model_flops_per_token
@@ -76,19 +73,10 @@ class ModelShape:
 
 
 def model_shape(config, seq_len: int) -> ModelShape:
-    """Count ``config``'s parameters by kind from the model built on the meta device (no memory)."""
-    with torch.device("meta"):
-        model = build_model(config)
-    layers = [dict(tp=0, expert=0, replicated=0) for _ in model.layers]
-    for index, layer in enumerate(model.layers.values()):
-        for name, p in layer.named_parameters():
-            kind = "expert" if ".experts." in f".{name}" else \
-                "tp" if p.ndim == 2 and (name.startswith("attention.") or name.startswith("feed_forward.w")) \
-                else "replicated"
-            layers[index][kind] += p.numel()
-    return ModelShape(config, layers, model.tok_embeddings.weight.numel(), model.output.weight.numel(),
-                      model.norm.weight.numel(), model_flops_per_token(config, seq_len),
-                      *compute_per_token(config, seq_len))
+    """Count ``config``'s parameters by role (``models.stats``: from the config, no module built)."""
+    stats = ModelStats.of(config)
+    return ModelShape(config, stats.layers, stats.embedding, stats.output, stats.final_norm,
+                      model_flops_per_token(config, seq_len), stats.layer_costs(seq_len), stats.head_cost)
 
 
 @dataclass(frozen=True)
