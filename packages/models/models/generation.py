@@ -32,7 +32,7 @@ from torch import nn
 
 from core.tensor_parallel import apply_tensor_parallel
 
-from .llama import Attention, Transformer
+from .llama import Transformer, attention_layers
 from .plans import decoding_plan
 
 
@@ -133,11 +133,10 @@ def decoding(model: nn.Module, rows: int, slots: int) -> Iterator[DecodeState]:
     layers' own attention and positions back on exit."""
     state = DecodeState(rows, slots, next(model.parameters()).device)
     originals = []
-    for module in model.modules():
-        if isinstance(module, Attention):
-            originals.append((module, module.attention_fn, module.position_fn))
-            module.attention_fn = CachedAttention(state, slots)
-            module.position_fn = lambda seq_len, device: state.positions
+    for layer in attention_layers(model):
+        originals.append((layer, layer.attention_fn, layer.position_fn))
+        layer.attention_fn = CachedAttention(state, slots)
+        layer.position_fn = lambda seq_len, device: state.positions
     try:
         yield state
     finally:

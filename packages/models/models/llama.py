@@ -190,6 +190,12 @@ class Attention(nn.Module):
         return self.wo(out.transpose(1, 2).reshape(b, s, -1))
 
 
+def attention_layers(module: nn.Module) -> list[Attention]:
+    """The attention layers of a model, of a pipeline stage or of a list of stages (in module order):
+    what context parallel and generation give their own ``attention_fn`` / ``position_fn``."""
+    return [m for m in module.modules() if isinstance(m, Attention)]
+
+
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x). x: [b, s, dim] -> [b, s, dim]."""
 

@@ -42,8 +42,8 @@ from core.tensor_parallel import apply_tensor_parallel, wait_for_output
 from core.zigzag import zigzag_positions
 
 from .init import init_weights
-from .llama import Attention, Transformer
-from .moe import GroupedExperts, MoEConfig, moe_layers
+from .llama import Transformer, attention_layers
+from .moe import MoEConfig, moe_layers
 from .moe_load import StepLoad
 from .parallel_model import GradientRules, ShardedModel, StepRecipe
 from .plans import tensor_parallel_plan
@@ -149,8 +149,8 @@ def checkpoint_and_compile(block: nn.Module, checkpoint_mode: str, compile: bool
     trace (ring attention's point-to-point sends) also runs eagerly.
     """
     if compile:
-        for experts in (m for m in block.modules() if isinstance(m, GroupedExperts)):
-            experts.forward = torch.compiler.disable(experts.forward)
+        for moe in moe_layers(block):
+            moe.experts.forward = torch.compiler.disable(moe.experts.forward)
     if compile and checkpoint_mode != "selective":
         block.forward = torch.compile(block.forward)
     apply_activation_checkpointing([block], checkpoint_mode)
@@ -181,7 +181,7 @@ def tp_partial_parameters(model: nn.Module) -> list[nn.Parameter]:
     the q/k norms (Qwen3) to its query and key heads. Their gradients are partial sums over tp,
     which ``ParallelModel.finish_gradients`` adds up."""
     moe = [p for layer in moe_layers(model) for p in layer.parameters()]
-    head_norms = [p for a in model.modules() if isinstance(a, Attention) and a.q_norm is not None
+    head_norms = [p for a in attention_layers(model) if a.q_norm is not None
                   for p in (*a.q_norm.parameters(), *a.k_norm.parameters())]
     return [p for p in moe + head_norms if p.requires_grad]
 
@@ -279,7 +279,6 @@ def apply_context_parallel(model: nn.Module, cp_group, cp_rank: int, cp_size: in
     def zigzag_local_positions(local_seq_len: int, device: torch.device) -> torch.Tensor:
         return zigzag_positions(local_seq_len * cp_size, cp_rank, cp_size, device)
 
-    for module in model.modules():
-        if isinstance(module, Attention):
-            module.attention_fn = functools.partial(attention, group=cp_group)
-            module.position_fn = zigzag_local_positions
+    for layer in attention_layers(model):
+        layer.attention_fn = functools.partial(attention, group=cp_group)
+        layer.position_fn = zigzag_local_positions

@@ -52,7 +52,7 @@ from core.mesh import DEVICE_MESH_DIMS, ParallelMesh, build_mesh
 from core.tensor_parallel import local_tensor
 from models.distribute import distribute_model
 from models.init import init_weights
-from models.moe import MoE, MoEConfig
+from models.moe import MoEConfig, moe_layers
 
 from .config import TrainConfig, to_toml
 from .flops import model_flops_per_token
@@ -234,9 +234,8 @@ def _assume_balanced_routing(model) -> None:
     which fake tensors do not have. Each rank then sends every other rank the same number of
     rows, what load balancing aims at; skewed routing moves more bytes and memory."""
     for part in model.parts:
-        for module in part.modules():
-            if isinstance(module, MoE):
-                module.routed_ffn = functools.partial(module.routed_ffn, assume_balanced=True)
+        for layer in moe_layers(part):
+            layer.routed_ffn = functools.partial(layer.routed_ffn, assume_balanced=True)
 
 
 def _stages_held(model) -> list[int]:
