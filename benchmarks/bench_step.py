@@ -159,7 +159,7 @@ def compiling(steps: int, rounds: int, configs: list[tuple[str, list[str], int]]
 
 
 def experts(repeats: int, sizes: list[tuple[int, int, int, int]]) -> None:
-    from models.moe import grouped_matmul, looped_matmul
+    from models.moe.layer import grouped_matmul, looped_matmul
 
     rows = []
     for n_experts, dim, hidden, tokens in sizes:

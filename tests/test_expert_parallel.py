@@ -114,7 +114,7 @@ def moe_layer_step(split: str = "batch", share_sequence_counts: bool = True) -> 
     from core.expert_parallel import expert_parallel_ffn
     from models.init import init_weights
     from models.moe import MoE
-    from models.moe_load import StepLoad
+    from models.moe.load import StepLoad
     from models.registry import get_config
 
     rank, world = dist.get_rank(), dist.get_world_size()

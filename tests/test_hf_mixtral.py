@@ -20,7 +20,6 @@ from test_hf_format import full_state, unit_scale_model
 
 from models.hf_format import (
     check_hf_config_matches,
-    config_from_dict,
     expected_hf_shapes,
     from_hf_config,
     hf_names,
@@ -29,8 +28,9 @@ from models.hf_format import (
     save_hf_folder,
     to_hf_config,
 )
-from models.moe import MoEConfig, Router
-from models.registry import build_model, get_config
+from models.moe import MoEConfig
+from models.moe.layer import Router
+from models.registry import build_model, config_from_dict, get_config
 
 transformers = pytest.importorskip("transformers")
 ROOT = Path(__file__).resolve().parents[1]

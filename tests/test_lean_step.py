@@ -62,7 +62,7 @@ def test_grouped_gemm_experts_match_a_loop_and_read_nothing_on_the_host(monkeypa
     """One MoE layer forward/backward: grouped GEMM == per-expert matmuls (the CUDA float32
     fallback), and no tensor is read on the host (``.tolist()``/``.item()`` would raise here)."""
     from models.init import init_weights
-    from models.moe import MoE, grouped_matmul, looped_matmul
+    from models.moe.layer import MoE, grouped_matmul, looped_matmul
     from models.registry import get_config
 
     cfg = get_config("debug-moe")

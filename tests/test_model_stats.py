@@ -13,7 +13,7 @@ import torch
 
 from models.moe import MoE
 from models.registry import CONFIGS, build_model, get_config
-from models.stats import ModelStats, parameter_role
+from models.stats import ModelStats
 
 # Every registry entry, and the variants whose parameters differ (biases, q/k norms, own head size,
 # tied output, shared experts and dense first layers).
@@ -38,7 +38,7 @@ def module_counts(config) -> dict:
     for block in model.layers.values():
         counts = dict(tp=0, expert=0, replicated=0)
         for name, p in block.named_parameters():
-            counts[parameter_role(name, tuple(p.shape))] += p.numel()
+            counts[config.parameter_role(name, tuple(p.shape))] += p.numel()
         layers.append(counts)
     total = sum(p.numel() for p in model.parameters())
     routed_unused = sum(moe.experts.w1.numel() * 3 * (1 - moe.cfg.top_k / moe.cfg.n_experts)

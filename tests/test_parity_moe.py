@@ -12,7 +12,7 @@ from parity import BASE, LEARNING, assert_same_run, assert_tracks_float32, merge
 from rank_harness import run_on_ranks
 
 from core.mesh import MeshConfigError
-from models.moe import check_expert_parallel
+from models.moe.config import check_expert_parallel
 from models.registry import get_config
 from train.config import TrainConfig
 from train.validation import validate

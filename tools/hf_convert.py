@@ -37,17 +37,16 @@ import torch  # noqa: E402
 
 from core.checkpoint import Checkpointer, CheckpointError, find_latest_checkpoint  # noqa: E402
 from core.checkpoint_layout import META, is_complete  # noqa: E402
+from models.family import ModelConfig  # noqa: E402
 from models.hf_format import (  # noqa: E402
     DEFAULT_MAX_SHARD_BYTES,
     check_hf_compatible,
-    config_from_dict,
     expected_shapes,
-    family_of,
+    hf_model_type,
     save_hf_folder,
 )
 from models.hf_hub import looks_like_hub_id, pull_model, push_model  # noqa: E402
-from models.llama import LlamaConfig  # noqa: E402
-from models.registry import get_config  # noqa: E402
+from models.registry import config_from_dict, get_config  # noqa: E402
 from train.hf_export import write_tokenizer_files  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -81,7 +80,7 @@ def read_meta(checkpoint: Path) -> dict:
     return meta if isinstance(meta, dict) else {}
 
 
-def model_config(meta: dict, model_name: str | None) -> LlamaConfig:
+def model_config(meta: dict, model_name: str | None) -> ModelConfig:
     """The checkpoint's config: meta's ``model_config``, else its ``model_name``, else ``--model``.
 
     With both meta and ``--model``, they must agree, so a wrong flag cannot mislabel a model.
@@ -112,7 +111,7 @@ def export(checkpoint: Path, out: Path, model_name: str | None, dtype: torch.dty
                                       config.max_seq_len)
     files = save_hf_folder(state, config, out, max_shard_bytes=max_shard_bytes, extra_config=token_ids)
     tokenizer_note = "with its tokenizer" if token_ids else "no tokenizer: the run used --tokenizer byte"
-    print(f"exported {checkpoint} -> {out} ({family_of(config)}, {len(files)} weight/config files, "
+    print(f"exported {checkpoint} -> {out} ({hf_model_type(config)}, {len(files)} weight/config files, "
           f"{str(dtype).removeprefix('torch.')}, "
           f"{tokenizer_note})")
 

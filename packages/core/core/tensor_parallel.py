@@ -1,6 +1,6 @@
 """Tensor parallel helpers around ``parallelize_module`` and ``loss_parallel``.
 
-The plans themselves live with the models (``models.plans``): which Linear is split by
+The plans themselves live with the model families (``models.llama.plan``): which Linear is split by
 columns or rows is a property of the architecture. What lives here is model-agnostic:
 applying a plan only when tp > 1, and the loss that works on vocab-sharded logits.
 """

@@ -15,7 +15,7 @@ exactly what it would alone.
 Shapes: ``b`` rows, ``S`` cache slots (longest prompt + new tokens), per layer caches
 ``[b, h_kv, S, head_dim]``; a step feeds ``[b, s]`` tokens (``s`` = the prompt length for the
 prefill, then 1). On one process nothing communicates. ``shard_for_decoding`` splits the model
-over a tensor-parallel group instead (``models.plans.decoding_plan``: every rank holds 1/tp of
+over a tensor-parallel group instead (``ModelFamily.decoding_plan``: every rank holds 1/tp of
 the heads and of the feed-forward, and of the cache); each rank then runs ``generate`` on the
 same prompts and draws the same tokens from the same (all-reduced) logits.
 """
@@ -32,8 +32,7 @@ from torch import nn
 
 from core.tensor_parallel import apply_tensor_parallel
 
-from .llama import Transformer, attention_layers
-from .plans import decoding_plan
+from .registry import family_of
 
 
 @dataclass
@@ -64,14 +63,14 @@ class Sampling:
         return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
 
 
-def shard_for_decoding(model: Transformer, tp_mesh) -> None:
+def shard_for_decoding(model: nn.Module, tp_mesh) -> None:
     """Split ``model`` (on any device, meta included) over ``tp_mesh`` for generation, in place.
 
     Sequence parallel would cut the sequence of each forward over the ranks, and a decoding
     step feeds one token: the decoding plan keeps activations whole (replicated) instead and
     pays one all-reduce per attention and per feed-forward, and one all-gather of the logits.
     """
-    apply_tensor_parallel(model, tp_mesh, decoding_plan(model))
+    apply_tensor_parallel(model, tp_mesh, family_of(model.config).decoding_plan(model))
     model.tie_output()  # a tied embedding and output each got their own DTensor weight
 
 
@@ -133,7 +132,7 @@ def decoding(model: nn.Module, rows: int, slots: int) -> Iterator[DecodeState]:
     layers' own attention and positions back on exit."""
     state = DecodeState(rows, slots, next(model.parameters()).device)
     originals = []
-    for layer in attention_layers(model):
+    for layer in family_of(model.config).attention_layers(model):
         originals.append((layer, layer.attention_fn, layer.position_fn))
         layer.attention_fn = CachedAttention(state, slots)
         layer.position_fn = lambda seq_len, device: state.positions

@@ -10,9 +10,10 @@ A Hugging Face (HF) folder, as ``transformers`` ``from_pretrained`` reads it::
       model-00001-of-00003.safetensors ...
       model.safetensors.index.json             {"metadata": {"total_size": N}, "weight_map": {name: file}}
 
-config.json maps to a LlamaConfig or MoEConfig (``models.hf_families``), names as
-``models.hf_names`` says: one Meshtron parameter is stored as one HF tensor, except an
-expert weight [E, ...], stored as E per-expert tensors (transposed). A tied output
+config.json maps to the config of a model family (``models.hf_families``), names as that
+family's ``HFFormat`` says (``models.llama.hf_names``, ``models.moe.hf_names``): one Meshtron
+parameter is stored as one HF tensor, except an expert weight [E, ...], stored as E per-expert
+tensors (transposed). A tied output
 (``tie_word_embeddings``) is stored once, as the embedding.
 
 Only safetensors and JSON are read or written: no file is ever unpickled.
@@ -32,12 +33,10 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
-from .hf_families import check_hf_compatible, family_of, from_hf_config, to_hf_config  # noqa: F401 - re-exported
-from .hf_names import hf_names as family_hf_names
-from .hf_names import join_from_hf, split_for_hf
-from .init import copy_full_value_
-from .llama import LlamaConfig
-from .moe import MoEConfig, Router
+from .family import ModelConfig
+from .hf_families import check_hf_compatible, from_hf_config, hf_model_type, to_hf_config  # noqa: F401 - re-exported
+from .init import copy_full_value_, init_buffers
+from .registry import family_of
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -47,13 +46,23 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 # ---- names and config.json --------------------------------------------------------------
 
 
-def hf_names(name: str, config: LlamaConfig) -> list[str]:
+def hf_names(name: str, config: ModelConfig) -> list[str]:
     """The HF names under which parameter ``name`` of ``config``'s model is stored (E of them for experts)."""
-    return family_hf_names(name, family_of(config), getattr(config, "n_experts", 0))
+    return family_of(config).hf.tensor_names(name, config)
 
 
-def read_hf_config(folder: Path) -> LlamaConfig:
-    """The config of ``folder/config.json`` (LlamaConfig or MoEConfig)."""
+def split_for_hf(name: str, tensor: Tensor, config: ModelConfig) -> list[Tensor]:
+    """Our full tensor -> the tensors stored under ``hf_names`` (E transposed views for an expert weight)."""
+    return family_of(config).hf.split_tensor(name, tensor)
+
+
+def join_from_hf(name: str, tensors: list[Tensor], config: ModelConfig) -> Tensor:
+    """Inverse of ``split_for_hf``."""
+    return family_of(config).hf.join_tensors(name, tensors)
+
+
+def read_hf_config(folder: Path) -> ModelConfig:
+    """The config of ``folder/config.json`` (its family's config class)."""
     path = Path(folder) / CONFIG_FILE
     if not path.is_file():
         raise ValueError(f"{folder} has no {CONFIG_FILE}: not a Hugging Face model folder")
@@ -76,11 +85,7 @@ def read_hf_config(folder: Path) -> LlamaConfig:
 _FREE_FIELDS = ("max_seq_len", "aux_loss_coef", "family")
 
 
-def _kind(config: LlamaConfig) -> str:
-    return "an MoE" if isinstance(config, MoEConfig) else "a dense"
-
-
-def check_hf_config_matches(folder: Path, config: LlamaConfig) -> None:
+def check_hf_config_matches(folder: Path, config: ModelConfig) -> None:
     """ValueError listing every field where ``folder``'s config.json differs from ``config``
     (a run that names both a --model and an --init-from folder).
 
@@ -88,9 +93,9 @@ def check_hf_config_matches(folder: Path, config: LlamaConfig) -> None:
     """
     check_hf_compatible(config)
     theirs = read_hf_config(folder)
-    if isinstance(theirs, MoEConfig) != isinstance(config, MoEConfig):
-        raise ValueError(f"{folder} holds {_kind(theirs)} model, this run's model is {_kind(config)} one: "
-                         f"leave out --model (the folder defines the model)")
+    if family_of(theirs) is not family_of(config):
+        raise ValueError(f"{folder} holds {family_of(theirs).kind} model, this run's model is {family_of(config).kind} "
+                         f"one: leave out --model (the folder defines the model)")
     fields = [f.name for f in dataclasses.fields(config) if f.name not in _FREE_FIELDS]
     diffs = [f"{field}: folder has {getattr(theirs, field)}, the run has {getattr(config, field)}"
              for field in fields if getattr(theirs, field) != getattr(config, field)]
@@ -99,32 +104,18 @@ def check_hf_config_matches(folder: Path, config: LlamaConfig) -> None:
                          f"the folder defines the model): " + "; ".join(diffs))
 
 
-def config_from_dict(values: dict) -> LlamaConfig:
-    """A LlamaConfig, or an MoEConfig when ``values`` has every MoE field (as meta.json's
-    ``model_config`` does); ValueError on unknown or partial fields."""
-    dense = {f.name for f in dataclasses.fields(LlamaConfig)}
-    moe = {f.name for f in dataclasses.fields(MoEConfig)}
-    extra = sorted(set(values) - dense)
-    if not extra:
-        return LlamaConfig(**values)
-    if set(extra) == moe - dense:
-        return MoEConfig(**values)
-    raise ValueError(f"model config has fields a dense Llama does not: {extra}; an MoE config needs exactly "
-                     f"{sorted(moe - dense)} besides the dense fields")
-
-
 # ---- expected weights -------------------------------------------------------------------
 
-def expected_shapes(config: LlamaConfig) -> dict[str, torch.Size]:
+def expected_shapes(config: ModelConfig) -> dict[str, torch.Size]:
     """Meshtron name -> full shape of every parameter of the model for ``config`` (from the config)."""
     return {name: torch.Size(shape) for name, shape in config.parameter_shapes().items()}
 
 
-def expected_hf_shapes(config: LlamaConfig) -> dict[str, tuple[str, torch.Size]]:
+def expected_hf_shapes(config: ModelConfig) -> dict[str, tuple[str, torch.Size]]:
     """HF name -> (the Meshtron name it belongs to, its shape on disk), for ``config``'s model."""
     out = {}
     for name, shape in expected_shapes(config).items():
-        parts = split_for_hf(name, torch.empty(shape, device="meta"))
+        parts = split_for_hf(name, torch.empty(shape, device="meta"), config)
         out.update({hf: (name, part.shape) for hf, part in zip(hf_names(name, config), parts)})
     return out
 
@@ -145,7 +136,7 @@ def _check_names_and_shapes(shapes: dict[str, torch.Size], expected: dict[str, t
                              f"the model config needs {tuple(expected[name])}")
 
 
-def _check_hf_names_and_shapes(shapes: dict[str, torch.Size], config: LlamaConfig, where: str) -> None:
+def _check_hf_names_and_shapes(shapes: dict[str, torch.Size], config: ModelConfig, where: str) -> None:
     """Like ``_check_names_and_shapes`` for HF-named tensors; missing ones are reported by Meshtron name."""
     expected = expected_hf_shapes(config)
     missing = sorted({name for hf, (name, _) in expected.items() if hf not in shapes})
@@ -182,17 +173,17 @@ def _remove_old_weights(folder: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _hf_tensors(state: dict[str, Tensor], config: LlamaConfig, dtype: torch.dtype | None) -> dict[str, Tensor]:
+def _hf_tensors(state: dict[str, Tensor], config: ModelConfig, dtype: torch.dtype | None) -> dict[str, Tensor]:
     """HF name -> contiguous CPU tensor of ``dtype`` (default: as given), for every Meshtron tensor of ``state``."""
     tensors = {}
     for name, tensor in state.items():
         tensor = tensor.detach().to("cpu", dtype or tensor.dtype)
-        for hf, part in zip(hf_names(name, config), split_for_hf(name, tensor)):
+        for hf, part in zip(hf_names(name, config), split_for_hf(name, tensor, config)):
             tensors[hf] = part.contiguous()  # experts are transposed views: safetensors needs their own copy
     return tensors
 
 
-def save_hf_folder(state: dict[str, torch.Tensor], config: LlamaConfig, folder: Path,
+def save_hf_folder(state: dict[str, torch.Tensor], config: ModelConfig, folder: Path,
                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, dtype: torch.dtype | None = None,
                    extra_config: dict | None = None) -> list[Path]:
     """Write ``state`` (Meshtron names -> FULL plain tensors) as an HF folder; return the files written.
@@ -263,7 +254,7 @@ Sources = dict[str, tuple[Path, str]]
 OUTPUT, EMBEDDING = "lm_head.weight", "model.embed_tokens.weight"
 
 
-def _checked_sources(folder: Path, config: LlamaConfig) -> Sources:
+def _checked_sources(folder: Path, config: ModelConfig) -> Sources:
     """Where each HF weight ``config``'s model needs is stored, after checking names and shapes
     (safetensors headers only). A tied model's output is its embedding: a ``lm_head.weight`` that
     some tied checkpoints also store (a copy) is not read, and a pipeline's last stage reads its
@@ -286,7 +277,7 @@ def _checked_sources(folder: Path, config: LlamaConfig) -> Sources:
     return sources
 
 
-def _read(sources: Sources, names: list[str], config: LlamaConfig) -> Iterator[tuple[str, Tensor]]:
+def _read(sources: Sources, names: list[str], config: ModelConfig) -> Iterator[tuple[str, Tensor]]:
     """Yield (Meshtron name, full CPU tensor) for ``names``, one parameter in memory at a time.
 
     Each file is opened once (safetensors maps it; a tensor is read when asked for).
@@ -301,10 +292,10 @@ def _read(sources: Sources, names: list[str], config: LlamaConfig) -> Iterator[t
             return files[path].get_tensor(stored)
 
         for name in names:
-            yield name, join_from_hf(name, [get(hf) for hf in hf_names(name, config)])
+            yield name, join_from_hf(name, [get(hf) for hf in hf_names(name, config)], config)
 
 
-def load_hf_folder(folder: Path) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
+def load_hf_folder(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """Read an HF folder: its config and every weight as a full CPU tensor, by Meshtron name.
 
     Tensors keep their stored dtype (experts: [E, ...], as our model holds them). ValueError
@@ -332,5 +323,4 @@ def load_hf_weights_(model: nn.Module, folder: Path) -> None:
     params = dict(model.named_parameters())
     for name, full in _read(sources, list(params), model.config):
         copy_full_value_(params[name], full)
-    for router in (m for m in model.modules() if isinstance(m, Router)):
-        router.expert_bias.zero_()
+    init_buffers(model)  # the routers' expert bias (HF families have none) starts at zero

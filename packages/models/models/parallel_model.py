@@ -41,7 +41,7 @@ from core.mesh import ParallelMesh
 from core.tensor_parallel import local_tensor, loss_context, reduce_partial_gradients, token_loss_sum
 from core.zigzag import zigzag_shard
 
-from .moe_load import StepLoad
+from .moe.load import StepLoad
 
 
 @dataclass(frozen=True)

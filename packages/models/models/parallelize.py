@@ -41,13 +41,11 @@ from core.mesh import ParallelMesh
 from core.tensor_parallel import apply_tensor_parallel, wait_for_output
 from core.zigzag import zigzag_positions
 
+from .family import ModelFamily
 from .init import init_weights
-from .llama import Transformer, attention_layers
-from .moe import MoEConfig, moe_layers
-from .moe_load import StepLoad
+from .moe.load import StepLoad
 from .parallel_model import GradientRules, ShardedModel, StepRecipe
-from .plans import tensor_parallel_plan
-from .registry import build_model
+from .registry import build_model, family_of
 
 DP_MODES = ("fsdp", "hsdp", "replicate")
 
@@ -93,32 +91,34 @@ def keeps_high_precision(name: str) -> bool:
     return name == "output" or name.endswith("router.gate")
 
 
-def parallelize(model: Transformer, pm: ParallelMesh, options: ParallelOptions = ParallelOptions()) -> None:
-    """Shard ``model`` in place over ``pm``: EP on ``pm["ep"]``, TP/SP on ``pm["tp"]``, context
-    parallel attention on ``pm["cp"]``, checkpointing/compile per block, then FSDP on
-    ``pm["dense_grad"]`` (experts on ``pm["expert_grad"]``).
+def parallelize(model: nn.Module, pm: ParallelMesh, options: ParallelOptions = ParallelOptions()) -> None:
+    """Shard ``model`` (a family's model or pipeline stage, ``model.config`` its config) in place over
+    ``pm``: EP on ``pm["ep"]``, TP/SP on ``pm["tp"]``, context parallel attention on ``pm["cp"]``,
+    checkpointing/compile per block, then FSDP on ``pm["dense_grad"]`` (experts on ``pm["expert_grad"]``).
     """
     if options.dp_mode not in DP_MODES:
         raise ValueError(f"unknown dp_mode {options.dp_mode!r}: use one of {', '.join(DP_MODES)}")
+    family = family_of(model.config)
     blocks = list(model.layers.values())
     if options.float8:
         convert_to_float8(model, keeps_high_precision)
-    apply_expert_parallel(model, pm)
-    apply_tensor_parallel(model, pm["tp"], tensor_parallel_plan(model))
+    apply_expert_parallel(family.moe_layers(model), pm)
+    apply_tensor_parallel(model, pm["tp"], family.tensor_parallel_plan(model))
     if pm.size("tp") > 1:
         model.tie_output()  # TP gave a tied embedding and output each their own DTensor weight
-        check_tensor_parallel_coverage(model)
+        check_tensor_parallel_coverage(model, family)
     if pm.size("cp") > 1:
-        apply_context_parallel(model, pm["cp"].get_group(), pm.local_rank("cp"), pm.size("cp"), options.cp_method)
+        apply_context_parallel(family.attention_layers(model), pm["cp"].get_group(), pm.local_rank("cp"),
+                               pm.size("cp"), options.cp_method)
     hsdp, data_parallel = options.dp_mode == "hsdp", wraps_data_parallel(pm, options)
-    inner_units = expert_units(model, pm, options.dp_mode) if data_parallel else []
+    inner_units = expert_units(family.moe_layers(model), pm, options.dp_mode) if data_parallel else []
     if options.compile and pm.size("tp") > 1 and model.tok_embeddings is not None:
         wait_for_output(model.tok_embeddings)  # the first compiled block's input
     for block in blocks:
         mode = options.activation_checkpoint
         if mode == "selective" and _holds_any(block, inner_units):
             mode = "full"  # FSDP's hooks inside do not replay the same ops in a recompute, as selective needs
-        checkpoint_and_compile(block, mode, options.compile)
+        checkpoint_and_compile(block, mode, options.compile, family)
     if data_parallel and options.dp_mode == "replicate":
         apply_replicate(model, pm["dense_grad"], param_dtype=options.param_dtype, inner_units=inner_units)
     elif data_parallel:
@@ -131,7 +131,7 @@ def _holds_any(block: nn.Module, units: list[tuple[nn.Module, object]]) -> bool:
     return any(unit is sub for unit, _ in units for sub in block.modules())
 
 
-def checkpoint_and_compile(block: nn.Module, checkpoint_mode: str, compile: bool) -> None:
+def checkpoint_and_compile(block: nn.Module, checkpoint_mode: str, compile: bool, family: ModelFamily) -> None:
     """Activation-checkpoint (``core.activation_checkpoint``) and ``torch.compile`` one block's forward.
 
     The block's forward, not its module call, is compiled: its name, parameters and the
@@ -149,7 +149,7 @@ def checkpoint_and_compile(block: nn.Module, checkpoint_mode: str, compile: bool
     trace (ring attention's point-to-point sends) also runs eagerly.
     """
     if compile:
-        for moe in moe_layers(block):
+        for moe in family.moe_layers(block):
             moe.experts.forward = torch.compiler.disable(moe.experts.forward)
     if compile and checkpoint_mode != "selective":
         block.forward = torch.compile(block.forward)
@@ -165,61 +165,52 @@ def wraps_data_parallel(pm: ParallelMesh, options: ParallelOptions) -> bool:
     return pm.size("dense_grad") > 1 or options.param_dtype is not None
 
 
-def apply_expert_parallel(model: nn.Module, pm: ParallelMesh) -> None:
+def apply_expert_parallel(moe_layers: list[nn.Module], pm: ParallelMesh) -> None:
     """With ep > 1, every MoE layer keeps only its ep rank's experts and sends each routed token
     to the rank holding its expert (``core.expert_parallel``). No communication here."""
     if pm.size("ep") == 1:
         return
-    for moe in moe_layers(model):
+    for moe in moe_layers:
         moe.routed_ffn = functools.partial(expert_parallel_ffn, group=pm["ep"].get_group())
         moe.experts.shard(pm["ep"])
 
 
-def tp_partial_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Plain parameters that each tp rank applies to its own part of the work: the MoE layers'
-    (router, experts, shared expert) to its slice of the tokens (``MoE.tensor_parallel_plan``),
-    the q/k norms (Qwen3) to its query and key heads. Their gradients are partial sums over tp,
-    which ``ParallelModel.finish_gradients`` adds up."""
-    moe = [p for layer in moe_layers(model) for p in layer.parameters()]
-    head_norms = [p for a in attention_layers(model) if a.q_norm is not None
-                  for p in (*a.q_norm.parameters(), *a.k_norm.parameters())]
-    return [p for p in moe + head_norms if p.requires_grad]
-
-
-def check_tensor_parallel_coverage(model: nn.Module) -> None:
+def check_tensor_parallel_coverage(model: nn.Module, family: ModelFamily) -> None:
     """Under tp > 1 every parameter must be placed by the TP plan (a DTensor over tp) or run on
-    this rank's own part of the work (``tp_partial_parameters``): a plain parameter that neither
-    covers would silently get a partial or tp-fold gradient. Raises ValueError naming it."""
-    partial = {id(p) for p in tp_partial_parameters(model)}
+    this rank's own part of the work (``ModelFamily.tp_partial_parameters``): a plain parameter that
+    neither covers would silently get a partial or tp-fold gradient. Raises ValueError naming it."""
+    partial = {id(p) for p in family.tp_partial_parameters(model)}
     uncovered = [name for name, p in model.named_parameters()
                  if not isinstance(p, DTensor) and id(p) not in partial]
     if uncovered:
         raise ValueError(f"parameters {uncovered} are not in the tensor-parallel plan: give their module a "
-                         f"style in models.plans (or a token-split plan, like the MoE layers')")
+                         f"style in its family's plan.py (or a token-split plan, like the MoE layers')")
 
 
-def gradient_rules(module: nn.Module, pm: ParallelMesh) -> GradientRules:
-    """The reductions ``ParallelModel.finish_gradients`` owes this layout (see ``GradientRules``)."""
+def gradient_rules(module: nn.Module, model_config, pm: ParallelMesh) -> GradientRules:
+    """The reductions ``ParallelModel.finish_gradients`` owes this layout (see ``GradientRules``):
+    the tp-partial parameters of ``module`` (a model, a stage or a list of stages) get summed over tp."""
     tp_group = pm["tp"].get_group() if pm.size("tp") > 1 else None
-    return GradientRules(tp_partial_parameters(module), tp_group)
+    partial = [p for p in family_of(model_config).tp_partial_parameters(module) if p.requires_grad]
+    return GradientRules(partial, tp_group)
 
 
 def step_load(module: nn.Module, model_config, pm: ParallelMesh, recipe: StepRecipe,
               device: torch.device) -> StepLoad | None:
-    """The step state of an MoE model's layers (``models.moe_load``); None for a dense model.
+    """The step state of an MoE model's layers (``models.moe.load``); None for a family without experts.
 
     Sequences are split over cp x tp (context parallel, then sequence parallel); tokens over
     dp x ep x cp x tp. The aux loss is the mean over the global batch's sequences.
     """
-    if not isinstance(model_config, MoEConfig):
+    family = family_of(model_config)
+    if not family.has_experts:
         return None
     sequence_group = pm["sequence"].get_group() if pm.size("sequence") > 1 else None
     token_group = pm["tokens"].get_group() if pm.size("tokens") > 1 else None
-    return StepLoad(moe_layers(module), model_config.n_experts, sequence_group, token_group,
-                    recipe.global_batch_size, device)
+    return family.step_load(module, model_config, sequence_group, token_group, recipe.global_batch_size, device)
 
 
-def expert_units(model: nn.Module, pm: ParallelMesh, dp_mode: str) -> list[tuple[nn.Module, object]]:
+def expert_units(moe_layers: list[nn.Module], pm: ParallelMesh, dp_mode: str) -> list[tuple[nn.Module, object]]:
     """The FSDP (or ``replicate``) units experts form before the blocks are wrapped: (module, mesh) pairs.
 
     With ep == 1 the experts are ordinary parameters of their block (dp x cp is then the
@@ -233,7 +224,7 @@ def expert_units(model: nn.Module, pm: ParallelMesh, dp_mode: str) -> list[tuple
     if pm.size("ep") == 1:
         return []
     mesh = pm["expert_grad_hsdp" if dp_mode == "hsdp" else "expert_grad"]
-    return [(moe.experts, mesh) for moe in moe_layers(model)]
+    return [(moe.experts, mesh) for moe in moe_layers]
 
 
 def materialize(model: nn.Module, device: torch.device) -> None:
@@ -241,7 +232,7 @@ def materialize(model: nn.Module, device: torch.device) -> None:
     model.to_empty(device=device)
 
 
-def parallelize_and_initialize(model: Transformer, pm: ParallelMesh, device: torch.device, seed: int | None,
+def parallelize_and_initialize(model: nn.Module, pm: ParallelMesh, device: torch.device, seed: int | None,
                                options: ParallelOptions = ParallelOptions()) -> None:
     """Shard a meta-device model (or pipeline stage) over ``pm``, allocate this rank's shards on
     ``device`` and fill them with the mesh-invariant initial values (``models.init``).
@@ -262,12 +253,14 @@ def parallelize_model(model_config, pm: ParallelMesh, device: torch.device, opti
     with torch.device("meta"):
         model = build_model(model_config)
     parallelize_and_initialize(model, pm, device, seed, options)
-    return ShardedModel(model, pm, device, recipe, gradient_rules(model, pm),
+    return ShardedModel(model, pm, device, recipe, gradient_rules(model, model_config, pm),
                         step_load(model, model_config, pm, recipe, device))
 
 
-def apply_context_parallel(model: nn.Module, cp_group, cp_rank: int, cp_size: int, method: str = "ring") -> None:
-    """Make every attention layer attend over the whole sequence held by the cp group.
+def apply_context_parallel(attention_layers: list[nn.Module], cp_group, cp_rank: int, cp_size: int,
+                           method: str = "ring") -> None:
+    """Make every attention layer (``ModelFamily.attention_layers``) attend over the whole sequence
+    held by the cp group.
 
     Each rank holds its zigzag slice of the sequence (chunks r and 2cp-1-r), so its RoPE
     positions are those chunks' global positions, and attention runs over the cp group
@@ -279,6 +272,6 @@ def apply_context_parallel(model: nn.Module, cp_group, cp_rank: int, cp_size: in
     def zigzag_local_positions(local_seq_len: int, device: torch.device) -> torch.Tensor:
         return zigzag_positions(local_seq_len * cp_size, cp_rank, cp_size, device)
 
-    for layer in attention_layers(model):
+    for layer in attention_layers:
         layer.attention_fn = functools.partial(attention, group=cp_group)
         layer.position_fn = zigzag_local_positions

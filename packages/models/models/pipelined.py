@@ -42,11 +42,10 @@ from core.pipeline import (
 from core.tensor_parallel import local_tensor
 
 from .init import init_parameter_
-from .moe_load import StepLoad
+from .moe.load import StepLoad
 from .parallel_model import GradientRules, ParallelModel, StepRecipe
 from .parallelize import ParallelOptions, gradient_rules, parallelize_and_initialize, step_load
-from .pipeline_split import split_stage
-from .registry import build_model
+from .registry import build_model, family_of
 from .stats import ModelStats
 from .tied_output import EMBEDDING, TiedOutput, tied_output
 
@@ -91,7 +90,7 @@ def build_stage_module(model_config, layer_ids: list[int], first: bool, last: bo
     last backward instead.
     """
     with torch.device("meta"):
-        model = split_stage(build_model(model_config), layer_ids, first, last)
+        model = family_of(model_config).split_stage(build_model(model_config), layer_ids, first, last)
     parallelize_and_initialize(model, pm, device, seed, dataclasses.replace(options, reshard_after_forward=False))
     if model_config.tie_embeddings and last and not first and seed is not None:
         init_parameter_(model.output.weight, EMBEDDING, model_config.n_layers, seed)  # a replica (models.tied_output)
@@ -114,7 +113,7 @@ def pipeline_model(model_config, pm: ParallelMesh, device: torch.device, options
     stages = build_stages(list(parts), stage_ids, n_stages, device, pm["pp"].get_group(), io)
     schedule = build_schedule(options.pp_schedule, stages, microbatches, recipe.step_loss)
     pipeline = Pipeline(options.pp_schedule, schedule, stages, stage_ids, n_stages, microbatches)
-    return PipelinedModel(parts, pipeline, pm, device, recipe, gradient_rules(parts, pm),
+    return PipelinedModel(parts, pipeline, pm, device, recipe, gradient_rules(parts, model_config, pm),
                           step_load(parts, model_config, pm, recipe, device),
                           tied_output(list(parts), pm, options.pp_schedule))
 

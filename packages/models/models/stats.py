@@ -17,18 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .hf_names import is_expert_weight
-
-ROLES = ("tp", "expert", "replicated")
-
-
-def parameter_role(name: str, shape: tuple[int, ...]) -> str:
-    """The role (``ROLES``) of block parameter ``name`` (relative to its block, e.g. ``attention.wq.weight``)."""
-    if is_expert_weight(f".{name}"):
-        return "expert"
-    if len(shape) == 2 and name.startswith(("attention.", "feed_forward.w")):
-        return "tp"
-    return "replicated"
+ROLES = ("tp", "expert", "replicated")  # what a config's parameter_role() answers
 
 
 @dataclass(frozen=True)
@@ -52,7 +41,7 @@ class ModelStats:
         for layer in range(config.n_layers):
             counts = dict.fromkeys(ROLES, 0)
             for name, shape in config.block_shapes(layer).items():
-                counts[parameter_role(name, shape)] += math.prod(shape)
+                counts[config.parameter_role(name, shape)] += math.prod(shape)
             layers.append(counts)
         return cls(config, layers, config.vocab_size * config.dim, config.vocab_size * config.dim, config.dim)
 

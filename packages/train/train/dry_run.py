@@ -52,7 +52,7 @@ from core.mesh import DEVICE_MESH_DIMS, ParallelMesh, build_mesh
 from core.tensor_parallel import local_tensor
 from models.distribute import distribute_model
 from models.init import init_weights
-from models.moe import MoEConfig, moe_layers
+from models.registry import family_of
 
 from .config import TrainConfig, to_toml
 from .flops import model_flops_per_token
@@ -142,7 +142,7 @@ def check_dry_run(cfg: TrainConfig, world: int):
         raise ValueError("--dry-run does not simulate --pp-schedule zbv (torch's MemTracker cannot follow its split "
                          "backward): simulate interleaved-1f1b, which holds as many stages per rank")
     device = "cpu" if cfg.device == "cpu" else "cuda"
-    if isinstance(checked.model_config, MoEConfig) and compute_dtype(cfg.dtype, device, cfg.float8) == torch.float32:
+    if family_of(checked.model_config).has_experts and compute_dtype(cfg.dtype, device, cfg.float8) == torch.float32:
         raise ValueError("--dry-run of an MoE model needs bf16 compute (torch's fake grouped GEMM takes bf16 only): "
                          "add --dtype bfloat16, or leave --dtype auto without --device cpu")
     return checked
@@ -234,7 +234,7 @@ def _assume_balanced_routing(model) -> None:
     which fake tensors do not have. Each rank then sends every other rank the same number of
     rows, what load balancing aims at; skewed routing moves more bytes and memory."""
     for part in model.parts:
-        for layer in moe_layers(part):
+        for layer in family_of(part.config).moe_layers(part):
             layer.routed_ffn = functools.partial(layer.routed_ffn, assume_balanced=True)
 
 

@@ -34,8 +34,8 @@ from core.checkpoint import Checkpointer
 from core.failures import CollectiveTimeout, dump_flight_record, is_collective_timeout, timeout_message
 from core.mesh import build_mesh
 from models.distribute import distribute_model
+from models.family import ModelConfig
 from models.hf_format import load_hf_weights_
-from models.llama import LlamaConfig
 from models.parallel_model import ParallelModel, StepRecipe
 from models.parallelize import ParallelOptions
 
@@ -69,7 +69,7 @@ HISTORY_LENGTH = 1000
 class Trainer:
     cfg: TrainConfig
     model: ParallelModel                  # this rank's part of the model and its step rules
-    model_config: LlamaConfig             # the whole model's architecture (an MoEConfig for MoE)
+    model_config: ModelConfig             # the whole model's architecture (an MoEConfig for MoE)
     device: torch.device
     optimizer: torch.optim.AdamW
     scheduler: torch.optim.lr_scheduler.LambdaLR

@@ -15,9 +15,9 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from models.family import ModelConfig
 from models.hf_format import check_hf_config_matches, read_hf_config
 from models.hf_hub import resolve_model_folder
-from models.llama import LlamaConfig
 from models.registry import TOKENIZER_SIZED, get_config, parse_model_args, vocab_for_tokenizer
 
 from .config import TrainConfig
@@ -61,7 +61,7 @@ def model_label(cfg: TrainConfig) -> str:
     return folder.resolve().name or DEFAULT_MODEL
 
 
-def model_config(cfg: TrainConfig, tokenizer: Tokenizer) -> LlamaConfig:
+def model_config(cfg: TrainConfig, tokenizer: Tokenizer) -> ModelConfig:
     """The run's model config (see the module docstring). A registry model with no tokenizer of its
     own, trained on text, gets the tokenizer's vocabulary (``models.registry.TOKENIZER_SIZED``)
     unless ``--model-args`` sets it."""

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from core.mesh import MeshShape
 from core.pipeline import PipelineConfigError, check_pipeline, layers_per_stage
-from models.moe import MoEConfig
+from models.registry import family_of
 from models.stats import ModelStats
 
 from .config import TrainConfig
@@ -116,7 +116,7 @@ def _divisors(n: int) -> list[int]:
 def layouts(shape: ModelShape, gpus: int, seq_len: int, global_batch: int, gpus_per_node: int) -> list[Layout]:
     """Every layout of ``gpus`` ranks the trainer would accept for this model and batch."""
     config = shape.config
-    moe = isinstance(config, MoEConfig)
+    moe = family_of(config).has_experts
     run = TrainConfig(seq_len=seq_len, global_batch_size=global_batch)
     found = []
     for tp in [d for d in _divisors(gpus) if d <= gpus_per_node]:

@@ -79,8 +79,10 @@ class PreemptionWatch:
         self.signum, self._first_at = signum, time.monotonic()
         self._start_deadline()
         name = signal_name(signum)
-        print(f"{name} received: finishing this step and saving it (deadline {self.deadline_s:g} s)",
-              file=sys.stderr, flush=True)
+        # One write, newline included: every rank shares the launcher's stderr, and print's separate
+        # newline write lets two ranks' lines run together (seen with PYTHONUNBUFFERED).
+        sys.stderr.write(f"{name} received: finishing this step and saving it (deadline {self.deadline_s:g} s)\n")
+        sys.stderr.flush()
 
     def _start_deadline(self) -> None:
         if self._timer is None:

@@ -22,10 +22,9 @@ from core.activation_checkpoint import check_mode as check_activation_checkpoint
 from core.context_parallel import cp_attention
 from core.mesh import MeshConfigError, MeshShape, check_divisible, hsdp_shard_size
 from core.pipeline import PipelineConfigError, check_pipeline, default_microbatches, schedule_spec
-from models.llama import LlamaConfig
-from models.moe import MoEConfig, check_expert_parallel
+from models.family import ModelConfig
 from models.parallelize import DP_MODES
-from models.plans import check_tensor_parallel
+from models.registry import family_of
 
 from .config import DTYPES, TrainConfig
 from .data_sources import check_local_dataset
@@ -42,7 +41,7 @@ from .tracking import parse_tags
 @dataclass(frozen=True)
 class ValidatedRun:
     shape: MeshShape
-    model_config: LlamaConfig  # an MoEConfig for MoE models
+    model_config: ModelConfig  # its family's config class (an MoEConfig for MoE models)
     tokenizer: Tokenizer       # loaded once here; the data and document masking use this one
     dp_shard: int | None    # HSDP's shard-group size along dp (None: no HSDP)
     compute_dtype: torch.dtype  # what --dtype (auto: by device and --float8) computes in
@@ -204,9 +203,7 @@ def _check_vocab_fits_model(tokenizer: str, vocab: int, model_config, init_from:
 
 def check_model_fits_mesh(model_config, shape: MeshShape) -> None:
     try:
-        check_tensor_parallel(model_config, shape.tp)
-        if isinstance(model_config, MoEConfig):
-            check_expert_parallel(model_config, shape.ep)
+        family_of(model_config).check_mesh(model_config, shape.tp, shape.ep)
     except ValueError as err:
         raise MeshConfigError(str(err)) from None
     if model_config.n_layers < shape.pp:

@@ -16,7 +16,7 @@ becomes its own parameter, a replica of the embedding (``models.tied_output``).
 
 from __future__ import annotations
 
-from .llama import Transformer
+from .model import Transformer
 
 
 def split_stage(model: Transformer, layer_ids: list[int], first: bool, last: bool) -> Transformer:

@@ -18,14 +18,13 @@ The layer is a plain single-device module. Two attributes let the parallel layer
 it over ranks from outside, as ``Attention.attention_fn`` does for context parallel:
 ``routed_ffn`` (expert parallel swaps in the all-to-all dispatch over its ep group) and
 ``balancing`` (the step's bookkeeping: sequence statistics summed over ranks, the aux
-loss's share of the step, the load kept for the expert bias; ``models.moe_load.StepLoad``).
+loss's share of the step, the load kept for the expert bias; ``models.moe.load.StepLoad``).
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -36,54 +35,9 @@ from core.activation_checkpoint import is_recomputing
 from core.expert_parallel import expert_parallel_ffn
 from core.tensor_parallel import local_tensor
 
-from .llama import FeedForward, LlamaConfig, Transformer, TransformerBlock, swiglu_shapes
-from .plans import token_split_plan
-
-SCORE_FUNCS = ("softmax", "sigmoid")
-
-
-@dataclass(frozen=True)
-class MoEConfig(LlamaConfig):
-    n_experts: int = 8
-    top_k: int = 2
-    moe_ffn_dim: int = 128             # hidden width of each routed expert
-    n_shared_experts: int = 0          # a shared expert of width n_shared_experts * moe_ffn_dim
-    n_dense_layers: int = 0            # the first layers keep a dense FeedForward (DeepSeek's first_k_dense)
-    score_func: str = "softmax"        # softmax (Mixtral, DeepSeek-V2) | sigmoid (DeepSeek-V3)
-    norm_topk_prob: bool = True        # rescale the k chosen weights to sum to 1
-    aux_loss_coef: float = 0.01        # Switch-style load-balancing loss; 0 disables it
-    bias_update_rate: float = 0.0      # aux-loss-free balancing step (DeepSeek-V3 "gamma"); 0 disables it
-
-    def validate(self) -> None:
-        super().validate()
-        if self.n_experts < 1 or not 1 <= self.top_k <= self.n_experts:
-            raise ValueError(f"top_k={self.top_k} must be between 1 and n_experts={self.n_experts}: "
-                             f"a token cannot be routed to more experts than there are")
-        if self.score_func not in SCORE_FUNCS:
-            raise ValueError(f"score_func={self.score_func!r}: use one of {SCORE_FUNCS}")
-
-    def feed_forward_shapes(self, layer: int) -> dict[str, tuple[int, ...]]:
-        """An ``MoE`` after the first ``n_dense_layers`` (router, the E experts, the shared expert)."""
-        if layer < self.n_dense_layers:
-            return super().feed_forward_shapes(layer)
-        e, dim, hidden = self.n_experts, self.dim, self.moe_ffn_dim
-        shapes = {"router.gate.weight": (e, dim), "experts.w1": (e, dim, hidden), "experts.w3": (e, dim, hidden),
-                  "experts.w2": (e, hidden, dim)}
-        if self.n_shared_experts:
-            shapes.update(swiglu_shapes(dim, self.n_shared_experts * hidden, prefix="shared_expert."))
-        return shapes
-
-    def routed_share(self) -> float:
-        return self.top_k / self.n_experts
-
-
-def check_expert_parallel(cfg: MoEConfig, ep: int) -> None:
-    """Raise ValueError (before any collective) when the experts cannot be split over ``ep`` ranks."""
-    cfg.validate()
-    if cfg.n_experts % ep:
-        choices = [d for d in range(1, cfg.n_experts + 1) if cfg.n_experts % d == 0]
-        raise ValueError(f"n_experts={cfg.n_experts} is not divisible by ep={ep}: every ep rank holds "
-                         f"n_experts/ep whole experts; use ep in {choices}")
+from ..llama.model import FeedForward
+from .config import MoEConfig
+from .plan import token_split_plan
 
 
 class Router(nn.Module):
@@ -94,7 +48,7 @@ class Router(nn.Module):
         self.cfg = cfg
         self.gate = nn.Linear(cfg.dim, cfg.n_experts, bias=False)
         # Added to the scores only to *choose* experts; it never scales an output, so it
-        # gets no gradient and is moved by ``models.moe_load.StepLoad.update_expert_bias`` instead.
+        # gets no gradient and is moved by ``models.moe.load.StepLoad.update_expert_bias`` instead.
         self.register_buffer("expert_bias", torch.zeros(cfg.n_experts))
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -192,7 +146,7 @@ class LoadBalancing:
 
     This default is one plain forward on one process: every sequence is whole here, the
     aux loss is the mean over this forward's sequences, and the load is not kept.
-    ``models.moe_load.StepLoad`` replaces it when a parallel model trains on a mesh.
+    ``models.moe.load.StepLoad`` replaces it when a parallel model trains on a mesh.
     """
 
     def whole_sequence_counts(self, counts: Tensor) -> Tensor:
@@ -279,18 +233,3 @@ class MoE(nn.Module):
 def moe_layers(model: nn.Module) -> list[MoE]:
     """The MoE layers of a model or of one pipeline stage of it (in module order)."""
     return [m for m in model.modules() if isinstance(m, MoE)]
-
-
-class MoETransformer(Transformer):
-    """The Llama decoder with MoE feed-forwards (after ``n_dense_layers`` dense ones).
-
-    Same layer ModuleDict and optional embeddings / norm / output as the dense model, so
-    pipeline stages are cut the same way.
-    """
-
-    config: MoEConfig
-
-    def build_block(self, layer_index: int) -> TransformerBlock:
-        if layer_index < self.config.n_dense_layers:
-            return TransformerBlock(self.config)
-        return TransformerBlock(self.config, MoE(self.config))

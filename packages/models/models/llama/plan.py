@@ -23,12 +23,11 @@ from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
     PrepareModuleInput,
-    PrepareModuleInputOutput,
     RowwiseParallel,
     SequenceParallel,
 )
 
-from .llama import FeedForward, Transformer
+from .model import FeedForward, Transformer, attention_layers
 
 
 def check_tensor_parallel(config, tp: int) -> None:
@@ -69,22 +68,6 @@ def block_plan(prefix: str, block: nn.Module) -> dict[str, ParallelStyle]:
     return plan
 
 
-def token_split_plan(prefix: str) -> dict[str, ParallelStyle]:
-    """Run the module at ``prefix`` on this tp rank's sequence slice, with plain local tensors (MoE).
-
-    Sequence parallel already leaves each tp rank its own [b, s/tp, dim] slice of the
-    residual stream; the module takes that slice as a plain tensor and returns its output
-    for the same slice, as the residual stream holds it (a plain local tensor): no
-    communication in or out. Its parameters stay plain and whole on
-    every tp rank, so their gradients are per-rank partial sums, added up over tp by the
-    trainer (``models.parallelize.tp_partial_parameters``). Every token is computed once,
-    on one tp rank: no tp-fold redundant expert compute or all-to-all.
-    """
-    return {prefix: PrepareModuleInputOutput(
-        input_layouts=(Shard(1),), desired_input_layouts=(Shard(1),), use_local_input=True,
-        output_layouts=(Shard(1),), desired_output_layouts=(Shard(1),), use_local_output=True)}
-
-
 def tensor_parallel_plan(model: Transformer) -> dict[str, ParallelStyle]:
     """The full plan for a model or a pipeline stage of it (absent parts are skipped)."""
     plan: dict[str, ParallelStyle] = {}
@@ -117,3 +100,10 @@ def decoding_plan(model: Transformer) -> dict[str, ParallelStyle]:
             plan.update({f"{prefix}.feed_forward.w1": ColwiseParallel(), f"{prefix}.feed_forward.w3": ColwiseParallel(),
                          f"{prefix}.feed_forward.w2": RowwiseParallel()})
     return plan
+
+
+def head_norm_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """The q/k norms' weights (Qwen3): whole on every tp rank, each applying them to its own heads,
+    so their gradients are partial sums over tp (``ModelFamily.tp_partial_parameters``)."""
+    return [p for a in attention_layers(module) if a.q_norm is not None
+            for p in (*a.q_norm.parameters(), *a.k_norm.parameters())]

@@ -1,7 +1,7 @@
 """The MoE layers' step state on a mesh: load statistics over the whole step and the expert bias.
 
 An MoE layer's training forward reports its tokens per expert and its aux loss share to
-its ``balancing`` object (``models.moe.LoadBalancing``). On a mesh the parallel model
+its ``balancing`` object (``models.moe.layer.LoadBalancing``). On a mesh the parallel model
 gives every layer one ``StepLoad``, which:
 
   - sums each sequence's expert counts over the ranks holding its parts (cp x tp), so the
@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .moe import LoadBalancing, MoE
+from .layer import LoadBalancing, MoE
 
 
 class StepLoad(LoadBalancing):

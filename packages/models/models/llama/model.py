@@ -2,8 +2,8 @@
 
 RMSNorm -> grouped-query attention with rotary positions -> RMSNorm -> SwiGLU, repeated,
 then a final norm and an output projection. The config also covers what the Llama 3.x,
-Mistral, Qwen2 and Qwen3 checkpoints add (``models.hf_families`` maps them): RoPE scaling
-(``models.rope``), biases on the q/k/v projections, an RMSNorm of each query and key head,
+Mistral, Qwen2 and Qwen3 checkpoints add (``models.llama.hf_config`` maps them): RoPE scaling
+(``models.llama.rope``), biases on the q/k/v projections, an RMSNorm of each query and key head,
 a head size other than dim / n_heads, and an output projection tied to the embedding.
 Nothing here knows about meshes: the parallelisms are applied from outside (see
 ``models.parallelize``), which may
@@ -22,7 +22,6 @@ are the same in every stage and on every mesh: checkpoints and initialization re
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -30,96 +29,8 @@ from torch import nn
 
 from core.documents import Documents, document_bias
 
-from .rope import check_rope, rotary
-
-
-@dataclass(frozen=True)
-class LlamaConfig:
-    dim: int = 256
-    n_layers: int = 4
-    n_heads: int = 8
-    n_kv_heads: int = 4
-    ffn_dim: int = 768
-    vocab_size: int = 512
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    max_seq_len: int = 2048
-    attention_head_dim: int = 0       # 0: dim // n_heads (Qwen3 sets its own, e.g. 128 at dim 1024 with 16 heads)
-    qkv_bias: bool = False            # biases on the q, k and v projections (Qwen2)
-    qk_norm: bool = False             # RMSNorm over each query and key head, before RoPE (Qwen3)
-    tie_embeddings: bool = False      # the output projection is the embedding matrix (Llama 3.2 1B/3B, Qwen3 <= 4B)
-    sliding_window: int = 0           # Mistral's attention window; only where it never binds: max_seq_len <= it
-    rope_scaling: str = "none"        # none | linear | llama3 | yarn (models.rope)
-    rope_factor: float = 1.0
-    rope_original_max_seq_len: int = 0  # llama3, yarn: the context the model was pretrained at
-    rope_low_freq_factor: float = 1.0   # llama3
-    rope_high_freq_factor: float = 4.0  # llama3
-    rope_beta_fast: float = 32.0        # yarn
-    rope_beta_slow: float = 1.0         # yarn
-    rope_attention_factor: float = 0.0  # yarn: cos/sin scale; 0: 0.1 ln(rope_factor) + 1
-    family: str = ""                  # Hugging Face model_type to export as ("": the one the features imply)
-
-    @property
-    def head_dim(self) -> int:
-        return self.attention_head_dim or self.dim // self.n_heads
-
-    def validate(self) -> None:
-        sizes = ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "max_seq_len")
-        too_small = [f"{name}={getattr(self, name)}" for name in sizes if getattr(self, name) < 1]
-        if too_small:
-            raise ValueError(f"model sizes must be >= 1: {', '.join(too_small)}")
-        if not self.attention_head_dim and self.dim % self.n_heads:
-            raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads} (or set attention_head_dim)")
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
-        if self.head_dim % 2:
-            raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
-        if self.sliding_window and self.max_seq_len > self.sliding_window:
-            raise ValueError(f"max_seq_len={self.max_seq_len} exceeds sliding_window={self.sliding_window}: Meshtron "
-                             f"attends over the whole sequence, which equals windowed attention only up to the "
-                             f"window; set max_seq_len <= {self.sliding_window}")
-        check_rope(self)
-
-    def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Name -> full shape of every parameter of this config's model, in module order, a tied
-        output listed once (as the embedding): what ``Transformer(self).named_parameters()`` gives,
-        without building it (``models.stats``)."""
-        shapes: dict[str, tuple[int, ...]] = {"tok_embeddings.weight": (self.vocab_size, self.dim)}
-        for layer in range(self.n_layers):
-            shapes.update({f"layers.{layer}.{name}": shape for name, shape in self.block_shapes(layer).items()})
-        shapes["norm.weight"] = (self.dim,)
-        if not self.tie_embeddings:
-            shapes["output.weight"] = (self.vocab_size, self.dim)
-        return shapes
-
-    def block_shapes(self, layer: int) -> dict[str, tuple[int, ...]]:
-        """One ``TransformerBlock``'s parameters (names relative to it)."""
-        q_width, kv_width = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        shapes: dict[str, tuple[int, ...]] = {"attention_norm.weight": (self.dim,)}
-        for proj, width in (("wq", q_width), ("wk", kv_width), ("wv", kv_width)):
-            shapes[f"attention.{proj}.weight"] = (width, self.dim)
-            if self.qkv_bias:
-                shapes[f"attention.{proj}.bias"] = (width,)
-        shapes["attention.wo.weight"] = (self.dim, q_width)
-        if self.qk_norm:
-            shapes.update({"attention.q_norm.weight": (self.head_dim,), "attention.k_norm.weight": (self.head_dim,)})
-        shapes["ffn_norm.weight"] = (self.dim,)
-        shapes.update({f"feed_forward.{name}": shape for name, shape in self.feed_forward_shapes(layer).items()})
-        return shapes
-
-    def feed_forward_shapes(self, layer: int) -> dict[str, tuple[int, ...]]:
-        """The feed-forward of block ``layer``: a SwiGLU of width ``ffn_dim``."""
-        return swiglu_shapes(self.dim, self.ffn_dim)
-
-    def routed_share(self) -> float:
-        """The fraction of the routed experts' weights that multiplies a token (no experts: 1)."""
-        return 1.0
-
-
-def swiglu_shapes(dim: int, hidden: int, prefix: str = "") -> dict[str, tuple[int, ...]]:
-    """``FeedForward(dim, hidden)``'s parameters: w1, w3 [hidden, dim], w2 [dim, hidden]."""
-    return {f"{prefix}w1.weight": (hidden, dim), f"{prefix}w3.weight": (hidden, dim),
-            f"{prefix}w2.weight": (dim, hidden)}
+from .config import LlamaConfig
+from .rope import rotary
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -163,7 +74,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.head_dim = cfg.head_dim
-        self.rope = cfg  # the RoPE fields (models.rope)
+        self.rope = cfg  # the RoPE fields (models.llama.rope)
         self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
