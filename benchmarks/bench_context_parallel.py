@@ -33,23 +33,19 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # gloo rank harness, naive reference
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from attention_reference import reference_block_forward  # noqa: E402
-from rank_harness import free_port, run_on_ranks  # noqa: E402
 
 from core.attention_kernels import merge_block, select_block_kernel  # noqa: E402
+from core.attention_reference import reference_block_forward  # noqa: E402
 from core.attention_stats import AttentionStats  # noqa: E402
 from core.context_parallel import CP_METHODS  # noqa: E402
 from core.live_memory import PeakLiveBytes  # noqa: E402
+from core.ranks import free_port, run_on_ranks  # noqa: E402
 from core.zigzag import zigzag_shard  # noqa: E402
 
 MIB = 2 ** 20

@@ -14,17 +14,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the gloo rank harness
 
 import torch  # noqa: E402
-from rank_harness import run_on_ranks  # noqa: E402
 
 from core.mesh import MeshShape  # noqa: E402
+from core.ranks import run_on_ranks  # noqa: E402
 from core.tensor_parallel import local_tensor  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
 from train.loop import build_trainer, train_step  # noqa: E402

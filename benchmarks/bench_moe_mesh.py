@@ -18,13 +18,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "tests")] + [str(ROOT / "packages" / name) for name in ("core", "models", "train")]
-
-from parity import assert_same_run, merge_ranks, run_steps  # noqa: E402
-from rank_harness import run_on_ranks  # noqa: E402
-from test_parity_moe import MOE  # noqa: E402
+sys.path[:0] = [str(ROOT / "packages" / name) for name in ("core", "models", "train")]
 
 from core.mesh import MeshShape  # noqa: E402
+from core.ranks import run_on_ranks  # noqa: E402
+from train.parity import MOE, assert_same_run, merge_ranks, run_steps  # noqa: E402
 
 
 def timed(world: int, mesh: str, overrides: dict) -> tuple[dict, float]:

@@ -14,7 +14,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from attention_reference import reference_block_backward, reference_block_forward
 from rank_harness import run_on_ranks
 
 from core.attention_kernels import (
@@ -26,6 +25,7 @@ from core.attention_kernels import (
     merge_dtype,
     select_block_kernel,
 )
+from core.attention_reference import reference_block_backward, reference_block_forward
 from core.context_parallel import CP_METHODS
 from core.live_memory import PeakLiveBytes
 from core.zigzag import zigzag_shard

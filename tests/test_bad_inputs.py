@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from rank_harness import run_python
 
 from train.__main__ import run
 
@@ -140,7 +141,7 @@ def test_a_lost_peer_is_one_line(monkeypatch, capsys):
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "train", *FAST, *args], capture_output=True, text=True, timeout=240)
+    return run_python([sys.executable, "-m", "train", *FAST, *args], capture_output=True, text=True, timeout=240)
 
 
 def test_resume_checks_the_checkpoint_before_loading_it(tmp_path):

@@ -1,10 +1,10 @@
 """Every benchmark runs: each script in a cheap mode, so a rename or API change cannot break one silently."""
 
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from rank_harness import run_python
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -25,8 +25,8 @@ ROWS = [
 @pytest.mark.parametrize("script, args, expect", ROWS)
 def test_benchmark_runs(script, args, expect, tmp_path):
     args = [arg.format(tmp=tmp_path) for arg in args]
-    result = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], capture_output=True, text=True,
-                            timeout=300)
+    result = run_python([sys.executable, str(BENCHMARKS / script), *args], capture_output=True, text=True,
+                        timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     for text in expect:
         assert text in result.stdout, result.stdout[-3000:]

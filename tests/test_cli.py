@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+from rank_harness import run_python
 
 from core.mesh import MeshConfigError
 from train.config import TrainConfig, parse_config
@@ -15,7 +16,7 @@ FAST = ["--dataset", "synthetic", "--steps", "2", "--global-batch-size", "4", "-
 
 
 def run(cmd, timeout=240):
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    return run_python(cmd, capture_output=True, text=True, timeout=timeout)
 
 
 def torchrun(n, *args):

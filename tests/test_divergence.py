@@ -2,14 +2,14 @@
 rank at once, applies nothing from that step, saves nothing from it, and logs strict JSON."""
 
 import json
-import subprocess
 import sys
 import tempfile
 
 import pytest
 import torch
-from parity import BASE, full
-from rank_harness import run_on_ranks
+from rank_harness import run_on_ranks, run_python
+
+from train.parity import BASE, full
 
 
 def poisoned_step(mesh: str, skip: bool, on_device: bool = False) -> dict:
@@ -67,7 +67,7 @@ def test_a_diverging_run_with_log_every_stops_at_the_next_report(tmp_path):
     step 3 stops the run (exit 3) naming steps 1-2; nothing non-finite was applied or saved."""
     cmd = [sys.executable, "-m", "train", "--dataset", "synthetic", "--steps", "6", "--global-batch-size", "4",
            "--seq-len", "32", "--lr", "1e30", "--warmup-steps", "1", "--log-every", "3", "--output-dir", str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    proc = run_python(cmd, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert "error: training diverged between steps 1 and 2 (--log-every 3)" in proc.stderr, proc.stderr[-3000:]
     assert not (tmp_path / "metrics.jsonl").read_text().strip(), "no step was reported before the divergence"
@@ -79,7 +79,7 @@ def test_a_diverging_run_exits_with_one_line_keeps_its_checkpoint_and_logs_stric
            "--mesh", "dp=2", "--dataset", "synthetic", "--steps", "6", "--global-batch-size", "4", "--seq-len", "32",
            "--lr", "1e30", "--warmup-steps", "1", "--checkpoint-every", "1", "--keep-checkpoints", "1",
            "--output-dir", str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    proc = run_python(cmd, capture_output=True, text=True, timeout=240)
     assert proc.returncode != 0
     assert proc.stderr.count("error: training diverged at step 2") == 2, proc.stderr[-3000:]  # both ranks
     assert f"resume from {tmp_path / 'checkpoints' / 'step_00000001'}" in proc.stderr
@@ -95,7 +95,7 @@ def test_skipped_steps_are_logged_as_strict_json(tmp_path):
     cmd = [sys.executable, "-m", "train", "--dataset", "synthetic", "--steps", "3", "--global-batch-size", "4",
            "--seq-len", "32", "--lr", "1e30", "--warmup-steps", "1", "--skip-nonfinite-steps",
            "--output-dir", str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    proc = run_python(cmd, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     rows = [json.loads(line, parse_constant=pytest.fail) for line in lines]

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from rank_harness import run_on_ranks
+from rank_harness import run_on_ranks, run_python
 
 ROOT = Path(__file__).resolve().parents[1]
 WIDE = dict(model="debug", model_args="dim=512,n_heads=8,n_kv_heads=4,ffn_dim=1536,n_layers=2,vocab_size=4096",
@@ -32,7 +32,7 @@ def dry_run(world: int, mesh: str, options: dict, *extra: str) -> tuple[subproce
     with tempfile.TemporaryDirectory() as out:
         command = [sys.executable, "-m", "train", "--dry-run", "--world-size", str(world), "--mesh", mesh,
                    "--device", "cpu", "--output-dir", out, *flags(options), *extra]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+        result = run_python(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
         report = json.loads((Path(out) / "dry_run.json").read_text()) if result.returncode == 0 else None
     return result, report
 
@@ -131,6 +131,6 @@ def test_several_ranks_and_init_timing():
 def test_impossible_layouts_are_one_line(extra, message):
     with tempfile.TemporaryDirectory() as out:
         command = [sys.executable, "-m", "train", "--dry-run", "--world-size", "6", "--output-dir", out, *extra]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+        result = run_python(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr[-2000:]

@@ -3,15 +3,15 @@ read from data training never sees, and invisible to training (MoE statistics in
 
 import json
 import math
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 import torch
-from parity import BASE, full
-from rank_harness import run_on_ranks
+from rank_harness import run_on_ranks, run_python
+
+from train.parity import BASE, full
 
 ROOT = Path(__file__).resolve().parents[1]
 EVAL = {**BASE, "dataset": "templates", "tokenizer": "byte", "eval_every": 1, "eval_batches": 2}
@@ -91,7 +91,7 @@ def test_evaluation_leaves_training_untouched():
 def test_cli_logs_eval_loss_every_k_steps_and_at_the_end(tmp_path):
     cmd = [sys.executable, "-m", "train", "--steps", "3", "--global-batch-size", "4", "--seq-len", "32",
            "--eval-every", "2", "--eval-batches", "1", "--output-dir", str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    proc = run_python(cmd, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [("eval_loss" in r) for r in rows] == [False, True, True]
@@ -103,7 +103,7 @@ def test_evaluate_tool_reproduces_the_logged_eval_loss(tmp_path):
     """tools/evaluate.py on the checkpoint (1 process and tp=2) and on its HF export gives the eval
     loss the run logged at that step."""
     def run(*cmd):
-        proc = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, timeout=240, cwd=ROOT)
+        proc = run_python([sys.executable, *cmd], capture_output=True, text=True, timeout=240, cwd=ROOT)
         assert proc.returncode == 0, proc.stderr[-3000:]
 
     small = ["--global-batch-size", "4", "--seq-len", "32", "--eval-batches", "2"]

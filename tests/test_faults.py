@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from rank_harness import run_python
+
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--dataset", "synthetic", "--global-batch-size", "4", "--seq-len", "32", "--checkpoint-every", "0"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1",
@@ -38,7 +40,7 @@ def wait_for_step(run_dir: Path, step: int, process: subprocess.Popen, timeout: 
 
 def worker_pids(launcher: subprocess.Popen) -> list[int]:
     """The torchrun workers (children of the launcher), in rank order of their start."""
-    out = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True).stdout.split()
+    out = run_python(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True).stdout.split()
     return sorted(int(pid) for pid in out)
 
 
@@ -103,17 +105,17 @@ def limit_file_size(limit: int):
 
 def test_an_io_error_during_a_save_is_one_line_and_the_previous_checkpoint_resumes(tmp_path):
     args = [sys.executable, "-m", "train", *FAST, "--checkpoint-every", "2", "--run-name", "io"]
-    first = subprocess.run([*args, "--steps", "2"], cwd=tmp_path, env=ENV, capture_output=True, text=True)
+    first = run_python([*args, "--steps", "2"], cwd=tmp_path, env=ENV, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr
-    full = subprocess.run([*args, "--steps", "4"], cwd=tmp_path, env=ENV, capture_output=True, text=True,
-                          preexec_fn=limit_file_size(2 * 2**20))  # smaller than a 10.6 MiB shard
+    full = run_python([*args, "--steps", "4"], cwd=tmp_path, env=ENV, capture_output=True, text=True,
+                      preexec_fn=limit_file_size(2 * 2**20))  # smaller than a 10.6 MiB shard
     lines = full.stderr.strip().splitlines()
     assert full.returncode == 2 and len(lines) == 1, full.stderr
     assert lines[0].startswith("error: writing checkpoint step 4 into outputs/io/checkpoints/.tmp-step_00000004 "
                                "failed on rank 0: File too large [errno 27]"), lines
     assert lines[0].endswith("The newest complete checkpoint, outputs/io/checkpoints/step_00000002, is intact: fix "
                              "the folder (space, permissions) and resume from it")
-    resumed = subprocess.run([*args, "--steps", "4"], cwd=tmp_path, env=ENV, capture_output=True, text=True)
+    resumed = run_python([*args, "--steps", "4"], cwd=tmp_path, env=ENV, capture_output=True, text=True)
     assert resumed.returncode == 0 and "resumed from outputs/io/checkpoints/step_00000002 at step 2" in resumed.stdout
 
 
@@ -186,22 +188,22 @@ def flip_bits(shard: Path, count: int = 256) -> None:
 def test_bit_rot_is_caught_by_checksums_and_auto_resume_falls_back_to_an_intact_checkpoint(tmp_path):
     args = [sys.executable, "-m", "train", *FAST, "--checkpoint-every", "2", "--keep-checkpoints", "0",
             "--log-every", "1"]
-    straight = subprocess.run([*args, "--steps", "6", "--run-name", "straight"], cwd=tmp_path, env=ENV,
-                              capture_output=True, text=True)
+    straight = run_python([*args, "--steps", "6", "--run-name", "straight"], cwd=tmp_path, env=ENV,
+                          capture_output=True, text=True)
     assert straight.returncode == 0, straight.stderr
-    first = subprocess.run([*args, "--steps", "4", "--run-name", "rot"], cwd=tmp_path, env=ENV,
-                           capture_output=True, text=True)
+    first = run_python([*args, "--steps", "4", "--run-name", "rot"], cwd=tmp_path, env=ENV,
+                       capture_output=True, text=True)
     assert first.returncode == 0, first.stderr
     step4 = tmp_path / "outputs" / "rot" / "checkpoints" / "step_00000004"
     shard = sorted(step4.glob("*.safetensors"))[0]
     flip_bits(shard)
-    named = subprocess.run([*args, "--steps", "6", "--run-name", "rot", "--resume", str(step4)], cwd=tmp_path,
-                           env=ENV, capture_output=True, text=True)
+    named = run_python([*args, "--steps", "6", "--run-name", "rot", "--resume", str(step4)], cwd=tmp_path,
+                       env=ENV, capture_output=True, text=True)
     assert named.returncode == 2 and named.stderr.strip().splitlines() == [
         f"error: checkpoint {step4}: shard {shard.name} does not match the checksum saved with it: its bytes changed "
         f"after the save (bit rot, a partial copy); restore it or resume from an older checkpoint"], named.stderr
-    auto = subprocess.run([*args, "--steps", "6", "--run-name", "rot"], cwd=tmp_path, env=ENV,
-                          capture_output=True, text=True)
+    auto = run_python([*args, "--steps", "6", "--run-name", "rot"], cwd=tmp_path, env=ENV,
+                      capture_output=True, text=True)
     assert auto.returncode == 0, auto.stderr
     assert f"shard {shard.name} does not match the checksum saved with it" in auto.stderr
     assert "falling back to the next older checkpoint" in auto.stderr
@@ -213,8 +215,8 @@ def test_bit_rot_is_caught_by_checksums_and_auto_resume_falls_back_to_an_intact_
 def test_one_run_per_folder_and_a_dead_runs_lock_does_not_block_a_resume(tmp_path):
     first = start(tmp_path, *FAST, "--steps", "5000", "--checkpoint-every", "3", "--run-name", "shared")
     wait_for_step(tmp_path / "outputs" / "shared", 4, first)
-    second = subprocess.run([sys.executable, "-m", "train", *FAST, "--steps", "5", "--run-name", "shared"],
-                            cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
+    second = run_python([sys.executable, "-m", "train", *FAST, "--steps", "5", "--run-name", "shared"],
+                        cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
     lines = second.stderr.strip().splitlines()
     assert second.returncode == 2 and len(lines) == 1, second.stderr
     assert lines[0].startswith(f"error: outputs/shared is in use by another run (host {os.uname().nodename}, pid "
@@ -222,9 +224,9 @@ def test_one_run_per_folder_and_a_dead_runs_lock_does_not_block_a_resume(tmp_pat
     first.kill()  # a crash: its lock stays behind
     first.wait(timeout=60)
     assert (tmp_path / "outputs" / "shared" / ".lock").exists()
-    resumed = subprocess.run([sys.executable, "-m", "train", *FAST, "--steps", "5000", "--run-name", "shared",
+    resumed = run_python([sys.executable, "-m", "train", *FAST, "--steps", "5000", "--run-name", "shared",
                               "--steps", "8", "--override-lr-schedule"], cwd=tmp_path, env=ENV,
-                             capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=120)
     assert resumed.returncode == 0 and "resumed from outputs/shared/checkpoints/step_" in resumed.stdout, \
         resumed.stderr
     assert not (tmp_path / "outputs" / "shared" / ".lock").exists()  # released at the end
@@ -247,8 +249,8 @@ def test_the_launcher_ends_a_signal_or_a_failure_in_lines_of_its_own_not_traceba
         f"the same command again to resume from it",
         "launcher: SIGTERM passed to the workers, which finish their step and save it; their lines above name the "
         "checkpoint"], err
-    bad = subprocess.run([*launcher, "--steps", "0"], cwd=tmp_path, env=ENV, capture_output=True, text=True,
-                         timeout=120)
+    bad = run_python([*launcher, "--steps", "0"], cwd=tmp_path, env=ENV, capture_output=True, text=True,
+                     timeout=120)
     *workers, last = bad.stderr.strip().splitlines()
     assert bad.returncode == 2 and set(workers) == {"error: --steps 0: must be >= 1"}, bad.stderr  # 1 or 2 ranks:
     assert last.startswith("error: launcher: rank ") and last.endswith(  # the first to fail stops the other

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from rank_harness import run_python
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--dataset", "synthetic", "--global-batch-size", "4", "--seq-len", "32", "--log-every", "1"]
@@ -17,8 +18,8 @@ FAST = ["--dataset", "synthetic", "--global-batch-size", "4", "--seq-len", "32",
 def train(cwd: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """``python -m train ARGS`` in ``cwd`` (its ``outputs/`` is the runs' root)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(ROOT / "packages" / p) for p in ("core", "models", "train"))}
-    return subprocess.run([sys.executable, "-m", "train", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    return run_python([sys.executable, "-m", "train", *args], cwd=cwd, capture_output=True, text=True,
+                      timeout=timeout, env=env)
 
 
 def losses(run_dir: Path) -> list[float]:

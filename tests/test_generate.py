@@ -3,12 +3,12 @@ to transformers' ``generate`` token for token, rows of a padded batch as if each
 cache equal to recomputing the whole sequence, and sampling that narrows to greedy."""
 
 import importlib.util
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from rank_harness import run_python
 from test_hf_format import full_state, unit_scale_model
 
 from models.generation import DecodeState, Sampling, generate
@@ -103,14 +103,14 @@ def test_sampling():
 def test_cli_continues_prompts_from_a_checkpoint(tmp_path):
     train = [sys.executable, "-m", "train", "--steps", "2", "--checkpoint-every", "2", "--seq-len", "32",
              "--global-batch-size", "4", "--output-dir", str(tmp_path / "run")]
-    assert subprocess.run(train, capture_output=True, text=True, timeout=300).returncode == 0
+    assert run_python(train, capture_output=True, text=True, timeout=300).returncode == 0
     tool = [sys.executable, str(ROOT / "tools" / "generate.py"), str(tmp_path / "run" / "checkpoints")]
-    result = subprocess.run([*tool, "--prompt", "ROMEO:", "--prompt", "To be", "--max-new-tokens", "5"],
-                            capture_output=True, text=True, timeout=300)
+    result = run_python([*tool, "--prompt", "ROMEO:", "--prompt", "To be", "--max-new-tokens", "5"],
+                        capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("ROMEO:") and "To be" in result.stdout
-    bad = subprocess.run([*tool, "--prompt", "x", "--tokenizer", str(tmp_path / "missing.json")],
-                         capture_output=True, text=True, timeout=300)
+    bad = run_python([*tool, "--prompt", "x", "--tokenizer", str(tmp_path / "missing.json")],
+                     capture_output=True, text=True, timeout=300)
     lines = bad.stderr.strip().splitlines()
     assert bad.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), bad.stderr
 

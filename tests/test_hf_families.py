@@ -9,14 +9,12 @@ import dataclasses
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from parity import assert_same_run, merge_ranks, run_steps
-from rank_harness import run_on_ranks
+from rank_harness import run_on_ranks, run_python
 from safetensors import safe_open
 from safetensors.torch import load_file as load_hf_safetensors
 from safetensors.torch import save_file
@@ -24,6 +22,7 @@ from safetensors.torch import save_file
 from models.hf_format import load_hf_folder, save_hf_folder
 from models.registry import build_model
 from train.hf_export import write_tokenizer_files
+from train.parity import assert_same_run, merge_ranks, run_steps
 
 transformers = pytest.importorskip("transformers")
 
@@ -233,14 +232,14 @@ def test_cli_trains_from_a_hub_id_and_exports_a_folder_transformers_uses(tmp_pat
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
     train = [sys.executable, "-m", "train", "--steps", "2", "--global-batch-size", "2", "--seq-len", "32",
              "--checkpoint-every", "2"]
-    run = subprocess.run([*train, "--init-from", "meshtron-test/tiny-qwen3", "--output-dir", str(tmp_path / "run")],
-                         capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    run = run_python([*train, "--init-from", "meshtron-test/tiny-qwen3", "--output-dir", str(tmp_path / "run")],
+                     capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     assert "tiny-qwen3: " in run.stdout and "tokenizer: " in run.stdout
 
     export = [sys.executable, str(ROOT / "tools" / "hf_convert.py"), "export", str(tmp_path / "run" / "checkpoints"),
               str(tmp_path / "out")]
-    done = subprocess.run(export, capture_output=True, text=True, env=env, timeout=300)
+    done = run_python(export, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     out = tmp_path / "out"
     assert json.loads((out / "config.json").read_text())["architectures"] == ["Qwen3ForCausalLM"]
@@ -250,8 +249,8 @@ def test_cli_trains_from_a_hub_id_and_exports_a_folder_transformers_uses(tmp_pat
     text = generator("To be, or not", max_new_tokens=5, do_sample=False)[0]["generated_text"]
     assert text.startswith("To be, or not") and len(text) > len("To be, or not")
 
-    missing = subprocess.run([*train, "--init-from", "meshtron-test/absent"], capture_output=True, text=True,
-                             env=env, timeout=120, cwd=tmp_path)
+    missing = run_python([*train, "--init-from", "meshtron-test/absent"], capture_output=True, text=True,
+                         env=env, timeout=120, cwd=tmp_path)
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1, missing.stderr
     assert missing.stderr.startswith("error: --init-from meshtron-test/absent: not in the hub cache")
 
@@ -310,7 +309,7 @@ def test_push_and_pull_through_a_local_hub(tmp_path, monkeypatch):
     fill_hub_cache(tmp_path / "hub", "me/tiny-qwen2", remote / "me" / "tiny-qwen2")
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
     pull = [sys.executable, str(ROOT / "tools" / "hf_convert.py"), "pull", "me/tiny-qwen2", str(tmp_path / "pulled")]
-    assert subprocess.run(pull, env=env, capture_output=True, text=True, timeout=120).returncode == 0
+    assert run_python(pull, env=env, capture_output=True, text=True, timeout=120).returncode == 0
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
         assert (tmp_path / "pulled" / name).read_bytes() == (folder / name).read_bytes(), name
         assert not (tmp_path / "pulled" / name).is_symlink()

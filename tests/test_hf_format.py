@@ -8,13 +8,12 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from rank_harness import run_on_ranks
+from rank_harness import run_on_ranks, run_python
 from safetensors.torch import load_file, save_file
 
 from models.hf_format import (
@@ -129,7 +128,7 @@ def test_cli_exports_newest_checkpoint(tmp_path):
     out = tmp_path / "hf"
     cmd = [sys.executable, str(ROOT / "tools" / "hf_convert.py"), "export", str(tmp_path / "ckpt"), str(out),
            "--dtype", "bfloat16"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    result = run_python(cmd, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     config, state = load_hf_folder(out)
     assert config == CONFIG

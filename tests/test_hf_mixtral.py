@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from rank_harness import run_on_ranks
+from rank_harness import run_on_ranks, run_python
 from safetensors import safe_open
 from test_hf_format import full_state, unit_scale_model
 
@@ -115,7 +115,7 @@ def write_checkpoint(root: Path, step: int, tensors: dict, meta: dict) -> None:
 
 def export_cli(checkpoint: Path, out: Path) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(ROOT / "tools" / "hf_convert.py"), "export", str(checkpoint), str(out)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    return run_python(cmd, capture_output=True, text=True, timeout=120)
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # one-process DCP save, on purpose

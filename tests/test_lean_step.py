@@ -9,8 +9,9 @@ import functools
 
 import pytest
 import torch
-from parity import BASE, assert_same_run, counted_calls, full, merge_ranks, run_steps
 from rank_harness import run_on_ranks
+
+from train.parity import BASE, assert_same_run, counted_calls, full, merge_ranks, run_steps
 
 
 @functools.cache

@@ -13,8 +13,9 @@ import tempfile
 
 import pytest
 import torch
-from parity import BASE, LEARNING, merge_ranks, run_steps
 from rank_harness import run_on_ranks
+
+from train.parity import BASE, LEARNING, merge_ranks, run_steps
 
 BF16_MESHES = [("dp=2", 2, {}), ("dp=2", 2, {"dp_mode": "replicate"}), ("tp=2", 2, {})]
 MESH_IDS = ["dp2-fsdp", "dp2-replicate", "tp2"]

@@ -5,12 +5,13 @@ import subprocess
 import sys
 
 import pytest
+from rank_harness import run_python
 
 FAST = ["--dataset", "synthetic", "--global-batch-size", "4", "--seq-len", "32"]
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=240)
+    proc = run_python([sys.executable, *args], capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 

@@ -5,8 +5,9 @@ The debug model has 8 query and 4 K/V heads, so every run here is GQA (4/2 per r
 
 import pytest
 import torch
-from parity import assert_same_run
 from test_parity_dense import on_mesh, single_process
+
+from train.parity import assert_same_run
 
 METHODS = ["ring", "allgather"]
 

@@ -7,8 +7,9 @@ gradients and the final weights match the single-process run.
 import functools
 
 import pytest
-from parity import LEARNING, assert_same_run, assert_tracks_float32, merge_ranks, run_steps
 from rank_harness import run_on_ranks
+
+from train.parity import LEARNING, assert_same_run, assert_tracks_float32, merge_ranks, run_steps
 
 
 @functools.cache

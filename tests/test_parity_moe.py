@@ -8,21 +8,14 @@ the single-process run. Plus the configuration errors, raised before any collect
 import functools
 
 import pytest
-from parity import BASE, LEARNING, assert_same_run, assert_tracks_float32, merge_ranks, run_steps
 from rank_harness import run_on_ranks
 
 from core.mesh import MeshConfigError
 from models.moe.config import check_expert_parallel
 from models.registry import get_config
 from train.config import TrainConfig
+from train.parity import BASE, LEARNING, MOE, assert_same_run, assert_tracks_float32, merge_ranks, run_steps
 from train.validation import validate
-
-# adam_eps=1e-4 (parity.BASE has 1e-5): a token first seen at step 2 gets a tiny Adam
-# update whose derivative in its gradient is ~lr/eps; at 1e-5 float32 reduction-order noise
-# (1e-7 in a gradient) moved one embedding element of ep=2,tp=2 by 2.8e-5, over the 2e-5
-# weight tolerance (dense tp=2 shows 1.1e-5 the same way). At 1e-4 that element differs by 1.6e-6.
-# A real bug still fails: it shows in the first-step gradients (atol 1e-6) and moves weights by ~lr.
-MOE = {"adam_eps": 1e-4}
 
 
 @functools.cache

@@ -10,17 +10,16 @@ import functools
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from parity import BASE, LEARNING, assert_same_run, assert_tracks_float32, merge_ranks, run_steps
-from rank_harness import run_on_ranks
+from rank_harness import run_on_ranks, run_python
 
 from core.mesh import MeshConfigError
 from core.pipeline import PipelineConfigError, last_stage_rank, layers_per_stage, stages_of_rank
 from train.config import TrainConfig
+from train.parity import BASE, LEARNING, assert_same_run, assert_tracks_float32, merge_ranks, run_steps
 from train.validation import validate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -231,7 +230,7 @@ def logged_losses(world: int, out: Path, *flags: str) -> list[float]:
     launcher = ["-m", "torch.distributed.run", f"--nproc_per_node={world}", "--standalone"] if world > 1 else []
     cmd = [sys.executable, *launcher, "-m", "train", "--dataset", "synthetic", "--steps", "2", "--seq-len", "32",
            "--global-batch-size", "8", "--lr", "1e-2", "--warmup-steps", "1", "--output-dir", str(out), *flags]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = run_python(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
@@ -280,7 +279,7 @@ def test_timeline_tool_records_every_action(tmp_path):
     the last one also m losses; trace and PNG are written."""
     cmd = [sys.executable, str(ROOT / "tools" / "pipeline_timeline.py"), "--pp", "2", "--microbatches", "4",
            "--batch", "8", "--seq-len", "32", "--steps", "2", "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    proc = run_python(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "theory (p-1)/(m+p-1) = 0.200" in proc.stdout and "theory for these stages' measured times" in proc.stdout
     for r in load_timeline_tool().load_recording(tmp_path / "recording"):

@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from rank_harness import run_python
 
 from models.registry import get_config, parse_model_args
 from train.config import parse_config
@@ -49,7 +50,7 @@ def test_planned_memory_is_the_dry_runs(world, layout):
         command = [sys.executable, "-m", "train", "--dry-run", "--world-size", str(world), "--model", "llama3-8b",
                    "--model-args", SLICE, "--seq-len", str(seq), "--global-batch-size", str(batch),
                    "--dataset", "synthetic", "--output-dir", out, *layout.flags()]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+        result = run_python(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
         assert result.returncode == 0, result.stderr[-2000:]
         ranks = json.loads((Path(out) / "dry_run.json").read_text())["ranks"]
     simulated = max(r["memory_bytes"]["peak"] for r in ranks)
@@ -57,8 +58,8 @@ def test_planned_memory_is_the_dry_runs(world, layout):
 
 
 def plan_cli(*flags: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "tools/plan.py", *flags], capture_output=True, text=True, timeout=600,
-                          cwd=ROOT)
+    return run_python([sys.executable, "tools/plan.py", *flags], capture_output=True, text=True, timeout=600,
+                      cwd=ROOT)
 
 
 def test_cli_ranks_and_checks_with_the_dry_run():

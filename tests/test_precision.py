@@ -16,8 +16,9 @@ import tempfile
 
 import pytest
 import torch
-from parity import BASE, LEARNING
 from rank_harness import run_on_ranks
+
+from train.parity import BASE, LEARNING
 
 FLOAT8_STEPS = 50
 MESH_STEPS = 25  # the mesh runs are compared on the first half, to keep the suite short

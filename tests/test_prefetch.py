@@ -7,10 +7,10 @@ import threading
 
 import pytest
 import torch
-from parity import BASE
 from rank_harness import run_on_ranks
 
 from train.data import SyntheticBatches
+from train.parity import BASE
 from train.prefetch import PrefetchedBatches
 
 
