@@ -142,7 +142,7 @@ def documents_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def masked_reference(documents_file):
-    from parity import merge_ranks, run_steps
+    from train.parity import merge_ranks, run_steps
 
     return merge_ranks(run_on_ranks(run_steps, 1, "", {"dataset": documents_file, "document_masking": True}))
 
@@ -154,7 +154,7 @@ def masked_reference(documents_file):
     ("dp=2", 2, {"grad_accum_steps": 2}),
 ])
 def test_document_masking_is_mesh_invariant(documents_file, masked_reference, mesh, world, overrides):
-    from parity import assert_same_run, merge_ranks, run_steps
+    from train.parity import assert_same_run, merge_ranks, run_steps
 
     run = merge_ranks(run_on_ranks(run_steps, world, mesh, {"dataset": documents_file, "document_masking": True,
                                                             **overrides}))
@@ -163,7 +163,7 @@ def test_document_masking_is_mesh_invariant(documents_file, masked_reference, me
 
 def test_document_masking_changes_training(documents_file, masked_reference):
     """The runs above would agree trivially if masking did nothing: it changes the gradients."""
-    from parity import merge_ranks, run_steps
+    from train.parity import merge_ranks, run_steps
 
     plain = merge_ranks(run_on_ranks(run_steps, 1, "", {"dataset": documents_file}))
     grads = masked_reference["grads"]

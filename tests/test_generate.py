@@ -163,10 +163,9 @@ def train_and_sample(mesh: str, overrides: dict) -> dict:
     """Every rank: 2 steps of the trainer, then its sample and (gathered) weights and buffers."""
     import tempfile
 
-    from parity import full
-
     from train.config import TrainConfig
     from train.loop import apply_gradients, build_trainer, compute_gradients
+    from train.parity import full
     from train.sampling import sample_text
 
     with tempfile.TemporaryDirectory() as out:

@@ -66,10 +66,10 @@ def gradient_reductions_in_one_step(mesh: str, overrides: dict) -> tuple[int, in
     import tempfile
 
     import torch.distributed as dist
-    from parity import BASE, counted_calls
 
     from train.config import TrainConfig
     from train.loop import build_trainer, compute_gradients
+    from train.parity import BASE, counted_calls
 
     with tempfile.TemporaryDirectory() as out:
         t = build_trainer(TrainConfig(**{**BASE, "mesh": mesh, "output_dir": out, **overrides}))

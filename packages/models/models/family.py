@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Protocol
 
 import torch
@@ -64,6 +65,16 @@ class HFFormat:
     tensor_names: Callable[[str, ModelConfig], list[str]]
     split_tensor: Callable[[str, Tensor], list[Tensor]]
     join_tensors: Callable[[str, list[Tensor]], Tensor]
+
+    @classmethod
+    def of(cls, hf_config: ModuleType, hf_names: ModuleType) -> HFFormat:
+        """The format a family's ``hf_config`` and ``hf_names`` modules define, by the names every
+        family uses: ARCHITECTURES, model_type_of, from_hf_config, to_hf_config, export_mismatches;
+        hf_names, split_for_hf, join_from_hf."""
+        return cls(architectures=hf_config.ARCHITECTURES, model_type_of=hf_config.model_type_of,
+                   from_config_json=hf_config.from_hf_config, to_config_json=hf_config.to_hf_config,
+                   export_mismatches=hf_config.export_mismatches, tensor_names=hf_names.hf_names,
+                   split_tensor=hf_names.split_for_hf, join_tensors=hf_names.join_from_hf)
 
 
 @dataclass(frozen=True)

@@ -29,10 +29,7 @@ def no_moe_layers(module) -> list:
     return []
 
 
-HF = HFFormat(architectures=hf_config.ARCHITECTURES, model_type_of=hf_config.model_type_of,
-              from_config_json=hf_config.from_hf_config, to_config_json=hf_config.to_hf_config,
-              export_mismatches=hf_config.export_mismatches, tensor_names=hf_names.hf_names,
-              split_tensor=hf_names.split_for_hf, join_tensors=hf_names.join_from_hf)
+HF = HFFormat.of(hf_config, hf_names)
 
 FAMILY = ModelFamily(
     name="llama", kind="a dense", config_class=LlamaConfig, build=Transformer, check_mesh=check_mesh,

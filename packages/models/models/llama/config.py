@@ -15,6 +15,12 @@ from .rope import check_rope
 
 @dataclass(frozen=True)
 class LlamaConfig:
+    """A dense decoder's architecture: the sizes, then the features each Hugging Face family adds.
+
+    Frozen, so a config is a value: runs compare it field by field (``--init-from`` against
+    ``--model``, a resumed run against its meta.json) and ``dataclasses.replace`` derives variants.
+    """
+
     dim: int = 256
     n_layers: int = 4
     n_heads: int = 8

@@ -40,10 +40,7 @@ def step_load(module: nn.Module, config: MoEConfig, sequence_group, token_group,
     return StepLoad(moe_layers(module), config.n_experts, sequence_group, token_group, sequences_per_step, device)
 
 
-HF = HFFormat(architectures=hf_config.ARCHITECTURES, model_type_of=hf_config.model_type_of,
-              from_config_json=hf_config.from_hf_config, to_config_json=hf_config.to_hf_config,
-              export_mismatches=hf_config.export_mismatches, tensor_names=hf_names.hf_names,
-              split_tensor=hf_names.split_for_hf, join_tensors=hf_names.join_from_hf)
+HF = HFFormat.of(hf_config, hf_names)
 
 FAMILY = ModelFamily(
     name="moe", kind="an MoE", config_class=MoEConfig, build=MoETransformer, check_mesh=check_mesh,
