@@ -103,6 +103,24 @@ class ParallelModel(ABC):
         # Ranks reading different rows of each global batch: dp x ep (ep is data parallel for dense layers).
         self.batch_shard: tuple[int, int] = (pm.local_rank("batch"), pm.size("batch"))
 
+    @property
+    def stage_ids(self) -> list[int]:
+        """The pipeline stages this rank runs (two per rank with interleaved schedules); [0] without pp."""
+        return [0]
+
+    def materialize(self, device: torch.device) -> None:
+        """Allocate a meta-device model's shards on ``device`` (values: ``models.init``, or none for a
+        dry run's fake tensors) and make it where the step puts batches and buffers. No communication."""
+        for part in self.parts:
+            part.to_empty(device=device)
+        self.device = device
+
+    def declare_static_shapes(self) -> None:
+        """Tell the layout every step's tensors have the shapes it was built for (nothing to agree on
+        at the first step). Only a pipeline asks (``PipelinedModel``); a dry run on fake tensors,
+        which cannot answer such a question, declares it."""
+        return None  # without a pipeline there is nothing to agree on
+
     # --- the step ----------------------------------------------------------------------------
 
     @abstractmethod

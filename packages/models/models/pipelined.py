@@ -147,6 +147,32 @@ class PipelinedModel(ParallelModel):
         super().__init__(parts, list(parts), pm, device, recipe, rules, moe_load)
         self.pipeline, self.tied = pipeline, tied
 
+    @property
+    def stage_ids(self) -> list[int]:
+        return list(self.pipeline.stage_ids)
+
+    def materialize(self, device: torch.device) -> None:
+        super().materialize(device)
+        for stage in self.pipeline.stages:
+            stage.device = device  # where the schedule allocates its receive buffers
+
+    def declare_static_shapes(self) -> None:
+        """Skip the schedule's first-step vote on static shapes and set its answer, STATIC.
+
+        On its first step a ``torch.distributed.pipelining`` schedule has its ranks vote, by P2P,
+        on whether every stage was given static shapes, and reads the result on the host
+        (``.item()``). Ours always are (``core.pipeline.StageIO``), so the answer is known. This
+        sets torch's private stage mode (``_inference_mode``) in place of its ``_warmup_p2p``: the
+        one place Meshtron touches pipelining internals, checked by the dry-run tests. No collective.
+        """
+        from torch.distributed.pipelining._utils import InferenceMode
+
+        def static_mode(stages, has_backward, p2p_done):
+            for stage in stages:
+                stage._inference_mode = InferenceMode.STATIC
+
+        self.pipeline.schedule._warmup_p2p = static_mode
+
     def forward_backward(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Run one step's schedule; return this rank's share of the global mean loss (on every stage).
 

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from core.checkpoint import CheckpointError
 from core.failures import CollectiveTimeout, is_collective_timeout, timeout_message
 
+from . import checkpointing
 from .config import parse_config
 from .distributed import shutdown_and_exit
 from .divergence import TrainingDiverged
@@ -45,8 +46,8 @@ def run(argv: list[str] | None) -> int:
     except (ValueError, CheckpointError) as err:  # the user's input: options, files, checkpoints
         _error(str(err))
         return 2
-    except TrainingDiverged as err:
-        _error(str(err))
+    except TrainingDiverged as err:  # every rank, after the last save committed: name it
+        _error(err.message(checkpointing.latest_checkpoint(cfg)))
         return 3
     except Preempted as stop:
         if not dist.is_initialized() or dist.get_rank() == 0:

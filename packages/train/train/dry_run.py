@@ -21,7 +21,7 @@ Ranks are simulated as CUDA ranks (``--dtype auto`` computes in bf16) unless ``-
 ``--dry-run-init`` also allocates the rank's shards for real and times their initialization.
 
 Two things a fake tensor cannot answer are given instead: the pipeline's first-step vote
-on static shapes (our stages always give them, ``_skip_pipeline_shape_vote``) and the
+on static shapes (our stages always give them: ``ParallelModel.declare_static_shapes``) and the
 expert all-to-all's split sizes, which come from routing, i.e. from the data: the dry run
 assumes perfectly balanced routing (``_assume_balanced_routing``). Not simulated: the ZBV
 schedule (MemTracker cannot follow its split backward) and MoE in float32 (torch's fake
@@ -169,17 +169,13 @@ def _simulate(cfg: TrainConfig, checked, dtype: torch.dtype, world: int, rank: i
     model = distribute_model(checked.model_config, pm, torch.device("meta"), options, recipe, seed=None)
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     with fake:
-        for part in model.parts:
-            part.to_empty(device="cpu")  # fake CPU tensors of the shard shapes: no memory
-        model.device = torch.device("cpu")
-        for stage in getattr(getattr(model, "pipeline", None), "stages", []):
-            stage.device = model.device  # where the schedule allocates its receive buffers
+        model.materialize(torch.device("cpu"))  # fake CPU tensors of the shard shapes: no memory
         optimizer = build_optimizer(cfg, model.module)
     build_seconds = time.perf_counter() - start
     rows = cfg.global_batch_size // model.batch_shard[1]
     tokens = torch.randint(0, checked.model_config.vocab_size, (rows, cfg.seq_len))
     trainer = _StepView(cfg, model, optimizer)
-    _skip_pipeline_shape_vote(model)
+    model.declare_static_shapes()  # a pipeline's first-step shape vote reads fake tensors on the host
     _assume_balanced_routing(model)
     with fake:  # step 1, untracked: creates the optimizer state and FSDP's buffers, as any first step does
         apply_gradients(trainer, _gradients(model, tokens, tokens))
@@ -193,7 +189,7 @@ def _simulate(cfg: TrainConfig, checked, dtype: torch.dtype, world: int, rank: i
     steady = closed_form_bytes(model.module)
     peak = max(_total(memory.get_tracker_snapshot("peak")), sum(steady.values()))
     report = {
-        "rank": rank, "stage": pm.local_rank("pp"), "stages": _stages_held(model),
+        "rank": rank, "stage": pm.local_rank("pp"), "stages": model.stage_ids,
         # activations: all the step adds at its peak to what stays between steps (parameter shards,
         # optimizer state): activations, gathered parameters, gradients, temporaries.
         "memory_bytes": {**steady, "activations": peak - steady["params"] - steady["optimizer"], "peak": peak},
@@ -208,26 +204,6 @@ def _simulate(cfg: TrainConfig, checked, dtype: torch.dtype, world: int, rank: i
     return report
 
 
-def _skip_pipeline_shape_vote(model) -> None:
-    """Let a pipeline schedule run on fake tensors: set its stages' metadata mode without the vote.
-
-    On its first step a ``torch.distributed.pipelining`` schedule has its ranks vote, by P2P, on
-    whether every stage was given static shapes, and reads the result on the host (``.item()``),
-    which a fake tensor cannot answer. Our stages always are (``core.pipeline.StageIO``): the
-    vote's answer is known, STATIC, and is set here instead. No collective.
-    """
-    pipeline = getattr(model, "pipeline", None)
-    if pipeline is None:
-        return
-    from torch.distributed.pipelining._utils import InferenceMode
-
-    def static_mode(stages, has_backward, p2p_done):
-        for stage in stages:
-            stage._inference_mode = InferenceMode.STATIC
-
-    pipeline.schedule._warmup_p2p = static_mode
-
-
 def _assume_balanced_routing(model) -> None:
     """Give every MoE layer's all-to-all an even split (``core.expert_parallel``'s
     ``assume_balanced``): its split sizes come from routing decisions, i.e. from the data,
@@ -236,12 +212,6 @@ def _assume_balanced_routing(model) -> None:
     for part in model.parts:
         for layer in family_of(part.config).moe_layers(part):
             layer.routed_ffn = functools.partial(layer.routed_ffn, assume_balanced=True)
-
-
-def _stages_held(model) -> list[int]:
-    """The pipeline stages this rank runs (two per rank with interleaved schedules); [0] without pp."""
-    pipeline = getattr(model, "pipeline", None)
-    return list(pipeline.stage_ids) if pipeline is not None else [0]
 
 
 def _gradients(model, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -271,8 +241,7 @@ def _total(snapshot: dict) -> int:
 def _time_init(model_config, pm: ParallelMesh, options, recipe, seed: int) -> float:
     """Seconds to initialize this rank's shards, allocated for real on the CPU (then freed)."""
     model = distribute_model(model_config, pm, torch.device("meta"), options, recipe, seed=None)
-    for part in model.parts:
-        part.to_empty(device="cpu")
+    model.materialize(torch.device("cpu"))
     start = time.perf_counter()
     for part in model.parts:
         init_weights(part, model_config.n_layers, seed)

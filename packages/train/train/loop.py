@@ -44,7 +44,7 @@ from .banner import startup_banner
 from .config import TrainConfig
 from .data import build_batches
 from .distributed import init_distributed, resolve_device, world_size_from_env
-from .divergence import TrainingDiverged, check_dropped_steps
+from .divergence import StepSettings, TrainingDiverged
 from .evaluation import EvalBatches, build_eval_batches, evaluate
 from .flops import model_flops_per_token, peak_flops
 from .model_source import resolve_sources
@@ -185,13 +185,28 @@ def apply_gradients(t: Trainer, loss: float | torch.Tensor
         grad_norm = norm.item()
         applied = math.isfinite(loss) and math.isfinite(grad_norm)
         if not applied and not t.cfg.skip_nonfinite_steps:
-            raise TrainingDiverged(t, loss, grad_norm)
+            raise TrainingDiverged(t.step + 1, loss, grad_norm, step_settings(t.cfg))
         if applied:
             t.optimizer.step()
     t.model.after_optimizer_step(applied)
     t.scheduler.step()
     t.optimizer.zero_grad(set_to_none=True)
     return grad_norm, lr, applied
+
+
+def step_settings(cfg: TrainConfig) -> StepSettings:
+    return StepSettings(lr=cfg.lr, warmup_steps=cfg.warmup_steps, log_every=cfg.log_every)
+
+
+def check_dropped_steps(t: Trainer) -> None:
+    """Before a reported step: count the steps dropped on the device since the previous report,
+    and stop the run (``TrainingDiverged``) if there were any and ``--skip-nonfinite-steps`` is off."""
+    if t.unchecked_nonfinite is None:
+        return
+    dropped, t.unchecked_nonfinite = int(t.unchecked_nonfinite.item()), None
+    if dropped and not t.cfg.skip_nonfinite_steps:
+        raise TrainingDiverged(t.step, math.nan, math.nan, step_settings(t.cfg), window=(t.last_report[0] + 1, t.step))
+    t.skipped_steps += dropped
 
 
 def reports_step(t: Trainer, step: int) -> bool:
@@ -323,11 +338,11 @@ def run_training(t: Trainer, cfg: TrainConfig) -> Trainer:
                     stop_for_preemption(t, signum, saved, logger.run_id)
                 if metrics:  # the next report times training only, not this one's eval, logging or save
                     t.last_report = (t.step, time.perf_counter())
-        except TrainingDiverged as err:
+        except TrainingDiverged:
             # Every rank raised at the same step, so the collective commit below is safe:
             # the last good checkpoint, still being written, must not be lost (and the
-            # message should name it).
+            # message, written by the caller, names it).
             t.checkpointer.wait()
-            raise TrainingDiverged(t, err.loss, err.grad_norm, err.window) from None
+            raise
         t.checkpointer.wait()  # an async save commits only once every rank has waited
     return t
