@@ -36,7 +36,7 @@ from torch.testing._internal.distributed.fake_pg import FakeStore  # noqa: E402
 from core.mesh import MeshShape, build_mesh  # noqa: E402
 from core.tensor_parallel import local_tensor  # noqa: E402
 from models.init import constant_init, copy_full_value_, init_std, init_weights, parameter_seed  # noqa: E402
-from models.parallelize import ParallelOptions, materialize, parallelize  # noqa: E402
+from models.parallelize import ParallelOptions, materialize, shard_module  # noqa: E402
 from models.registry import build_model, get_config  # noqa: E402
 
 CASES = [("llama3-1b", "dp=8", 8), ("llama3-8b", "dp=8", 8), ("llama3-70b", "dp=8,tp=8", 64)]
@@ -49,7 +49,7 @@ def rank_zero_model(model_name: str, mesh: str, world: int) -> tuple[torch.nn.Mo
     config = get_config(model_name)
     with torch.device("meta"):
         model = build_model(config)
-    parallelize(model, build_mesh(MeshShape.parse(mesh).resolve(world), "cpu", None), ParallelOptions())
+    shard_module(model, build_mesh(MeshShape.parse(mesh).resolve(world), "cpu", None), ParallelOptions())
     materialize(model, torch.device("cpu"))
     return model, config.n_layers
 

@@ -182,12 +182,12 @@ def load_sharded(folder: str, meshes: list[str]) -> dict[str, dict[str, torch.Te
     from torch.distributed.tensor import DTensor
 
     from core.mesh import MeshShape, build_mesh
-    from models.parallelize import materialize, parallelize
+    from models.parallelize import materialize, shard_module
     out = {}
     for mesh in meshes:
         with torch.device("meta"):
             model = build_model(CONFIG)
-        parallelize(model, build_mesh(MeshShape.parse(mesh), "cpu"))
+        shard_module(model, build_mesh(MeshShape.parse(mesh), "cpu"))
         materialize(model, torch.device("cpu"))
         load_hf_weights_(model, folder)
         out[mesh] = {name: p.full_tensor() for name, p in model.named_parameters() if isinstance(p, DTensor)}

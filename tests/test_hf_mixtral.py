@@ -154,10 +154,10 @@ def load_on_ep2(folder: str, batch: torch.Tensor) -> dict:
     from torch.distributed.tensor import DTensor
 
     from core.mesh import MeshShape, build_mesh
-    from models.parallelize import materialize, parallelize
+    from models.parallelize import materialize, shard_module
     with torch.device("meta"):
         model = build_model(CONFIG)
-    parallelize(model, build_mesh(MeshShape.parse("ep=2"), "cpu"))
+    shard_module(model, build_mesh(MeshShape.parse("ep=2"), "cpu"))
     materialize(model, torch.device("cpu"))
     for router in (m for m in model.modules() if isinstance(m, Router)):
         router.expert_bias.fill_(1.0)

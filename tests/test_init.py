@@ -13,14 +13,14 @@ def shards_against_the_full_values(mesh: str, model_name: str) -> dict:
 
     import models.init as init
     from core.mesh import MeshShape, build_mesh
-    from models.parallelize import ParallelOptions, materialize, parallelize
+    from models.parallelize import ParallelOptions, materialize, shard_module
     from models.registry import build_model, get_config
 
     world = torch.distributed.get_world_size()
     config = get_config(model_name)
     with torch.device("meta"):
         model = build_model(config)
-    parallelize(model, build_mesh(MeshShape.parse(mesh).resolve(world), "cpu", None), ParallelOptions())
+    shard_module(model, build_mesh(MeshShape.parse(mesh).resolve(world), "cpu", None), ParallelOptions())
     materialize(model, torch.device("cpu"))
     drawn = []
     original = init.tile_seed

@@ -34,17 +34,17 @@ def test_a_parameter_outside_the_tensor_parallel_plan_is_refused(fake_world_of_t
     """Under tp=2 a plain parameter the plan does not place would get a partial (or doubled)
     gradient; it is refused by name instead. Without it the same model parallelizes."""
     from core.mesh import MeshShape, ParallelMesh
-    from models.parallelize import parallelize
+    from models.parallelize import shard_module
 
     pm = ParallelMesh(MeshShape(tp=2), "cpu")
     model = debug_model_on_meta()
     if not extra_parameter:
-        parallelize(model, pm)
+        shard_module(model, pm)
         return
     with torch.device("meta"):
         model.layers["1"].attention.temperature = nn.Parameter(torch.ones(()))
     with pytest.raises(ValueError, match=r"\['layers.1.attention.temperature'\] are not in the tensor-parallel plan"):
-        parallelize(model, pm)
+        shard_module(model, pm)
 
 
 STEP_FUNCTIONS = ("train_step", "compute_gradients", "apply_gradients", "step_report")

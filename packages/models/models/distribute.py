@@ -7,8 +7,8 @@ import torch
 from core.mesh import ParallelMesh
 
 from .parallel_model import ParallelModel, StepRecipe
-from .parallelize import ParallelOptions, parallelize_model
-from .pipelined import pipeline_model
+from .parallelize import ParallelOptions, build_single_stage_model
+from .pipelined import build_pipelined_model
 
 
 def distribute_model(model_config, pm: ParallelMesh, device: torch.device, options: ParallelOptions,
@@ -18,5 +18,5 @@ def distribute_model(model_config, pm: ParallelMesh, device: torch.device, optio
     pp > 1, else the whole model sharded by the other dims. Collective (process groups, FSDP).
     ``seed`` None: no initial values (a dry run, on the meta device).
     """
-    build = pipeline_model if pm.size("pp") > 1 else parallelize_model
+    build = build_pipelined_model if pm.size("pp") > 1 else build_single_stage_model
     return build(model_config, pm, device, options, recipe, seed)

@@ -2,7 +2,7 @@
 
 Each family folder (``models/llama``, ``models/moe``) exports one ``ModelFamily``; ``models.registry``
 lists them and finds a config's family by its config class. Nothing outside a family folder
-looks at module classes: ``parallelize``, the pipeline builder, generation, the dry run, the
+looks at module classes: ``shard_module``, the pipeline builder, generation, the dry run, the
 planner and the Hugging Face import/export call the family's functions instead. What a config
 costs (parameter shapes and roles, FLOPs) is answered by the config itself (``models.stats``).
 """

@@ -2,8 +2,8 @@
 
 ``models.distribute.distribute_model`` builds one of two implementations of ``ParallelModel``:
 
-  - ``ShardedModel``: the whole model on this rank, sharded by TP/SP, FSDP, EP and CP;
-    a step runs its micro-batches one after another;
+  - ``SingleStageModel``: the whole model on this rank as one stage (no pipeline), sharded by
+    TP/SP, FSDP, EP and CP; a step runs its micro-batches one after another;
   - ``models.pipelined.PipelinedModel``: this rank's pipeline stage(s), each sharded the
     same way; a step runs a ``torch.distributed.pipelining`` schedule.
 
@@ -249,7 +249,7 @@ class ParallelModel(ABC):
         return tensors
 
 
-class ShardedModel(ParallelModel):
+class SingleStageModel(ParallelModel):
     """The whole model on this rank (sharded by TP/SP, FSDP, EP, CP): a step runs its
     ``grad_accum_steps`` micro-batches one after another."""
 

@@ -18,8 +18,8 @@ torchao's ``Float8Linear``, ``core.float8``; every step below treats them as the
      whose gathers and reduce-scatters run in hooks on the block, outside that region).
 The model may still be on the meta device: nothing is allocated until ``to_empty``.
 
-``parallelize_model`` does all of it to a whole model and returns the ``ShardedModel`` that
-runs its steps (``models.pipelined.pipeline_model`` is the pipeline's twin, and
+``build_single_stage_model`` does all of it to a whole model and returns the ``SingleStageModel`` that
+runs its steps (``models.pipelined.build_pipelined_model`` is the pipeline's twin, and
 ``models.distribute.distribute_model`` picks between them).
 """
 
@@ -44,7 +44,7 @@ from core.zigzag import zigzag_positions
 from .family import ModelFamily
 from .init import init_weights
 from .moe.load import StepLoad
-from .parallel_model import GradientRules, ShardedModel, StepRecipe
+from .parallel_model import GradientRules, SingleStageModel, StepRecipe
 from .registry import build_model, family_of
 
 DP_MODES = ("fsdp", "hsdp", "replicate")
@@ -52,7 +52,7 @@ DP_MODES = ("fsdp", "hsdp", "replicate")
 
 @dataclass(frozen=True)
 class ParallelOptions:
-    """How ``parallelize`` applies each technique (the mesh says how far).
+    """How ``shard_module`` applies each technique (the mesh says how far).
 
     ``dp_mode``: "fsdp" shards parameters over all data-parallel ranks (ZeRO-3); "hsdp" shards
     them within groups of ``dp_shard`` dp ranks and replicates them across groups (the mesh's
@@ -91,7 +91,7 @@ def keeps_high_precision(name: str) -> bool:
     return name == "output" or name.endswith("router.gate")
 
 
-def parallelize(model: nn.Module, pm: ParallelMesh, options: ParallelOptions = ParallelOptions()) -> None:
+def shard_module(model: nn.Module, pm: ParallelMesh, options: ParallelOptions = ParallelOptions()) -> None:
     """Shard ``model`` (a family's model or pipeline stage, ``model.config`` its config) in place over
     ``pm``: EP on ``pm["ep"]``, TP/SP on ``pm["tp"]``, context parallel attention on ``pm["cp"]``,
     checkpointing/compile per block, then FSDP on ``pm["dense_grad"]`` (experts on ``pm["expert_grad"]``).
@@ -159,7 +159,7 @@ def checkpoint_and_compile(block: nn.Module, checkpoint_mode: str, compile: bool
 
 
 def wraps_data_parallel(pm: ParallelMesh, options: ParallelOptions) -> bool:
-    """Whether ``parallelize`` wraps the model in FSDP or ``replicate``: with data parallel ranks to
+    """Whether ``shard_module`` wraps the model in FSDP or ``replicate``: with data parallel ranks to
     sum gradients over, or to cast parameters to a lower compute dtype (on one rank too, so that
     bf16 is one recipe on every mesh)."""
     return pm.size("dense_grad") > 1 or options.param_dtype is not None
@@ -232,28 +232,28 @@ def materialize(model: nn.Module, device: torch.device) -> None:
     model.to_empty(device=device)
 
 
-def parallelize_and_initialize(model: nn.Module, pm: ParallelMesh, device: torch.device, seed: int | None,
-                               options: ParallelOptions = ParallelOptions()) -> None:
+def shard_and_initialize(model: nn.Module, pm: ParallelMesh, device: torch.device, seed: int | None,
+                         options: ParallelOptions = ParallelOptions()) -> None:
     """Shard a meta-device model (or pipeline stage) over ``pm``, allocate this rank's shards on
     ``device`` and fill them with the mesh-invariant initial values (``models.init``).
     ``seed`` None leaves them uninitialized (a dry run, which allocates on the meta device).
 
-    Collective only where ``parallelize`` is (FSDP setup); initialization issues none.
+    Collective only where ``shard_module`` is (FSDP setup); initialization issues none.
     """
-    parallelize(model, pm, options)
+    shard_module(model, pm, options)
     materialize(model, device)
     if seed is not None:
         init_weights(model, model.config.n_layers, seed)
 
 
-def parallelize_model(model_config, pm: ParallelMesh, device: torch.device, options: ParallelOptions,
-                      recipe: StepRecipe, seed: int | None) -> ShardedModel:
+def build_single_stage_model(model_config, pm: ParallelMesh, device: torch.device, options: ParallelOptions,
+                             recipe: StepRecipe, seed: int | None) -> SingleStageModel:
     """The whole model of ``model_config``, sharded over ``pm`` and initialized, with its step
-    rules. Collective where ``parallelize`` is (FSDP setup)."""
+    rules. Collective where ``shard_module`` is (FSDP setup)."""
     with torch.device("meta"):
         model = build_model(model_config)
-    parallelize_and_initialize(model, pm, device, seed, options)
-    return ShardedModel(model, pm, device, recipe, gradient_rules(model, model_config, pm),
+    shard_and_initialize(model, pm, device, seed, options)
+    return SingleStageModel(model, pm, device, recipe, gradient_rules(model, model_config, pm),
                         step_load(model, model_config, pm, recipe, device))
 
 

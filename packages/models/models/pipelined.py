@@ -44,7 +44,7 @@ from core.tensor_parallel import local_tensor
 from .init import init_parameter_
 from .moe.load import StepLoad
 from .parallel_model import GradientRules, ParallelModel, StepRecipe
-from .parallelize import ParallelOptions, gradient_rules, parallelize_and_initialize, step_load
+from .parallelize import ParallelOptions, gradient_rules, shard_and_initialize, step_load
 from .registry import build_model, family_of
 from .stats import ModelStats
 from .tied_output import EMBEDDING, TiedOutput, tied_output
@@ -91,14 +91,14 @@ def build_stage_module(model_config, layer_ids: list[int], first: bool, last: bo
     """
     with torch.device("meta"):
         model = family_of(model_config).split_stage(build_model(model_config), layer_ids, first, last)
-    parallelize_and_initialize(model, pm, device, seed, dataclasses.replace(options, reshard_after_forward=False))
+    shard_and_initialize(model, pm, device, seed, dataclasses.replace(options, reshard_after_forward=False))
     if model_config.tie_embeddings and last and not first and seed is not None:
         init_parameter_(model.output.weight, EMBEDDING, model_config.n_layers, seed)  # a replica (models.tied_output)
     return model
 
 
-def pipeline_model(model_config, pm: ParallelMesh, device: torch.device, options: ParallelOptions,
-                   recipe: StepRecipe, seed: int | None) -> PipelinedModel:
+def build_pipelined_model(model_config, pm: ParallelMesh, device: torch.device, options: ParallelOptions,
+                          recipe: StepRecipe, seed: int | None) -> PipelinedModel:
     """This rank's stage modules and the schedule that drives them. Collective (process groups, FSDP)."""
     pp = pm.size("pp")
     stage_ids = stages_of_rank(pm.local_rank("pp"), pp, options.pp_schedule)
