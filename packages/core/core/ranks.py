@@ -10,8 +10,8 @@ call, as a spawned process would. Each rank:
   - runs ``fn(*args)`` and writes the result (or its traceback) to a file,
   - destroys the process group and leaves with ``os._exit`` (gloo can abort at normal
     interpreter exit, see shared/TORCH-CPU-NOTES.md).
-The parent kills every rank as soon as one fails or the deadline passes.
-
+The parent kills every rank as soon as one fails or the deadline passes. (The working folder
+follows the caller by itself: multiprocessing sends it with every process it starts.)
 """
 
 from __future__ import annotations
